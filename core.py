@@ -1,0 +1,1507 @@
+"""
+CORE: Collaborative Reasoning via Cross Teaching (arXiv 2601.21600), in one file.
+
+Two small LLMs learn together with reinforcement learning. For every training question:
+
+  Round A (cold)    each model m samples K solutions from the plain prompt; each is checked against the
+                    gold answer: correctness c in {0, 1}.
+  Teacher and hint  the highest-reward correct round-A trace is the teacher; every explicit final answer
+                    is stripped from it (boxed spans, "####" lines, "final answer" lines) and the rest,
+                    capped at 1536 tokens of the receiving model's tokenizer, is the hint.
+  Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample is shown
+                    the hint with probability 1 - hint_dropout; everyone else resamples cold.
+  Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus
+                    - DPP-lite diversity: phi = L2-normalised hashed word n-gram counts of the
+                      answer-stripped trace, kernel K = phi phi^T + eps I over the question's correct
+                      traces; a trace's diversity is its marginal determinant gain det K / det K_-i.
+                    - complementarity: the same gain measured against the partner model's correct traces.
+                    - rescue bonus: round B, hint shown, model failed cold, trace correct.
+  Update            advantages are normalised per question over all traces of both models and both rounds,
+                    A = (R - mean) / (std + 1e-4); each model's LoRA adapter takes one AdamW step on the
+                    token-level mean of -A log pi(token) (round-B traces weighted 0.8) + beta * KL(pi || base).
+
+The headline metric is Team Pass@k: a test question counts as solved if any of the 2 x k cold samples
+(k per model, no hints) is correct.
+
+Run:
+  python core.py --demo                           # whole pipeline on CPU with two tiny models, < 1 minute
+  python core.py --data gsm8k --steps 500         # the paper's Qwen2.5-3B + Qwen3-4B pair on one GPU
+  python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
+
+Sections, in pipeline order: config, data, answers, LoRA, sampling, rewards, cross-teaching protocol,
+update, evaluation, checkpoints, demo, main.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tarfile
+import time
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field, fields, replace
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, nothing written."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help, **extra):
+    """A config field whose help text doubles as its comment and its --help line."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+DATASET_NAMES = ("gsm8k", "math", "math500", "aime24", "aime25", "gpqa")
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class Config:
+    # what to run
+    data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder")
+    data_dir: str = arg("", "folder holding <dataset>/<split>.jsonl (or gpqa/dataset.zip); else a cache is used")
+    model1: str = arg("Qwen/Qwen2.5-3B-Instruct", "first model: Hugging Face id or local folder")
+    model2: str = arg("Qwen/Qwen3-4B-Instruct-2507", "second model: Hugging Face id or local folder")
+    out: str = arg("", "output folder (default runs/<data>-<timestamp>); must be new or empty")
+    steps: int = arg(500, "training steps (one AdamW step per model per step)")
+    eval_only: bool = arg(False, "only evaluate (optionally with --adapters), no training")
+    adapters: str = arg("", "checkpoint folder (or run folder: newest checkpoint) whose adapters to load")
+    resume: str = arg("", "run folder to continue from its newest checkpoint")
+    demo: bool = arg(False, "run the whole pipeline on CPU with two tiny models and generated arithmetic")
+    single: bool = arg(False, "ablation: each model trained alone with GRPO (no round B, no cross terms)")
+    no_rescue: bool = arg(False, "ablation: round B never shows hints (plain resamples, no rescue bonus)")
+    export: bool = arg(False, "at the end, also save each model with its LoRA merged (save_pretrained)")
+    # cross-teaching protocol
+    k: int = arg(2, "cold samples per model per question in round A (paper K)")
+    k_rescue: int = arg(1, "samples per model per question in round B (paper K')")
+    hint_dropout: float = arg(0.5, "probability that an eligible round-B sample is NOT shown the hint")
+    hint_to: str = arg("failed", "who may see the hint in round B", choices=("failed", "all"))
+    hint_tokens: int = arg(1536, "hint cap, in tokens of the receiving model's tokenizer")
+    # sampling
+    temperature: float = arg(0.7, "sampling temperature (0 = greedy)")
+    top_p: float = arg(0.9, "nucleus sampling mass")
+    max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
+    max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
+    gen_batch: int = arg(64, "rows per sampling batch")
+    # reward
+    w_correct: float = arg(1.0, "weight w1 of correctness c")
+    w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
+    div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)")
+    lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)")
+    rescue_bonus: float = arg(0.15, "bonus for a correct round-B trace of a model that failed cold and saw a hint")
+    w_format: float = arg(0.1, "bonus when a final answer can be extracted")
+    dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I")
+    ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel")
+    # update
+    lora_rank: int = arg(16, "LoRA rank r")
+    lora_alpha: float = arg(32.0, "LoRA alpha (scale = alpha / r)")
+    lora_targets: str = arg(LORA_TARGETS, "comma-separated module names that get a LoRA adapter")
+    lr: float = arg(1e-5, "AdamW learning rate (10% linear warm-up, then cosine to 0)")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "gradient-norm clip per model")
+    beta_kl: float = arg(0.04, "weight beta of the k3 KL to the adapter-disabled base model")
+    round_b_weight: float = arg(0.8, "loss weight of round-B traces")
+    batch_questions: int = arg(4, "training questions per step")
+    train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
+    micro_batch: int = arg(8, "sequences per forward pass in the update")
+    logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
+    # evaluation
+    eval_n: int = arg(0, "test questions to evaluate (0 = all)")
+    eval_k: int = arg(2, "samples per model per test question (the k of Pass@k)")
+    eval_max_new_tokens: int = arg(4096, "token budget per evaluation sample")
+    no_eval_before: bool = arg(False, "skip the evaluation before training")
+    # bookkeeping
+    save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)")
+    keep: int = arg(3, "checkpoints kept on disk")
+    stop_after: int = arg(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
+    show: int = arg(0, "questions per step whose rounds, hints and rewards are printed in full")
+    seed: int = arg(42, "seed for data order, LoRA init, hint dropout and sampling")
+    device1: str = arg("", "device of model 1 (default cuda if available, else cpu)")
+    device2: str = arg("", "device of model 2 (default: same rule as --device1)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def validate(cfg):
+    """Reject impossible settings before anything is loaded or written."""
+    checks = [
+        (cfg.k >= 1, "--k must be >= 1"),
+        (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
+        (0 <= cfg.hint_dropout <= 1, "--hint-dropout must be in [0, 1]"),
+        (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"),
+        (cfg.temperature >= 0, "--temperature must be >= 0"),
+        (cfg.steps >= 1, "--steps must be >= 1"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lora_rank >= 1, "--lora-rank must be >= 1"),
+        (cfg.max_new_tokens >= 1 and cfg.eval_max_new_tokens >= 1, "token budgets must be >= 1"),
+        (cfg.hint_tokens >= 1, "--hint-tokens must be >= 1"),
+        (cfg.batch_questions >= 1 and cfg.train_n >= 1, "--batch-questions and --train-n must be >= 1"),
+        (cfg.eval_k >= 1 and cfg.eval_n >= 0, "--eval-k must be >= 1 and --eval-n >= 0"),
+        (cfg.gen_batch >= 1 and cfg.micro_batch >= 1 and cfg.logprob_chunk >= 1, "batch sizes must be >= 1"),
+        (cfg.save_every >= 1 and cfg.keep >= 1, "--save-every and --keep must be >= 1"),
+        (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
+        (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
+        (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
+         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)} or a path that exists"),
+        (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
+        (not (cfg.resume and cfg.eval_only), "--resume and --eval-only do not go together"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+@dataclass
+class Problem:
+    id: str        # stable id within its dataset
+    question: str  # full question text (GPQA: with the lettered options)
+    gold: str      # gold final answer
+    kind: str      # answer kind: number | math | integer | choice
+
+
+# canonical public files; each is downloaded once into the cache, or read from --data-dir/<name>/<file>
+SOURCES = {
+    "gsm8k": {"train.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
+              "test.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"},
+    "math": {"MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
+    "math500": {"test.jsonl": "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"},
+    "aime24": {"test.jsonl": "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"},
+    "aime25": {"test.jsonl": "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"},
+    "gpqa": {"dataset.zip": "https://github.com/idavidrein/gpqa/raw/main/dataset.zip"},
+}
+KINDS = {"gsm8k": "number", "math": "math", "math500": "math", "aime24": "integer", "aime25": "integer",
+         "gpqa": "choice"}
+GPQA_PASSWORD = b"deserted-untie-orchid"  # public, from the GPQA README
+CACHE_DIR = Path(os.environ.get("CORE_CACHE", Path.home() / ".cache" / "core"))
+
+
+def locate(name, filename, data_dir):
+    """Path of a dataset file: --data-dir first, then the cache, else download it into the cache."""
+    if data_dir and (Path(data_dir) / name / filename).exists():
+        return Path(data_dir) / name / filename
+    cached = CACHE_DIR / name / filename
+    if cached.exists():
+        return cached
+    url = SOURCES[name][filename]
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except Exception as e:
+        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {cached} "
+                         f"or pass --data-dir DIR with DIR/{name}/{filename}") from None
+    tmp = cached.with_suffix(".part")
+    tmp.write_bytes(payload)
+    os.replace(tmp, cached)
+    return cached
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file; a malformed line is a UsageError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def gsm8k_gold(solution):
+    """GSM8K gold: the text after the last '####'."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def math_gold(solution):
+    """MATH gold: the last \\boxed{} of the reference solution."""
+    spans = boxed_spans(solution)
+    return spans[-1][2] if spans else None
+
+
+def row_to_problem(row, kind, pid, where):
+    """One loaded row -> Problem. Accepts GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
+    question = row.get("question") or row.get("problem") or row.get("Question")
+    if "answer" in row and row["answer"] is not None:
+        answer = str(row["answer"])
+        gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
+    elif row.get("solution"):
+        gold = math_gold(row["solution"])
+    else:
+        gold = None
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError(f"{where}: row has no 'question' or 'problem' field")
+    if not gold:
+        raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
+    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
+
+
+def gpqa_problems(zip_path, seed):
+    """GPQA Diamond from the upstream password-protected zip; options shuffled with a fixed seed per row."""
+    with zipfile.ZipFile(zip_path) as z:
+        text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
+    problems = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+        options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
+        order = list(range(4))
+        random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
+        letters = "ABCD"
+        lines = [f"({letters[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
+        gold = letters[order.index(0)]
+        problems.append(Problem(row["Record ID"], row["Question"].strip() + "\n\n" + "\n".join(lines), gold, "choice"))
+    return problems
+
+
+def math_tar_problems(tar_path, split):
+    """MATH from the original Hendrycks tarball (one JSON file per problem)."""
+    problems = []
+    with tarfile.open(tar_path) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
+                row = json.load(tar.extractfile(member))
+                problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
+    return problems
+
+
+def guess_kind(gold):
+    """Answer kind of a generic dataset, from its gold answers."""
+    if re.fullmatch(r"[A-D]", gold.strip()):
+        return "choice"
+    return "number" if parse_number(gold) is not None else "math"
+
+
+def load_jsonl_problems(path, kind=None):
+    rows = read_jsonl(path)
+    problems = []
+    for lineno, row in enumerate(rows, 1):
+        problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
+    if kind is None:  # a file of our own: kind from the golds (choice / number / math)
+        kinds = {guess_kind(p.gold) for p in problems}
+        kind = kinds.pop() if len(kinds) == 1 else "math"
+        problems = [replace(p, kind=kind) for p in problems]
+    return problems
+
+
+def split_80_20(problems, split):
+    """Single-file datasets: first 80% train, last 20% test (by file order); 'all' keeps everything."""
+    cut = int(0.8 * len(problems))
+    return {"train": problems[:cut], "test": problems[cut:], "all": problems}[split]
+
+
+def load_problems(name, split, data_dir="", seed=42):
+    """Problems of a dataset split ('train', 'test' or 'all'). `name` is a dataset name or a local path."""
+    path = Path(name)
+    if name not in DATASET_NAMES:
+        if path.is_dir() and path.name in DATASET_NAMES:  # e.g. ../shared/data/gsm8k
+            return load_problems(path.name, split, str(path.parent), seed)
+        if path.is_dir():
+            files = {s: path / f"{s}.jsonl" for s in ("train", "test")}
+            if files["train"].exists() and files["test"].exists() and split != "all":
+                problems = load_jsonl_problems(files[split])
+            else:
+                problems = split_80_20(sum((load_jsonl_problems(p) for p in sorted(path.glob("*.jsonl"))), []), split)
+        else:
+            problems = split_80_20(load_jsonl_problems(path), split)
+    elif name == "gpqa":
+        problems = split_80_20(gpqa_problems(locate("gpqa", "dataset.zip", data_dir), seed), split)
+    elif name == "gsm8k":
+        problems = sum((load_jsonl_problems(locate("gsm8k", f"{s}.jsonl", data_dir), "number")
+                        for s in (["train", "test"] if split == "all" else [split])), [])
+    elif name in ("math", "math500"):
+        test_name, splits = ("math500" if name == "math500" else "math"), (["train", "test"] if split == "all" else [split])
+        problems = []
+        for s in splits:
+            local = Path(data_dir) / ("math" if s == "train" else test_name) / f"{s}.jsonl" if data_dir else None
+            if local and local.exists():
+                problems += load_jsonl_problems(local, "math")
+            elif s == "test" and name == "math500":
+                problems += load_jsonl_problems(locate("math500", "test.jsonl", data_dir), "math")
+            else:
+                problems += math_tar_problems(locate("math", "MATH.tar", data_dir), s)
+    else:  # aime24, aime25: one file
+        problems = split_80_20(load_jsonl_problems(locate(name, "test.jsonl", data_dir), "integer"), split)
+        problems = [replace(p, question=p.question.replace("\x0c", "\\f").replace("\t", "\\t")) for p in problems]
+    if not problems:
+        raise UsageError(f"no usable problems in dataset '{name}' (split {split})")
+    return problems
+
+
+def training_order(n, step, batch, seed):
+    """Indices of the questions for `step`: epochs of seeded shuffles, so the order follows from step alone."""
+    start = step * batch
+    indices = []
+    while len(indices) < batch:
+        epoch, offset = divmod(start + len(indices), n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+# -----------------------------------------------------------------------------
+# Answers
+
+BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
+ANSWER_MARK_RE = re.compile(r"(?:####|answer\s*(?:is|:|=)|answer\s+is\s*:)\s*:?\s*([^\n]*)", re.IGNORECASE)
+LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
+
+
+def boxed_spans(text):
+    """(start, end, content) of every outermost \\boxed{...} with balanced braces, in order."""
+    spans, i = [], 0
+    while (m := BOXED_RE.search(text, i)):
+        depth, j = 1, m.end()
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth:  # never closed: look for a later box
+            i = m.end()
+            continue
+        spans.append((m.start(), j, text[m.end():j - 1]))
+        i = j
+    return spans
+
+
+def last_boxed(text):
+    spans = boxed_spans(text)
+    return spans[-1][2] if spans else None
+
+
+def last_marked(text):
+    """Rest of the line after the last '####' / 'answer is' / 'answer:' marker, or None."""
+    marks = ANSWER_MARK_RE.findall(text)
+    return marks[-1] if marks else None
+
+
+def parse_number(s):
+    """First number in s as an exact Fraction ('1,000' -> 1000, '\\frac{1}{2}' and '1/2' -> 1/2), or None."""
+    s = s.replace("\u2212", "-").replace("\\!", "").replace("$", "").replace("\\%", "%")
+    frac = re.search(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.search(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.])", s)
+    plain = NUMBER_RE.search(s)
+    try:
+        if frac and (not plain or frac.start() <= plain.start()):
+            value = Fraction(int(frac.group(2)), int(frac.group(3)))
+            return -value if frac.group(1) else value
+        return Fraction(plain.group().replace(",", "")) if plain else None
+    except (ValueError, ZeroDivisionError):  # huge digit strings, x/0
+        return None
+
+
+def format_number(value):
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def normalize_math(s):
+    """MATH answer string -> canonical form (Hendrycks-style string rules, numbers made exact)."""
+    s = s.strip().replace("\n", " ").replace("\u2212", "-")
+    for old, new in [("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("dfrac", "frac"),
+                     ("tfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
+                     ("\\$", ""), ("$", ""), ("\\dollars", "")]:
+        s = s.replace(old, new)
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}$", "", s).strip()  # trailing unit: "5\text{ cm}"
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s*(?:degrees?|units?|cm|inches|meters?)$", "", s)
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
+    s = s.replace(" ", "").rstrip(".")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+    if re.fullmatch(r"-?(\d+(,\d{3})*(\.\d+)?|\.\d+|\d+/\d+|\\frac\{-?\d+\}\{-?\d+\})", s):
+        value = parse_number(s)
+        if value is not None:
+            return format_number(value)
+    return s
+
+
+def extract_answer(text, kind):
+    """The final answer of a model output, normalised for comparison; None when there is none.
+
+    number  (GSM8K): last \\boxed{}, then the last '####' / 'answer is' line, then the last number.
+    math    (MATH):  last \\boxed{} with balanced braces, LaTeX-normalised.
+    integer (AIME):  like number, must be an integer.
+    choice  (GPQA):  the letter A-D in the last \\boxed{}, or after 'answer is' / 'answer:'.
+    """
+    if not isinstance(text, str):
+        return None
+    boxed = last_boxed(text)
+    if kind == "math":
+        return normalize_math(boxed) if boxed is not None and boxed.strip() else None
+    if kind == "choice":
+        for span in (boxed, last_marked(text), text.strip() if len(text.strip()) <= 4 else None):
+            letter = LETTER_RE.search(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else None
+            if letter:
+                return letter.group(1)
+        return None
+    value = None
+    for span in (boxed, last_marked(text)):
+        if span is not None and (value := parse_number(span)) is not None:
+            break
+    if value is None:
+        numbers = NUMBER_RE.findall(text.replace("\u2212", "-"))
+        value = parse_number(numbers[-1]) if numbers else None
+    if value is None or (kind == "integer" and value.denominator != 1):
+        return None
+    return format_number(value)
+
+
+def normalize_gold(gold, kind):
+    """The gold answer in the same canonical form as extract_answer."""
+    if kind == "math":
+        return normalize_math(gold)
+    if kind == "choice":
+        return gold.strip().upper()
+    value = parse_number(gold)
+    return format_number(value) if value is not None else gold.strip()
+
+
+def is_correct(text, gold, kind):
+    """Correctness c(tau) in {0, 1}: the extracted answer equals the normalised gold."""
+    answer = extract_answer(text, kind)
+    return answer is not None and answer == normalize_gold(gold, kind)
+
+
+ANSWER_LINE_RE = re.compile(r"^.*(?:####|final answer|the answer is|answer\s*:).*$", re.IGNORECASE | re.MULTILINE)
+
+
+def strip_answer(text):
+    """A trace with every explicit final answer removed (boxed spans, '####' lines, 'final answer' lines)."""
+    if not isinstance(text, str):
+        return ""
+    pieces, last = [], 0
+    for start, end, _ in boxed_spans(text):
+        pieces.append(text[last:start])
+        last = end
+    text = "".join(pieces) + text[last:]
+    text = BOXED_RE.sub("", text)  # unclosed boxes: drop the opener, whatever follows is not an answer span
+    text = ANSWER_LINE_RE.sub("", text)
+    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random, B is zero, so training starts
+    exactly at the base model. A and B are kept in fp32 (the master copy) and cast to the input's dtype."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True       # False: behave as the base layer (the frozen reference policy)
+        self.merged_from = None   # the base weight saved by merge(), restored by unmerge()
+
+    def delta_weight(self):
+        return self.scale * (self.lora_B @ self.lora_A)  # [out, in]
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled and self.merged_from is None:
+            y = y + (x @ self.lora_A.T.to(x.dtype)) @ (self.scale * self.lora_B.T).to(x.dtype)
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A into the base weight (W += scale B A); unmerge() restores W exactly."""
+        if self.merged_from is None:
+            self.merged_from = self.base.weight.data.clone()
+            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged_from is not None:
+            self.base.weight.data.copy_(self.merged_from)
+            self.merged_from = None
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
+    """Freeze the model and wrap every nn.Linear whose name ends in one of `targets`; returns wrapped names."""
+    targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+    if not names:
+        raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
+    return names
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model):
+    return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Switch every adapter off: the model is its frozen base (the reference policy of the KL term)."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+def lora_state(model):
+    """Only the adapter tensors: {'<module>.lora_A': [r, in], '<module>.lora_B': [out, r]}."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def save_lora(model, path):
+    save_file(lora_state(model), str(path))
+
+
+def load_lora(model, path):
+    state = load_file(str(path))
+    expected = lora_state(model)
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        raise UsageError(f"{path}: adapter does not fit this model (different modules, rank or shapes)")
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.copy_(state[f"{name}.lora_A"])
+            layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+
+def export_merged(model, tokenizer, folder):
+    """Save a plain transformers model with every adapter merged in (loadable without this file)."""
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        for name, layer in layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+            layer.unmerge()
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def pick_tokens(logits, temperature, top_p, generator):
+    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # mass before this token already > top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None):
+    """KV-cached batched sampling. prompts: list of token-id lists. Returns the exact sampled ids per row
+    (the EOS token included when one was sampled).
+
+    Prompts are left-padded and prefilled at once, with position ids from the attention mask; then one token
+    per step for every live row; a row stops at an EOS id or at its token budget, and finished rows leave
+    the batch (and the cache)."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, device=device)
+        mask[row, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    next_pos = positions[:, -1] + 1
+    live = torch.arange(len(prompts), device=device)  # original row of each batch row
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    out = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, temperature, top_p, generator)
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            out[row].append(token)
+        keep = ~torch.isin(tokens, eos)
+        if step + 1 == max_new_tokens or not keep.any():
+            break
+        if not keep.all():
+            kept = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            live, tokens, mask, next_pos = live[kept], tokens[kept], mask[kept], next_pos[kept]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+        next_pos = next_pos + 1
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Rewards (pure functions of one question's traces)
+
+def ngram_features(text, dim):
+    """phi(tau): L2-normalised hashed counts of word 1-, 2- and 3-grams of the answer-stripped trace. [dim]"""
+    words = re.findall(r"\w+|[^\w\s]", strip_answer(text).lower())
+    phi = torch.zeros(dim, dtype=torch.float64)
+    for n in (1, 2, 3):
+        for i in range(len(words) - n + 1):
+            phi[zlib.crc32(" ".join(words[i:i + n]).encode()) % dim] += 1
+    return phi / phi.norm().clamp(min=1e-12)
+
+
+def dpp_gains(phi, eps=1e-3):
+    """DPP marginal gain of each row: det(K) / det(K without row i) = 1 / (K^-1)_ii, K = phi phi^T + eps I.
+
+    phi: [n, d] L2-normalised rows. Returns [n] in [0, 1]: ~1 for a trace orthogonal to the others, ~0 for
+    a duplicate."""
+    phi = torch.as_tensor(phi, dtype=torch.float64)
+    if phi.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    kernel = phi @ phi.T + eps * torch.eye(phi.shape[0], dtype=torch.float64)
+    return (1.0 / torch.linalg.inv(kernel).diagonal()).clamp(0.0, 1.0)
+
+
+def diversity_rewards(phi, correct, eps=1e-3):
+    """DPP-lite diversity: each correct trace's determinant gain among the question's correct traces
+    (both models, both rounds); wrong traces get 0. phi: [n, d], correct: [n] bool -> [n]."""
+    out = torch.zeros(len(correct), dtype=torch.float64)
+    idx = torch.as_tensor(correct, dtype=torch.bool).nonzero().squeeze(1)
+    out[idx] = dpp_gains(phi[idx], eps)
+    return out
+
+
+def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
+    """Cross-model complementarity: a correct trace of model m, scored by its determinant gain against the
+    partner's correct traces only (1 when the partner has none: right where the peer is wrong). [n]"""
+    out = torch.zeros(len(correct), dtype=torch.float64)
+    for i in range(len(correct)):
+        if not correct[i]:
+            continue
+        partner = [j for j in range(len(correct)) if correct[j] and model_ids[j] != model_ids[i]]
+        out[i] = dpp_gains(torch.cat([phi[partner], phi[i:i + 1]]), eps)[-1] if partner else 1.0
+    return out
+
+
+def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
+    """Rescue bonus: round B, the hint was actually shown, the model failed all its round-A samples, and the
+    trace is correct. All args [n] bool -> [n]."""
+    return [bonus * float(b and h and f and c) for b, h, f, c in zip(round_b, hint_shown, failed_cold, correct)]
+
+
+def group_advantages(rewards):
+    """GRPO advantage over one question's group: A = (R - mean) / (std + 1e-4), population std;
+    a constant group gets 0. rewards: [n] -> [n]."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    std = rewards.std(unbiased=False) if len(rewards) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    if std < 1e-8:
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / (std + 1e-4)
+
+
+def reward_weights(cfg, step):
+    """Schedule: diversity 0.2 -> 0.05 and complementarity 0 -> 0.1 at the halfway step (the paper's epoch 2)."""
+    late = step >= cfg.steps // 2
+    return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0), "lambda_cm": cfg.lambda_cm if late else 0.0}
+
+
+# -----------------------------------------------------------------------------
+# Cross-teaching protocol
+
+@dataclass
+class Trace:
+    model: int                # index of the model that sampled it (0 or 1)
+    round: str                # "A" (cold) or "B" (rescue)
+    prompt_ids: list          # exact prompt it was sampled from (hint included)
+    completion_ids: list      # exact sampled token ids
+    text: str                 # decoded completion
+    correct: bool             # c(tau)
+    hint_shown: bool = False  # round B: the hint was in the prompt
+    reward: float = 0.0       # R(tau)
+    terms: dict = field(default_factory=dict)  # each reward term, unweighted
+    advantage: float = 0.0    # A(tau)
+
+
+@dataclass
+class Policy:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    eos_ids: set
+    pad_id: int
+    context: int                          # max positions of the model
+    optimizer: object = None
+    generator: torch.Generator = None     # sampling randomness
+
+
+FORMAT_INSTRUCTION = {
+    "number": "Put the final answer in \\boxed{}.",
+    "math": "Put the final answer in \\boxed{}.",
+    "integer": "The answer is an integer from 0 to 999; put it in \\boxed{}.",
+    "choice": "Answer with the letter of the correct option in \\boxed{}, e.g. \\boxed{A}.",
+}
+
+
+def build_prompt(tokenizer, question, kind, hint=None):
+    """Token ids of the chat prompt: 'Question:', optional 'Hint:', the step-by-step cue and the format."""
+    content = f"Question: {question}\n"
+    if hint:
+        content += f"Hint:\n{hint}\n"
+    content += f"Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+    else:
+        text = content
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cap_hint(hint, tokenizer, max_tokens):
+    """The first max_tokens tokens of the hint, in the receiving model's tokenizer."""
+    ids = tokenizer(hint, add_special_tokens=False)["input_ids"]
+    return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+
+
+def generate(policy, prompts, max_new_tokens, cfg):
+    """Sample one completion per prompt in batches of cfg.gen_batch; returns (ids, text) per prompt."""
+    results = []
+    for i in range(0, len(prompts), cfg.gen_batch):
+        chunk = prompts[i:i + cfg.gen_batch]
+        for ids in sample(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
+                          cfg.top_p, policy.generator):
+            results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
+    return results
+
+
+def fits(policy, prompt, cfg):
+    return len(prompt) <= cfg.max_prompt_tokens and len(prompt) + cfg.max_new_tokens <= policy.context
+
+
+def sample_round(policies, problems, requests, cfg, round_name):
+    """requests[m] = list of (question index, hint or None). Samples them all, one batch per model."""
+    traces = []
+    for m, policy in enumerate(policies):
+        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
+                   for q, hint in requests[m]]
+        for (q, hint), prompt, (ids, text) in zip(requests[m], prompts, generate(policy, prompts, cfg.max_new_tokens, cfg)):
+            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, problems[q].gold, problems[q].kind),
+                                    hint_shown=hint is not None)))
+    return traces
+
+
+def score_group(traces, kind, cfg, weights):
+    """Sets R(tau) and its terms for one question's traces (answer kind `kind`)."""
+    phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
+    correct = [t.correct for t in traces]
+    models = [t.model for t in traces]
+    diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
+    complement = complementarity_rewards(phi, correct, models, cfg.dpp_eps) if len(set(models)) > 1 else torch.zeros(len(traces))
+    failed = {m: not any(t.correct for t in traces if t.model == m and t.round == "A") for m in models}
+    rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
+                            [failed[m] for m in models], correct, cfg.rescue_bonus)
+    for i, t in enumerate(traces):
+        fmt = cfg.w_format * (extract_answer(t.text, kind) is not None)
+        t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
+                   "rescue": rescue[i], "format": fmt}
+        t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
+                    + weights["lambda_cm"] * t.terms["cm"] + t.terms["rescue"] + t.terms["format"])
+
+
+def core_step_rollouts(policies, problems, cfg, rng, weights):
+    """Round A, teachers and hints, round B, rewards and advantages for a batch of questions.
+    Returns one list of traces per question (and the hints shown, for the sample log)."""
+    cold = [[(q, None) for q in range(len(problems)) for _ in range(cfg.k)] for _ in policies]
+    groups = [[] for _ in problems]
+    for q, trace in sample_round(policies, problems, cold, cfg, "A"):
+        groups[q].append(trace)
+    hints = [None] * len(problems)
+    if not cfg.single:
+        requests = [[] for _ in policies]
+        for q, group in enumerate(groups):
+            score_group(group, problems[q].kind, cfg, weights)  # round-A rewards pick the teacher
+            teachers = [t for t in group if t.correct]
+            teacher = max(teachers, key=lambda t: t.reward) if teachers else None  # max keeps the first on ties
+            hint = strip_answer(teacher.text) if teacher else ""
+            if hint and normalize_gold(hint, problems[q].kind) == normalize_gold(problems[q].gold, problems[q].kind):
+                hint = ""  # the stripped trace is just the answer: no hint
+            hints[q] = hint or None
+            for m, policy in enumerate(policies):
+                failed = not any(t.correct for t in group if t.model == m)
+                for _ in range(cfg.k_rescue):
+                    eligible = hint and not cfg.no_rescue and (failed or cfg.hint_to == "all")
+                    shown = bool(eligible) and rng.random() >= cfg.hint_dropout
+                    requests[m].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
+        for q, trace in sample_round(policies, problems, requests, cfg, "B"):
+            groups[q].append(trace)
+    for problem, group in zip(problems, groups):
+        if cfg.single:  # GRPO alone: each model's traces are their own group
+            for m in range(len(policies)):
+                own = [t for t in group if t.model == m]
+                score_group(own, problem.kind, cfg, weights)
+                set_advantages(own)
+        else:
+            score_group(group, problem.kind, cfg, weights)
+            set_advantages(group)
+    return groups, hints
+
+
+def hint_for(policy, problem, hint, cfg):
+    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow."""
+    cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
+    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16, policy.context - cfg.max_new_tokens - cold - 16)
+    return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
+
+
+def set_advantages(group):
+    for t, a in zip(group, group_advantages([t.reward for t in group]).tolist()):
+        t.advantage = a
+
+
+# -----------------------------------------------------------------------------
+# Update
+
+def token_logprobs(model, input_ids, attention_mask, chunk):
+    """log pi(x_{t+1} | x_<=t) in fp32 for every position: [b, T-1]. The lm_head + log-softmax runs over
+    `chunk` positions at a time under activation checkpointing, so [b, T, V] logits never exist at once."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    targets = input_ids[:, 1:]
+
+    def chunk_logprobs(h, y):
+        return torch.log_softmax(head(h).float(), dim=-1).gather(-1, y[..., None]).squeeze(-1)
+
+    pieces = []
+    for s in range(0, hidden.shape[1], chunk):
+        h, y = hidden[:, s:s + chunk], targets[:, s:s + chunk]
+        pieces.append(checkpoint(chunk_logprobs, h, y, use_reentrant=False) if torch.is_grad_enabled() else chunk_logprobs(h, y))
+    return torch.cat(pieces, dim=1)
+
+
+def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
+    """Sums over tokens of the policy-gradient loss and of the KL estimate.
+
+    loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t),  KL_t = exp(r) - r - 1, r = log pi_ref - log pi
+    (the non-negative k3 estimator). With one update per batch the PPO ratio is 1, so -A log pi has the
+    clipped surrogate's gradient.
+    logp, ref_logp, mask: [b, T]; advantages, weights: [b]. Returns (loss sum, KL sum), scalars."""
+    log_ratio = ref_logp - logp
+    kl = torch.exp(log_ratio) - log_ratio - 1
+    per_token = weights[:, None] * (-advantages[:, None] * logp + beta * kl)
+    return (per_token * mask).sum(), (kl.detach() * mask).sum()
+
+
+def update_policy(policy, traces, cfg, lr):
+    """One AdamW step of one model on its traces: token-level mean loss, micro-batches sorted by length.
+    Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
+    model, device = policy.model, policy.device
+    params = lora_parameters(model)
+    total_tokens = sum(len(t.completion_ids) for t in traces)
+    loss_sum = kl_sum = 0.0
+    ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
+    for i in range(0, len(ordered), cfg.micro_batch):
+        mb = ordered[i:i + cfg.micro_batch]
+        width = max(len(t.prompt_ids) + len(t.completion_ids) for t in mb)
+        ids = torch.full((len(mb), width), policy.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros((len(mb), width - 1), device=device)  # marks logp positions of completion tokens
+        for row, t in enumerate(mb):
+            seq = t.prompt_ids + t.completion_ids
+            ids[row, :len(seq)] = torch.tensor(seq, device=device)
+            attn[row, :len(seq)] = 1
+            mask[row, len(t.prompt_ids) - 1:len(seq) - 1] = 1
+        adv = torch.tensor([t.advantage for t in mb], device=device)
+        w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in mb], device=device)
+        with torch.no_grad(), lora_disabled(model):
+            ref = token_logprobs(model, ids, attn, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
+        logp = token_logprobs(model, ids, attn, cfg.logprob_chunk)
+        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
+        (loss / total_tokens).backward()
+        loss_sum += loss.item()
+        kl_sum += kl.item()
+    grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    skipped = not (math.isfinite(loss_sum) and grads_finite)
+    if not skipped:
+        for group in policy.optimizer.param_groups:
+            group["lr"] = lr
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped)}
+
+
+def learning_rate(cfg, step):
+    """10% linear warm-up, then cosine decay to 0 over cfg.steps."""
+    warmup = max(1, int(0.1 * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+def team_metrics(correct1, correct2):
+    """Team metrics from per-sample correctness, each [questions][k] of bools.
+
+    pass@1 = mean sample accuracy; pass@k = any of a model's k samples correct; Team Pass@k = any of the 2k
+    candidates correct; p_12 = both models correct (pass@k); joint failure = both fail; correlated failure
+    = joint failure - product of the two failure rates (> 0: the models fail together more than chance)."""
+    n = len(correct1)
+    any1 = [any(c) for c in correct1]
+    any2 = [any(c) for c in correct2]
+    fail1 = 1 - sum(any1) / n
+    fail2 = 1 - sum(any2) / n
+    joint = sum((not a) and (not b) for a, b in zip(any1, any2)) / n
+    return {
+        "pass@1_m1": sum(map(sum, correct1)) / sum(map(len, correct1)),
+        "pass@1_m2": sum(map(sum, correct2)) / sum(map(len, correct2)),
+        "pass@k_m1": 1 - fail1,
+        "pass@k_m2": 1 - fail2,
+        "team_pass@k": sum(a or b for a, b in zip(any1, any2)) / n,
+        "p_12": sum(a and b for a, b in zip(any1, any2)) / n,
+        "joint_failure": joint,
+        "correlated_failure": joint - fail1 * fail2,
+    }
+
+
+def evaluate(policies, problems, cfg, tag):
+    """Cold prompt only, eval_k samples per model per question. Prints a table, returns metrics."""
+    usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind)) + cfg.eval_max_new_tokens
+                                         <= pol.context for pol in policies)]
+    if len(usable) < len(problems):
+        print(f"warning: {len(problems) - len(usable)} test problems skipped: prompt too long for the model context")
+    if not usable:
+        raise UsageError("every test problem is longer than the model context")
+    seed_state = [pol.generator.get_state() for pol in policies]
+    correct = []
+    start = time.time()
+    for pol in policies:
+        pol.generator.manual_seed(cfg.seed + 1)  # the same evaluation randomness before and after training
+        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in usable for _ in range(cfg.eval_k)]
+        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg)
+        flags = [is_correct(text, usable[i // cfg.eval_k].gold, usable[i // cfg.eval_k].kind) for i, (_, text) in enumerate(outs)]
+        correct.append([flags[i:i + cfg.eval_k] for i in range(0, len(flags), cfg.eval_k)])
+    for pol, state in zip(policies, seed_state):
+        pol.generator.set_state(state)
+    metrics = team_metrics(*correct) | {"questions": len(usable), "k": cfg.eval_k, "seconds": time.time() - start}
+    print_table(tag, metrics, [p.name for p in policies])
+    return metrics
+
+
+def print_table(tag, m, names):
+    k = m["k"]
+    print(f"\n{tag}: {m['questions']} questions, k={k}")
+    print(f"  {'model':<40} {'Pass@1':>8} {f'Pass@{k}':>8}")
+    for i, name in enumerate(names, 1):
+        print(f"  {name[-40:]:<40} {m[f'pass@1_m{i}']:>8.3f} {m[f'pass@k_m{i}']:>8.3f}")
+    print(f"  Team Pass@{k} {m['team_pass@k']:.3f} | p_12 (both right) {m['p_12']:.3f} | joint failure "
+          f"{m['joint_failure']:.3f} | correlated failure {m['correlated_failure']:+.3f}\n")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (written to a temporary folder and renamed into place: a kill never leaves a broken one)
+
+def optimizer_tensors(optimizer):
+    """AdamW state as flat safetensors entries + its param groups as JSON metadata."""
+    state = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
+               for pid, slots in state["state"].items() for key, value in slots.items()}
+    return tensors, {"param_groups": json.dumps(state["param_groups"])}
+
+
+def load_optimizer(optimizer, path):
+    tensors = load_file(str(path))
+    state = {}
+    for key, value in tensors.items():
+        pid, slot = key.split(".", 1)
+        state.setdefault(int(pid), {})[slot] = value
+    with open(path, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["__metadata__"]["param_groups"])})
+
+
+def rng_tensors(policies):
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    for m, policy in enumerate(policies, 1):
+        tensors[f"sampler_{m}"] = policy.generator.get_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return tensors
+
+
+def save_checkpoint(out, step, policies, cfg, rng, counters):
+    """checkpoints/step_NNNNNN/: adapters, optimizer states, RNG states, step, data position, config."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    if final.exists():
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for m, policy in enumerate(policies, 1):
+        save_lora(policy.model, tmp / f"adapter_{m}.safetensors")
+        tensors, meta = optimizer_tensors(policy.optimizer)
+        save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
+    save_file(rng_tensors(policies), str(tmp / "rng.safetensors"))
+    state = {"step": step, "data_position": step * cfg.batch_questions, "python_rng": rng.getstate(),
+             "counters": counters, "config": asdict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    os.replace(tmp, final)
+    for old in checkpoints(out)[:-cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir):
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.is_dir() else []
+
+
+def find_checkpoint(path):
+    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise UsageError(f"no checkpoint in '{path}' (expected {path}/checkpoints/step_*/state.json)")
+    return found[-1]
+
+
+def load_checkpoint(folder, policies, rng, with_optimizer=True):
+    """Restore adapters (and optimizer and RNG states when resuming); returns the saved state dict."""
+    state = json.loads((folder / "state.json").read_text())
+    for m, policy in enumerate(policies, 1):
+        load_lora(policy.model, folder / f"adapter_{m}.safetensors")
+        if with_optimizer:
+            load_optimizer(policy.optimizer, folder / f"optimizer_{m}.safetensors")
+    if with_optimizer:
+        rngs = load_file(str(folder / "rng.safetensors"))
+        torch.set_rng_state(rngs["torch_cpu"])
+        for m, policy in enumerate(policies, 1):
+            policy.generator.set_state(rngs[f"sampler_{m}"])
+        cuda = [rngs[k] for k in sorted(rngs) if k.startswith("cuda_")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+        version, internal, gauss = state["python_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Demo: two tiny models (Qwen2 and Qwen3 architectures), a tiny tokenizer, generated arithmetic
+
+DEMO_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+DEMO_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def arithmetic_problems(n, seed):
+    """'What is a + b ?' with single-digit a, b; answers are numbers."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        problems.append(Problem(f"arith-{seed}-{i}", f"What is {a} + {b} ?", str(a + b), "number"))
+    return problems
+
+
+def arithmetic_solution(problem):
+    a, _, b = problem.question.split()[2:5]
+    return f"{a} + {b} = {problem.gold} . \\boxed{{{problem.gold}}}"
+
+
+QWEN_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def demo_tokenizer():
+    """A tiny byte-level BPE trained on the demo's texts, with Qwen's normaliser, split regex and decoder (so
+    transformers' Qwen2Tokenizer rebuilds exactly the same tokenizer from the saved files), plus a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    problems = arithmetic_problems(200, 0)
+    corpus = ([f"user\nQuestion: {p.question}\nHint:\n{strip_answer(arithmetic_solution(p))}\nLet's solve this step by "
+               f"step. {FORMAT_INSTRUCTION['number']}\nassistant\n" for p in problems]
+              + [arithmetic_solution(p) for p in problems])
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=DEMO_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(arch, tokenizer, seed, hidden=64, layers=2):
+    """A randomly initialised Qwen2 or Qwen3 causal LM small enough for a CPU."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(**shape) if arch == "qwen2" else Qwen3Config(head_dim=hidden // 4, **shape)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+def supervised_warmup(model, tokenizer, problems, steps, seed, lr=3e-3, batch=32):
+    """Brief supervised training on worked solutions (half the prompts carry a hint), so the tiny models are
+    right often enough for teachers, hints and rescues to occur."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        chosen = [rng.choice(problems) for _ in range(batch)]
+        seqs, starts = [], []
+        for p in chosen:
+            solution = arithmetic_solution(p)
+            hint = strip_answer(solution) if rng.random() < 0.5 else None
+            prompt = build_prompt(tokenizer, p.question, p.kind, hint)
+            seqs.append(prompt + tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            starts.append(len(prompt))
+        width = max(map(len, seqs))
+        ids = torch.full((batch, width), tokenizer.pad_token_id)
+        labels = torch.full((batch, width), -100)
+        for row, (seq, start) in enumerate(zip(seqs, starts)):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, start:len(seq)] = torch.tensor(seq[start:])
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def build_demo_models(folder, seed, warmup_steps=(140, 80)):
+    """Two tiny models saved with save_pretrained, then warmed up with the tokenizer as it loads back from disk,
+    so the demo uses them exactly like any downloaded checkpoint."""
+    from transformers import AutoTokenizer
+    problems = arithmetic_problems(500, seed + 7)
+    paths = []
+    for arch, steps in zip(("qwen2", "qwen3"), warmup_steps):
+        path = Path(folder) / f"tiny-{arch}"
+        tokenizer = demo_tokenizer()
+        model = tiny_model(arch, tokenizer, seed)
+        tokenizer.save_pretrained(path)
+        model.save_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        supervised_warmup(model, tokenizer, problems, steps, seed)
+        model.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+DEMO_SETTINGS = dict(steps=8, batch_questions=4, max_new_tokens=20, eval_max_new_tokens=20, eval_n=48, lr=2e-3,
+                     lora_rank=8, lora_alpha=16.0, show=1, save_every=4, train_n=200,
+                     device1="cpu", device2="cpu")
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+def resolve_device(name):
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def load_policy(index, path, device, cfg):
+    """Model + tokenizer through from_pretrained, LoRA added, AdamW on the adapter only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except Exception as e:
+        where = "folder" if Path(path).is_dir() else "model id"
+        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                         f"offline? copy the model to a local folder and pass --model{index} /path/to/folder") from None
+    model.eval()  # no dropout: rollout and update likelihoods coincide
+    torch.manual_seed(cfg.seed + index)
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed + 100 * index)
+    return Policy(Path(path).name if Path(path).is_dir() else path, model, tokenizer, device, eos - {None}, pad,
+                  getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def output_folder(cfg):
+    """The run folder; an existing non-empty one is refused unless resuming."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "demo" if cfg.demo else Path(cfg.data).stem + ("-eval" if cfg.eval_only else "")
+    out = Path(cfg.out or f"runs/{name}-{stamp}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it with --resume {out}")
+    return out
+
+
+def resume_config(cfg):
+    """The saved config of the run being resumed (its --steps may be raised to train longer)."""
+    folder = find_checkpoint(cfg.resume)
+    saved = json.loads((folder / "state.json").read_text())["config"]
+    steps = cfg.steps if cfg.steps != Config.steps else saved["steps"]
+    return replace(Config(**saved), resume=cfg.resume, steps=steps, stop_after=cfg.stop_after)
+
+
+def step_log(step, cfg, groups, stats, seconds, sampled_tokens, skipped_problems):
+    """One metrics row per step: per-model accuracy per round, rescue rate, reward terms, loss, KL, speed."""
+    traces = [t for g in groups for t in g]
+    row = {"step": step + 1}
+    for m in (0, 1):
+        for rnd in ("A", "B"):
+            own = [t.correct for t in traces if t.model == m and t.round == rnd]
+            row[f"acc_{rnd}_m{m + 1}"] = sum(own) / len(own) if own else None
+    eligible = [t for g in groups for t in g if t.round == "B" and t.hint_shown
+                and not any(u.correct for u in g if u.model == t.model and u.round == "A")]
+    row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
+    row["reward"] = sum(t.reward for t in traces) / len(traces)
+    for term in ("correct", "div", "cm", "rescue", "format"):
+        row[term] = sum(t.terms[term] for t in traces) / len(traces)
+    for m, s in enumerate(stats, 1):
+        row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"nonfinite_m{m}": s["skipped"]}
+    row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
+    row["skipped_problems"] = skipped_problems
+    row["tok_per_s"] = sampled_tokens / max(seconds, 1e-9)
+    row["seconds"] = seconds
+    return row
+
+
+def format_log(row, steps):
+    def acc(key):
+        return "-" if row[key] is None else f"{row[key]:.2f}"
+    return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/{acc('acc_B_m2')}"
+            f" | rescue {row['rescued']}/{row['eligible']} | R {row['reward']:.3f} c {row['correct']:.2f}"
+            f" div {row['div']:.2f} cm {row['cm']:.2f} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
+            f" | loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/{row['kl_m2']:.4f}"
+            f" | {row['tok_per_s']:.0f} tok/s | {row['seconds']:.1f}s")
+
+
+def show_group(problem, group, hint, names):
+    """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""
+    print(f"  Q: {problem.question!r}  gold {problem.gold}")
+    for rnd in ("A", "B"):
+        if rnd == "B" and hint:
+            print(f"    hint (teacher's trace, answer stripped): {hint[:70]!r}")
+        for t in (t for t in group if t.round == rnd):
+            tag = f"{t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
+            rescued = "  RESCUED" if t.terms.get("rescue") else ""
+            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  A {t.advantage:+.2f}  "
+                  f"{t.text.strip()[:70]!r}{rescued}")
+
+
+def sample_record(step, problem, group, hint):
+    return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold, "hint": hint,
+            "traces": [{"model": t.model + 1, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
+                        "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]}
+
+
+class StopRequest:
+    """SIGINT sets a flag; the training loop finishes its step, checkpoints and exits 130."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+
+def train(cfg, policies, train_set, test_set, out):
+    """The training loop; returns (exit code, whether all cfg.steps are done)."""
+    rng = random.Random(cfg.seed)
+    counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
+    start = 0
+    if cfg.resume:
+        folder = find_checkpoint(cfg.resume)
+        state = load_checkpoint(folder, policies, rng)
+        start, counters = state["step"], state["counters"]
+        print(f"resumed from {folder} at step {start}")
+    elif not cfg.no_eval_before:
+        (out / "eval_before.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "before training"), indent=1))
+    stop = StopRequest()
+    previous_handler = signal.signal(signal.SIGINT, stop)
+    names = [p.name for p in policies]
+    step = start
+    try:
+        with open(out / "metrics.jsonl", "a") as metrics_file, open(out / "samples.jsonl", "a") as samples_file:
+            for step in range(start, cfg.steps):
+                t0 = time.time()
+                batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)]
+                usable = [p for p in batch if all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)]
+                skipped = len(batch) - len(usable)
+                counters["skipped_problems"] += skipped
+                if skipped:
+                    print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
+                          f"or the model context ({counters['skipped_problems']} so far)")
+                if not usable:
+                    continue
+                groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step))
+                sampled = sum(len(t.completion_ids) for g in groups for t in g)
+                stats = [update_policy(pol, [t for g in groups for t in g if t.model == m], cfg, learning_rate(cfg, step))
+                         for m, pol in enumerate(policies)]
+                for m, s in enumerate(stats):
+                    counters["nonfinite_in_a_row"][m] = counters["nonfinite_in_a_row"][m] + 1 if s["skipped"] else 0
+                    if s["skipped"]:
+                        print(f"warning: non-finite loss or gradient for {names[m]} at step {step + 1}: update skipped")
+                row = step_log(step, cfg, groups, stats, time.time() - t0, sampled, skipped)
+                print(format_log(row, cfg.steps), flush=True)
+                for q in range(min(cfg.show, len(usable))):
+                    show_group(usable[q], groups[q], hints[q], names)
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
+                samples_file.flush()
+                if max(counters["nonfinite_in_a_row"]) >= 3:
+                    raise UsageError("3 non-finite updates in a row: stopping (try a lower --lr)")
+                done = step + 1
+                if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
+                    save_checkpoint(out, done, policies, cfg, rng, counters)
+                if stop.requested:
+                    print(f"stopped after step {done}; continue with: python core.py --resume {out}")
+                    return 130, False
+                if done - start == cfg.stop_after and done < cfg.steps:
+                    print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: python core.py --resume {out}")
+                    return 0, False
+    except torch.OutOfMemoryError:
+        save_checkpoint(out, step, policies, cfg, rng, counters) if step > start else None
+        raise UsageError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk or "
+                         f"--max-new-tokens, then continue with --resume {out}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    return 0, True
+
+
+def run(cfg):
+    if cfg.resume:
+        cfg = resume_config(cfg)
+    if cfg.demo:
+        cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(cfg, k) == getattr(Config, k)})
+    validate(cfg)
+    out = output_folder(cfg)
+    devices = [resolve_device(cfg.device1), resolve_device(cfg.device2 or cfg.device1)]
+    if cfg.demo:
+        train_set, test_set = arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
+        if not cfg.resume:  # a resumed demo reloads the models its config names
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}")
+            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+    else:
+        train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
+        single_file = cfg.data in ("aime24", "aime25", "gpqa")
+        test_set = load_problems(cfg.data, "all" if cfg.eval_only and single_file else "test", cfg.data_dir, cfg.seed)
+        test_set = test_set[:cfg.eval_n] if cfg.eval_n else test_set
+        random.Random(cfg.seed).shuffle(train_set)
+        train_set = train_set[:cfg.train_n]
+    policies = [load_policy(i, path, dev, cfg) for i, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
+    if cfg.adapters:
+        load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(f"run folder: {out}")
+    if cfg.eval_only:
+        (out / "eval.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "evaluation"), indent=1))
+        return 0
+    code, finished = train(cfg, policies, train_set, test_set, out)
+    if finished:
+        (out / "eval_after.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "after training"), indent=1))
+        if cfg.export:
+            for m, policy in enumerate(policies, 1):
+                export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
+    return code
+
+
+def main(argv=None):
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        return run(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
