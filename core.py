@@ -147,11 +147,11 @@ def build_parser():
         description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"],
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=text,
                                 choices=f.metadata.get("choices"))
     return parser
 
@@ -176,7 +176,8 @@ def validate(cfg):
         (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
         (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
         (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
-         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)} or a path that exists"),
+         f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
+         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
         (not (cfg.resume and cfg.eval_only), "--resume and --eval-only do not go together"),
     ]
@@ -302,7 +303,8 @@ def math_tar_problems(tar_path, split):
             parts = member.name.split("/")
             if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
                 row = json.load(tar.extractfile(member))
-                problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
+                with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold are skipped
+                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
     return problems
 
 
@@ -314,11 +316,19 @@ def guess_kind(gold):
 
 
 def load_jsonl_problems(path, kind=None):
-    rows = read_jsonl(path)
-    problems = []
-    for lineno, row in enumerate(rows, 1):
-        problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
-    if kind is None:  # a file of our own: kind from the golds (choice / number / math)
+    """Problems of a JSONL file. kind=None: a user's file, strict (a bad row is an error), kind from the golds;
+    otherwise a known public dataset, whose few rows without a usable gold (e.g. an empty \\boxed{}) are skipped."""
+    problems, unusable = [], 0
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        try:
+            problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
+        except UsageError:
+            if kind is None:
+                raise
+            unusable += 1
+    if unusable:
+        print(f"note: {unusable} row(s) of {path} skipped: no question or no gold answer")
+    if kind is None:
         kinds = {guess_kind(p.gold) for p in problems}
         kind = kinds.pop() if len(kinds) == 1 else "math"
         problems = [replace(p, kind=kind) for p in problems]
@@ -384,16 +394,22 @@ def training_order(n, step, batch, seed):
 # -----------------------------------------------------------------------------
 # Answers
 
-BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 ANSWER_MARK_RE = re.compile(r"(?:####|answer\s*(?:is|:|=)|answer\s+is\s*:)\s*:?\s*([^\n]*)", re.IGNORECASE)
 LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
 
 def boxed_spans(text):
-    """(start, end, content) of every outermost \\boxed{...} with balanced braces, in order."""
+    """(start, end, content) of every outermost \\boxed{...} with balanced braces (or brace-less '\\boxed 2'),
+    in order."""
     spans, i = [], 0
     while (m := BOXED_RE.search(text, i)):
+        if not m.group().endswith("{"):  # \boxed 2: up to the next space or $
+            bare = re.match(r"[^\s${}]+", text[m.end():])
+            spans.append((m.start(), m.end() + len(bare.group()), bare.group()))
+            i = m.end() + len(bare.group())
+            continue
         depth, j = 1, m.end()
         while j < len(text) and depth:
             depth += {"{": 1, "}": -1}.get(text[j], 0)

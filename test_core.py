@@ -1,0 +1,574 @@
+"""Tests for core.py, in the order of its sections. CPU only; tiny random Qwen2/Qwen3 models are built once,
+saved with save_pretrained and loaded back through from_pretrained, as users load real ones."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import core
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Two tiny random models (Qwen2 and Qwen3 architectures) with the demo tokenizer, saved to disk."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = []
+    for arch in ("qwen2", "qwen3"):
+        tokenizer = core.demo_tokenizer()
+        model = core.tiny_model(arch, tokenizer, seed=0, hidden=32)
+        model.save_pretrained(folder / arch)
+        tokenizer.save_pretrained(folder / arch)
+        paths.append(str(folder / arch))
+    return paths
+
+
+def loaded(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+def test_help_documents_every_flag():
+    text = core.build_parser().format_help()
+    for f in core.fields(core.Config):
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "0"], "--k must be >= 1"),
+    (["--hint-dropout", "1.5"], "--hint-dropout"),
+    (["--data", "nonsense"], "unknown dataset"),
+    (["--lr", "0"], "--lr"),
+    (["--lora-rank", "0"], "--lora-rank"),
+    (["--steps", "0"], "--steps"),
+])
+def test_validate_rejects_bad_settings(flags, message):
+    cfg = core.Config(**vars(core.build_parser().parse_args(flags)))
+    with pytest.raises(core.UsageError, match=message):
+        core.validate(cfg)
+
+
+def test_paper_defaults():
+    c = core.Config()
+    assert (c.k, c.k_rescue, c.temperature, c.top_p, c.max_new_tokens, c.hint_tokens) == (2, 1, 0.7, 0.9, 3072, 1536)
+    assert (c.hint_dropout, c.rescue_bonus, c.lora_rank, c.lora_alpha, c.lr, c.grad_clip) == (0.5, 0.15, 16, 32.0, 1e-5, 1.0)
+    assert (c.batch_questions, c.train_n, c.seed, c.beta_kl, c.round_b_weight) == (4, 1000, 42, 0.04, 0.8)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def test_load_gsm8k_folder_and_generic_file(tmp_path):
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"} for i in range(999, 1004)]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", rows[:2])
+    train = core.load_problems("gsm8k", "train", str(tmp_path))
+    assert [p.gold for p in train] == ["1000", "1001", "1002", "1003", "1004"] and train[0].kind == "number"
+    assert len(core.load_problems(str(folder), "test")) == 2  # a folder named like a dataset
+    generic = write_jsonl(tmp_path / "mine.jsonl", [{"problem": f"p{i}", "answer": "B"} for i in range(10)])
+    probs = core.load_problems(str(generic), "train")
+    assert len(probs) == 8 and probs[0].kind == "choice"  # first 80%
+    assert len(core.load_problems(str(generic), "test")) == 2
+
+
+def test_bad_rows_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{not json\n')
+    with pytest.raises(core.UsageError, match="bad.jsonl:2: malformed JSON"):
+        core.load_problems(str(bad), "train")
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"question": "q", "answer": "1"}, {"question": "q2"}])
+    with pytest.raises(core.UsageError, match="missing.jsonl:2: row has no 'answer'"):
+        core.load_problems(str(missing), "train")
+
+
+def test_offline_download_error_names_url_and_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(core.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(core.UsageError) as e:
+        core.load_problems("aime24", "test")
+    assert "https://raw.githubusercontent.com" in str(e.value) and str(tmp_path / "cache" / "aime24") in str(e.value)
+
+
+def test_training_order_is_a_seeded_permutation_per_epoch():
+    order = [i for step in range(5) for i in core.training_order(10, step, 4, seed=1)]
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert order != sorted(order)
+    assert core.training_order(10, 3, 4, seed=1) == order[12:16]
+
+
+@needs_shared
+def test_real_datasets_load():
+    gpqa = core.load_problems("gpqa", "all", str(SHARED))
+    assert len(gpqa) == 198 and {p.gold for p in gpqa} == set("ABCD")  # shuffled, never always "A"
+    assert "(A) " in gpqa[0].question and "(D) " in gpqa[0].question
+    assert len(core.load_problems("aime24", "all", str(SHARED))) == 30
+    aime25 = core.load_problems("aime25", "all", str(SHARED))
+    assert not any("\x0c" in p.question for p in aime25)
+    assert len(core.load_problems("math500", "test", str(SHARED))) == 500
+
+
+# -----------------------------------------------------------------------------
+# Answers
+
+@pytest.mark.parametrize("text, gold", [
+    ("so the total is 18 dollars. \\boxed{18}", "18"),
+    ("#### 1,234", "1234"),
+    ("The answer is $1,234.00.", "1234"),
+    ("she pays \\boxed{\\$18.0}", "18"),
+    ("first 3 then 5 then \\boxed{-7}", "-7"),
+    ("we get 12 apples, then 15 apples", "15"),
+    ("\\boxed{5} wait, recheck: \\boxed{6}", "6"),
+    ("The answer is: 0.5", "1/2"),
+    ("answer is \u22124", "-4"),
+])
+def test_number_answers(text, gold):
+    assert core.is_correct(text, gold, "number")
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("no number here", "3"),
+    ("\\boxed{17}", "18"),
+    ("\\boxed{18.5}", "18"),
+    ("", "0"),
+])
+def test_number_answers_wrong(text, gold):
+    assert not core.is_correct(text, gold, "number")
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{0.5}", "\\frac12"),
+    ("\\boxed{1/2}", "\\frac{1}{2}"),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("\\boxed{5\\text{ cm}}", "5"),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}"),
+    ("\\boxed{x = 3}", "3"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}"),
+    ("first \\boxed{1} then \\boxed{{a}^{2}+\\{b\\}}", "{a}^{2}+\\{b\\}"),
+    ("\\boxed{10,000}", "10000"),
+    ("\\boxed{-\\frac{3}{4}}", "-0.75"),
+    ("\\boxed{\\!2\\,}", "2"),
+])
+def test_math_answers(text, gold):
+    assert core.is_correct(text, gold, "math")
+
+
+@pytest.mark.parametrize("text, gold", [
+    ("the answer is 1/2", "\\frac{1}{2}"),      # math needs a \boxed answer
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
+    ("\\boxed{x^2+1", "x^2+1"),                 # unbalanced
+    ("\\boxed{}", ""),
+])
+def test_math_answers_wrong(text, gold):
+    assert not core.is_correct(text, gold, "math")
+
+
+@pytest.mark.parametrize("text, gold, ok", [
+    ("\\boxed{033}", "033", True), ("so \\boxed{33}", "033", True), ("The answer is 204.", "204", True),
+    ("\\boxed{33.5}", "033", False), ("\\boxed{34}", "033", False),
+])
+def test_integer_answers(text, gold, ok):
+    assert core.is_correct(text, gold, "integer") == ok
+
+
+@pytest.mark.parametrize("text, gold, ok", [
+    ("\\boxed{B}", "B", True), ("\\boxed{\\text{(C)}}", "C", True), ("The answer is (D).", "D", True),
+    ("Answer: A", "A", True), ("C", "C", True), ("A cat says \\boxed{B}", "A", False), ("no letter", "A", False),
+])
+def test_choice_answers(text, gold, ok):
+    assert core.is_correct(text, gold, "choice") == ok
+
+
+@needs_shared
+def test_every_gsm8k_and_math500_gold_solution_is_judged_correct():
+    for split in ("train", "test"):
+        for line in open(SHARED / "gsm8k" / f"{split}.jsonl"):
+            row = json.loads(line)
+            assert core.is_correct(row["answer"], core.gsm8k_gold(row["answer"]), "number"), row["answer"][-60:]
+    for line in open(SHARED / "math500" / "test.jsonl"):
+        row = json.loads(line)
+        assert core.is_correct(row["solution"], row["answer"], "math"), (row["answer"], core.last_boxed(row["solution"]))
+
+
+def test_strip_answer_removes_every_explicit_answer():
+    trace = ("Natalia sold 48 clips in April and half as many in May.\nSo in May she sold 24.\n"
+             "Total: 48 + 24 = 72... let me write it as \\boxed{72}.\nThe answer is 72.\n#### 72\nFinal answer: 72")
+    hint = core.strip_answer(trace)
+    assert "\\boxed" not in hint and "####" not in hint and "72" not in hint.split("Total")[0]
+    assert "answer" not in hint.lower() and "sold 24" in hint
+    assert core.extract_answer(core.strip_answer("x \\boxed{\\frac{1}{2}} y"), "math") is None
+    assert core.strip_answer("\\boxed{5}") == ""
+
+
+@needs_shared
+def test_strip_answer_on_real_solutions_leaves_no_marked_answer():
+    for line in list(open(SHARED / "gsm8k" / "test.jsonl"))[:300]:
+        hint = core.strip_answer(json.loads(line)["answer"])
+        assert "####" not in hint
+    for line in open(SHARED / "math500" / "test.jsonl"):
+        row = json.loads(line)
+        hint = core.strip_answer(row["solution"])
+        assert "\\boxed" not in hint and core.extract_answer(hint, "math") is None
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+def small_model():
+    tokenizer = core.demo_tokenizer()
+    return core.tiny_model("qwen3", tokenizer, seed=1, hidden=32).eval(), tokenizer
+
+
+def test_lora_starts_at_base_merges_and_disables():
+    model, _ = small_model()
+    x = torch.randint(0, 300, (2, 7))
+    before = model(x).logits
+    names = core.add_lora(model, rank=4, alpha=8)
+    assert len(names) == 2 * 7 and all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+    assert torch.equal(model(x).logits, before)  # B = 0
+    with torch.no_grad():
+        for p in core.lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+    tuned = model(x).logits
+    assert not torch.allclose(tuned, before, atol=1e-4)
+    with core.lora_disabled(model):
+        assert torch.allclose(model(x).logits, before, atol=1e-6)
+    layers = core.lora_layers(model).values()
+    for layer in layers:
+        layer.merge()
+    assert torch.allclose(model(x).logits, tuned, atol=1e-5)
+    for layer in layers:
+        layer.unmerge()
+    assert torch.equal(model(x).logits, tuned)
+
+
+def test_lora_save_load_round_trip_and_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = small_model()
+    core.add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in core.lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+    core.save_lora(model, tmp_path / "a.safetensors")
+    other, _ = small_model()
+    core.add_lora(other, rank=4, alpha=8)
+    core.load_lora(other, tmp_path / "a.safetensors")
+    x = torch.randint(0, 300, (1, 9))
+    assert torch.equal(model(x).logits, other(x).logits)
+    core.export_merged(model, tokenizer, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(plain(x).logits, model(x).logits, atol=1e-5)
+    wrong, _ = small_model()
+    core.add_lora(wrong, rank=2, alpha=8)
+    with pytest.raises(core.UsageError, match="does not fit"):
+        core.load_lora(wrong, tmp_path / "a.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def prompts_of(tokenizer, questions):
+    return [core.build_prompt(tokenizer, q, "number") for q in questions]
+
+
+def test_greedy_equals_transformers_generate(tiny_models):
+    for path in tiny_models:
+        model, tokenizer = loaded(path)
+        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ? Hint: add", "Hi"])
+        ours = core.sample(model, prompts, 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0)
+        for p, o in zip(prompts, ours):
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                                 max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            assert o == ref[0, len(p):].tolist()
+
+
+def test_eos_stops_a_row_and_left_padding_changes_nothing(tiny_models):
+    model, tokenizer = loaded(tiny_models[0])
+    short, long = prompts_of(tokenizer, ["Hi", "What is 4 + 4 ? Think about it very carefully please"])
+    alone = core.sample(model, [short], 10, set(), tokenizer.pad_token_id, temperature=0)[0]
+    batched = core.sample(model, [long, short], 10, set(), tokenizer.pad_token_id, temperature=0)
+    assert batched[1] == alone and len(alone) == 10
+    stop = alone[3]  # make the 4th greedy token an EOS: that row ends there, the other runs on
+    first = alone.index(stop)
+    out = core.sample(model, [short, long], 10, {stop}, tokenizer.pad_token_id, temperature=0)
+    assert out[0] == alone[:first + 1]
+    assert out[1] == batched[0][:len(out[1])] and (len(out[1]) == 10 or out[1][-1] == stop)
+
+
+def test_seeded_sampling_is_deterministic(tiny_models):
+    model, tokenizer = loaded(tiny_models[1])
+    prompts = prompts_of(tokenizer, ["What is 1 + 1 ?"] * 4)
+    runs = [core.sample(model, prompts, 12, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    picks = {core.pick_tokens(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7
+    assert core.pick_tokens(logits, 0, 0.7, g).item() == 0
+
+
+# -----------------------------------------------------------------------------
+# Rewards
+
+def test_dpp_gain_equals_brute_force_determinant_ratio():
+    torch.manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    eps = 1e-3
+    kernel = phi @ phi.T + eps * torch.eye(5, dtype=torch.float64)
+    gains = core.dpp_gains(phi, eps)
+    for i in range(5):
+        rest = [j for j in range(5) if j != i]
+        assert math.isclose(gains[i].item(), (torch.det(kernel) / torch.det(kernel[rest][:, rest])).item(), rel_tol=1e-9)
+
+
+def test_dpp_gain_near_zero_for_duplicates_near_one_for_orthogonal():
+    eye = torch.eye(4, dtype=torch.float64)
+    assert torch.allclose(core.dpp_gains(eye[:3]), torch.ones(3, dtype=torch.float64))
+    dup = torch.stack([eye[0], eye[0], eye[1]])
+    gains = core.dpp_gains(dup)
+    assert gains[0] < 0.01 and gains[1] < 0.01 and gains[2] > 0.99
+    same = core.ngram_features("first add 3 and 4 to get 7. \\boxed{7}", 256)
+    assert torch.allclose(same, core.ngram_features("first add 3 and 4 to get 7. \\boxed{8}", 256))  # answer stripped
+
+
+def test_diversity_rewards_only_correct_traces():
+    eye = torch.eye(3, dtype=torch.float64)
+    phi = torch.stack([eye[0], eye[0], eye[1]])
+    div = core.diversity_rewards(phi, [True, False, True])
+    assert div[1] == 0 and div[0] > 0.99 and div[2] > 0.99  # the wrong duplicate does not count
+
+
+def test_complementarity():
+    eye = torch.eye(3, dtype=torch.float64)
+    phi = torch.stack([eye[0], eye[0], eye[1], eye[2]])
+    cm = core.complementarity_rewards(phi, [True, True, True, False], [0, 1, 1, 0])
+    assert cm[0] < 0.01           # model 0's trace duplicates a correct trace of its partner
+    assert cm[1] < 0.01 and cm[2] > 0.99 and cm[3] == 0
+    alone = core.complementarity_rewards(phi[:2], [True, False], [0, 1])
+    assert alone[0] == 1.0        # right where the peer is wrong
+
+
+@pytest.mark.parametrize("flip", range(4))
+def test_rescue_bonus_needs_every_condition(flip):
+    flags = [True, True, True, True]  # round B, hint shown, failed cold, correct
+    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.15]
+    flags[flip] = False
+    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.0]
+
+
+def test_group_advantages():
+    adv = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4])
+    assert abs(adv.mean().item()) < 1e-9 and adv[0] > adv[3] > adv[5] > adv[1]
+    assert torch.equal(core.group_advantages([0.1] * 6), torch.zeros(6, dtype=torch.float64))
+    assert not torch.isnan(core.group_advantages([2.0])).any()
+
+
+def test_reward_schedule():
+    cfg = core.Config(steps=10)
+    assert core.reward_weights(cfg, 0) == {"w_div": 0.2, "lambda_cm": 0.0}
+    late = core.reward_weights(cfg, 5)
+    assert math.isclose(late["w_div"], 0.05) and late["lambda_cm"] == 0.1
+
+
+# -----------------------------------------------------------------------------
+# Cross-teaching protocol
+
+class FakePolicy:
+    """Stands in for a model in the protocol: answers from a fixed script, records its prompts."""
+
+    def __init__(self, tokenizer, answers):
+        self.tokenizer, self.answers, self.prompts = tokenizer, answers, []
+        self.name, self.context = "fake", 10_000
+
+
+def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
+    tokenizer = core.demo_tokenizer()
+    problem = core.Problem("p", "What is 2 + 2 ?", "4", "number")
+    scripts = {0: iter(["2 + 2 = 5 . \\boxed{5}", "2 + 2 = 3 . \\boxed{3}", "2 + 2 = 4 . \\boxed{4}"]),
+               1: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
+    seen = {0: [], 1: []}
+
+    def fake_generate(policy, prompts, max_new_tokens, cfg):
+        m = policy.index
+        seen[m] += [tokenizer.decode(p) for p in prompts]
+        return [([1, 2], next(scripts[m])) for _ in prompts]
+
+    monkeypatch.setattr(core, "generate", fake_generate)
+    policies = []
+    for m in (0, 1):
+        p = FakePolicy(tokenizer, None)
+        p.index = m
+        policies.append(p)
+    cfg = core.Config(hint_dropout=0.0)
+    groups, hints = core.core_step_rollouts(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
+    group = groups[0]
+    assert [(t.model, t.round) for t in group] == [(0, "A"), (0, "A"), (1, "A"), (1, "A"), (0, "B"), (1, "B")]
+    assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[0][-1] and "Hint:" not in seen[1][-1]
+    rescued = group[4]
+    assert rescued.hint_shown and rescued.correct and rescued.terms["rescue"] == 0.15
+    assert group[5].terms["rescue"] == 0 and not group[5].hint_shown
+    assert abs(sum(t.advantage for t in group)) < 1e-9
+    assert group[0].advantage < 0 < rescued.advantage
+
+
+def test_hint_cap_in_receiver_tokens():
+    tokenizer = core.demo_tokenizer()
+    hint = " ".join(["3 + 4 = 7 ."] * 50)
+    capped = core.cap_hint(hint, tokenizer, 20)
+    assert len(tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 20 and hint.startswith(capped.strip())
+
+
+# -----------------------------------------------------------------------------
+# Update
+
+def test_policy_loss_matches_definition():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, -0.1]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, kl = core.policy_loss(logp, ref, torch.tensor([2.0]), torch.tensor([0.8]), mask, beta=0.1)
+    r = torch.tensor([-0.5, 0.0])
+    k3 = torch.exp(r) - r - 1
+    assert math.isclose(kl.item(), k3.sum().item(), rel_tol=1e-6)
+    assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
+
+
+def test_chunked_logprobs_equal_full_logits():
+    model, _ = small_model()
+    ids = torch.randint(0, 300, (2, 11))
+    full = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    for chunk in (1, 3, 100):
+        assert torch.allclose(core.token_logprobs(model, ids, torch.ones_like(ids), chunk), full, atol=1e-5)
+
+
+def make_policy(path, cfg):
+    return core.load_policy(1, path, torch.device("cpu"), cfg)
+
+
+def test_policy_gradient_raises_reward(tmp_path):
+    """A few dozen steps with reward = fraction of sampled tokens from the lower half of the vocabulary.
+    The embeddings are scaled up (std 0.2) so the tiny model's logits can move far from uniform at all."""
+    tokenizer = core.demo_tokenizer()
+    model = core.tiny_model("qwen2", tokenizer, seed=0, hidden=32)
+    model.get_input_embeddings().weight.data *= 10
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    cfg = core.Config(lr=2e-2, lora_rank=8, beta_kl=0.0, temperature=1.0, top_p=1.0, micro_batch=16)
+    policy = make_policy(str(tmp_path), cfg)
+    half = len(policy.tokenizer) // 2
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    means = []
+    for step in range(30):
+        outs = core.sample(policy.model, [prompt] * 16, 6, set(), policy.pad_id, 1.0, 1.0, policy.generator)
+        rewards = [sum(t < half for t in o) / len(o) for o in outs]
+        traces = [core.Trace(0, "A", prompt, o, "", False) for o in outs]
+        for t, a in zip(traces, core.group_advantages(rewards).tolist()):
+            t.advantage = a
+        core.update_policy(policy, traces, cfg, cfg.lr)
+        means.append(sum(rewards) / len(rewards))
+    assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
+
+
+def test_non_finite_update_is_skipped(tiny_models):
+    cfg = core.Config(lora_rank=4, beta_kl=0.0)
+    policy = make_policy(tiny_models[0], cfg)
+    before = {k: v.clone() for k, v in core.lora_state(policy.model).items()}
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    trace = core.Trace(0, "A", prompt, [5, 6, 7], "", False, advantage=float("nan"))
+    stats = core.update_policy(policy, [trace], cfg, cfg.lr)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in core.lora_state(policy.model).items())
+
+
+def test_learning_rate_schedule():
+    cfg = core.Config(steps=100, lr=1.0)
+    assert core.learning_rate(cfg, 0) == 0.1 and core.learning_rate(cfg, 9) == 1.0
+    assert core.learning_rate(cfg, 99) < 0.01
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+def test_team_metrics():
+    c1 = [[True, False], [False, False], [False, False], [True, True]]
+    c2 = [[False, False], [True, False], [False, False], [False, True]]
+    m = core.team_metrics(c1, c2)
+    assert m["pass@1_m1"] == 3 / 8 and m["pass@k_m1"] == 0.5 and m["pass@k_m2"] == 0.5
+    assert m["team_pass@k"] == 0.75 and m["p_12"] == 0.25 and m["joint_failure"] == 0.25
+    assert math.isclose(m["correlated_failure"], 0.25 - 0.5 * 0.5)
+
+
+# -----------------------------------------------------------------------------
+# Main: an end-to-end CORE run on two tiny saved models
+
+def arithmetic_file(tmp_path, n=12):
+    rows = [{"question": p.question, "answer": p.gold} for p in core.arithmetic_problems(n, 3)]
+    return write_jsonl(tmp_path / "arith.jsonl", rows)
+
+
+def tiny_run_flags(tiny_models, data, out, steps=2):
+    return ["--model1", tiny_models[0], "--model2", tiny_models[1], "--data", str(data), "--out", str(out),
+            "--steps", str(steps), "--batch-questions", "2", "--max-new-tokens", "6", "--eval-max-new-tokens", "4",
+            "--eval-n", "2", "--lora-rank", "4", "--save-every", "2", "--device1", "cpu", "--lr", "1e-3",
+            "--hint-dropout", "0"]
+
+
+def test_end_to_end_core_steps(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    assert core.main(tiny_run_flags(tiny_models, arithmetic_file(tmp_path), out)) == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("acc_A_m1", "acc_B_m2", "rescued", "eligible", "div", "cm", "loss_m1", "kl_m2", "tok_per_s"):
+        assert key in rows[0]
+    sample = json.loads(open(out / "samples.jsonl").readline())
+    assert [t["round"] for t in sample["traces"]] == ["A", "A", "A", "A", "B", "B"]
+    assert (out / "eval_before.json").exists() and (out / "eval_after.json").exists()
+    ckpt = out / "checkpoints" / "step_000002"
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter_1.safetensors", "adapter_2.safetensors", "state.json"}
+    adapters = core.load_file(str(ckpt / "adapter_1.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapters.items())  # the update happened
+    assert core.main(["--eval-only", "--adapters", str(out), "--model1", tiny_models[0], "--model2", tiny_models[1],
+                      "--data", str(tmp_path / "arith.jsonl"), "--out", str(tmp_path / "ev"), "--eval-n", "2",
+                      "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["questions"] == 2
+
+
+def test_single_model_ablation_has_no_round_b(tiny_models, tmp_path):
+    out = tmp_path / "single"
+    assert core.main(tiny_run_flags(tiny_models, arithmetic_file(tmp_path), out, steps=1) + ["--single", "--no-eval-before"]) == 0
+    sample = json.loads(open(out / "samples.jsonl").readline())
+    assert {t["round"] for t in sample["traces"]} == {"A"}
+
+
+def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
+    assert core.main(["--demo", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "before training" in text and "after training" in text and "Team Pass@2" in text
+    assert "hint (teacher's trace, answer stripped)" in text and "+hint" in text
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert len(rows) == 8 and any(r["rescued"] for r in rows)
