@@ -64,6 +64,10 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, nothing written."""
 
 
+class TrainingError(Exception):
+    """A run that cannot go on (non-finite updates, out of memory): one line, exit code 1, checkpoints kept."""
+
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -1042,14 +1046,20 @@ def team_metrics(correct1, correct2):
     }
 
 
-def evaluate(policies, problems, cfg, tag):
-    """Cold prompt only, eval_k samples per model per question. Prints a table, returns metrics."""
+def evaluable(policies, problems, cfg):
+    """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
     usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind)) + cfg.eval_max_new_tokens
                                          <= pol.context for pol in policies)]
     if len(usable) < len(problems):
-        print(f"warning: {len(problems) - len(usable)} test problems skipped: prompt too long for the model context")
+        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the model context")
+    return usable
+
+
+def evaluate(policies, usable, cfg, tag):
+    """Cold prompt only, eval_k samples per model per question. Prints a table, returns metrics."""
     if not usable:
-        raise UsageError("every test problem is longer than the model context")
+        print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
+        return {}
     seed_state = [pol.generator.get_state() for pol in policies]
     correct = []
     start = time.time()
@@ -1404,6 +1414,30 @@ class StopRequest:
         print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
 
+def train_step(step, cfg, policies, train_set, rng, counters, stats):
+    """One CORE step: rollouts (rounds A and B), rewards, one update per model. Each model's update stats are
+    appended to `stats` as soon as it has stepped. Returns (metrics row, questions, groups, hints), or None when
+    every question of the batch was too long."""
+    t0 = time.time()
+    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)]
+    usable = [p for p in batch if all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)]
+    skipped = len(batch) - len(usable)
+    counters["skipped_problems"] += skipped
+    if skipped:
+        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
+              f"or the model context ({counters['skipped_problems']} so far)")
+    if not usable:
+        return None
+    groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step))
+    sampled = sum(len(t.completion_ids) for g in groups for t in g)
+    for m, policy in enumerate(policies):
+        stats.append(update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, learning_rate(cfg, step)))
+        counters["nonfinite_in_a_row"][m] = counters["nonfinite_in_a_row"][m] + 1 if stats[m]["skipped"] else 0
+        if stats[m]["skipped"]:
+            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update skipped")
+    return step_log(step, cfg, groups, stats, time.time() - t0, sampled, skipped), usable, groups, hints
+
+
 def train(cfg, policies, train_set, test_set, out):
     """The training loop; returns (exit code, whether all cfg.steps are done)."""
     rng = random.Random(cfg.seed)
@@ -1419,39 +1453,26 @@ def train(cfg, policies, train_set, test_set, out):
     stop = StopRequest()
     previous_handler = signal.signal(signal.SIGINT, stop)
     names = [p.name for p in policies]
-    step = start
+    step, stats = start, []
     try:
         with open(out / "metrics.jsonl", "a") as metrics_file, open(out / "samples.jsonl", "a") as samples_file:
             for step in range(start, cfg.steps):
-                t0 = time.time()
-                batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)]
-                usable = [p for p in batch if all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)]
-                skipped = len(batch) - len(usable)
-                counters["skipped_problems"] += skipped
-                if skipped:
-                    print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
-                          f"or the model context ({counters['skipped_problems']} so far)")
-                if not usable:
-                    continue
-                groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step))
-                sampled = sum(len(t.completion_ids) for g in groups for t in g)
-                stats = [update_policy(pol, [t for g in groups for t in g if t.model == m], cfg, learning_rate(cfg, step))
-                         for m, pol in enumerate(policies)]
-                for m, s in enumerate(stats):
-                    counters["nonfinite_in_a_row"][m] = counters["nonfinite_in_a_row"][m] + 1 if s["skipped"] else 0
-                    if s["skipped"]:
-                        print(f"warning: non-finite loss or gradient for {names[m]} at step {step + 1}: update skipped")
-                row = step_log(step, cfg, groups, stats, time.time() - t0, sampled, skipped)
-                print(format_log(row, cfg.steps), flush=True)
-                for q in range(min(cfg.show, len(usable))):
-                    show_group(usable[q], groups[q], hints[q], names)
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
-                samples_file.flush()
-                if max(counters["nonfinite_in_a_row"]) >= 3:
-                    raise UsageError("3 non-finite updates in a row: stopping (try a lower --lr)")
+                stats = []
+                result = train_step(step, cfg, policies, train_set, rng, counters, stats)
+                if result:
+                    row, usable, groups, hints = result
+                    print(format_log(row, cfg.steps), flush=True)
+                    for q in range(min(cfg.show, len(usable))):
+                        show_group(usable[q], groups[q], hints[q], names)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
+                    samples_file.flush()
                 done = step + 1
+                if max(counters["nonfinite_in_a_row"]) >= 3:
+                    save_checkpoint(out, done, policies, cfg, rng, counters)
+                    raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
+                                        f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
                 if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
                     save_checkpoint(out, done, policies, cfg, rng, counters)
                 if stop.requested:
@@ -1461,9 +1482,10 @@ def train(cfg, policies, train_set, test_set, out):
                     print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: python core.py --resume {out}")
                     return 0, False
     except torch.OutOfMemoryError:
-        save_checkpoint(out, step, policies, cfg, rng, counters) if step > start else None
-        raise UsageError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk or "
-                         f"--max-new-tokens, then continue with --resume {out}") from None
+        if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
+            save_checkpoint(out, step, policies, cfg, rng, counters)
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk "
+                            f"or --max-new-tokens, then continue from the last checkpoint with --resume {out}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return 0, True
@@ -1476,6 +1498,8 @@ def run(cfg):
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(cfg, k) == getattr(Config, k)})
     validate(cfg)
     out = output_folder(cfg)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     devices = [resolve_device(cfg.device1), resolve_device(cfg.device2 or cfg.device1)]
     if cfg.demo:
         train_set, test_set = arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
@@ -1493,6 +1517,10 @@ def run(cfg):
     policies = [load_policy(i, path, dev, cfg) for i, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
+    test_set = evaluable(policies, test_set, cfg)
+    if cfg.eval_only and not test_set:
+        raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
+                         f"{cfg.eval_max_new_tokens})")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     print(f"run folder: {out}")
@@ -1510,13 +1538,14 @@ def run(cfg):
 
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
     try:
         return run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
