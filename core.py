@@ -1317,7 +1317,7 @@ def load_policy(index, path, device, cfg):
     torch.manual_seed(cfg.seed + index)
     add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    eos = {tokenizer.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed + 100 * index)
@@ -1325,7 +1325,7 @@ def load_policy(index, path, device, cfg):
                   getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
 
 
-def _as_list(x):
+def as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 

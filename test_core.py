@@ -403,11 +403,10 @@ def test_reward_schedule():
 # Cross-teaching protocol
 
 class FakePolicy:
-    """Stands in for a model in the protocol: answers from a fixed script, records its prompts."""
+    """Stands in for a model in the protocol; its answers come from the patched `generate`."""
 
-    def __init__(self, tokenizer, answers):
-        self.tokenizer, self.answers, self.prompts = tokenizer, answers, []
-        self.name, self.context = "fake", 10_000
+    def __init__(self, index, tokenizer):
+        self.index, self.tokenizer, self.name, self.context = index, tokenizer, f"fake{index}", 10_000
 
 
 def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
@@ -423,11 +422,7 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
         return [([1, 2], next(scripts[m])) for _ in prompts]
 
     monkeypatch.setattr(core, "generate", fake_generate)
-    policies = []
-    for m in (0, 1):
-        p = FakePolicy(tokenizer, None)
-        p.index = m
-        policies.append(p)
+    policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
     cfg = core.Config(hint_dropout=0.0)
     groups, hints = core.core_step_rollouts(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
     group = groups[0]
@@ -617,10 +612,7 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     for case, (flags, _) in BAD_INPUTS.items():
         cwd = d / case.replace(" ", "_")
         cwd.mkdir()
-        flags = [f.format(**names) for f in flags]
-        args = models + flags if "--model1" not in flags and "--model2" not in flags else flags + models[4:]
-        if "--model2" in flags:
-            args = ["--model1", tiny_models[0]] + flags + models[4:]
+        args = models + [f.format(**names) for f in flags]  # argparse keeps a flag's last value
         procs[case] = (cwd, subprocess.Popen([sys.executable, str(HERE / "core.py")] + args, cwd=cwd, env=env,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = {}
