@@ -1376,7 +1376,7 @@ def format_log(row, steps):
     def acc(key):
         return "-" if row[key] is None else f"{row[key]:.2f}"
     return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/{acc('acc_B_m2')}"
-            f" | rescue {row['rescued']}/{row['eligible']} | R {row['reward']:.3f} c {row['correct']:.2f}"
+            f" | rescue {row['rescued']}/{row['eligible']} const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f}"
             f" div {row['div']:.2f} cm {row['cm']:.2f} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
             f" | loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/{row['kl_m2']:.4f}"
             f" | {row['tok_per_s']:.0f} tok/s | {row['seconds']:.1f}s")
@@ -1546,6 +1546,9 @@ def main(argv=None):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop (loading, evaluation) or a second Ctrl-C
+        print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
