@@ -939,6 +939,53 @@ def set_advantages(group):
 
 
 # -----------------------------------------------------------------------------
+# Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU).
+# Each rank samples its share of every step's questions; token counts and LoRA gradients are summed over
+# ranks, so every rank takes the same AdamW step; rank 0 logs and saves.
+
+def init_distributed():
+    """Join the process group that torchrun describes in the environment; returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist_info()
+
+
+def dist_info():
+    """(rank, world size); (0, 1) in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks, in place (nothing to do in a single process)."""
+    if dist_info()[1] > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(obj):
+    """Every rank's `obj` (any picklable value), in rank order."""
+    world = dist_info()[1]
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_grads(params):
+    """Sum the gradients over ranks with one flat all-reduce (a rank without traces contributes zeros)."""
+    if dist_info()[1] == 1:
+        return
+    flat = all_reduce_sum(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+# -----------------------------------------------------------------------------
 # Update
 
 def token_logprobs(model, input_ids, attention_mask, chunk):
@@ -976,7 +1023,9 @@ def update_policy(policy, traces, cfg, lr):
     Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
     model, device = policy.model, policy.device
     params = lora_parameters(model)
-    total_tokens = sum(len(t.completion_ids) for t in traces)
+    total_tokens = all_reduce_sum(torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)).item()
+    if total_tokens == 0:  # no traces on any rank
+        return {"loss": 0.0, "kl": 0.0, "tokens": 0, "skipped": 0}
     loss_sum = kl_sum = 0.0
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for i in range(0, len(ordered), cfg.micro_batch):
@@ -999,6 +1048,8 @@ def update_policy(policy, traces, cfg, lr):
         (loss / total_tokens).backward()
         loss_sum += loss.item()
         kl_sum += kl.item()
+    loss_sum, kl_sum = all_reduce_sum(torch.tensor([loss_sum, kl_sum], device=device)).tolist()
+    all_reduce_grads(params)
     grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
     skipped = not (math.isfinite(loss_sum) and grads_finite)
     if not skipped:
@@ -1060,17 +1111,21 @@ def evaluate(policies, usable, cfg, tag):
     if not usable:
         print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
         return {}
+    rank, world = dist_info()
+    mine = usable[rank::world]  # this rank's share of the questions
     seed_state = [pol.generator.get_state() for pol in policies]
     correct = []
     start = time.time()
     for pol in policies:
-        pol.generator.manual_seed(cfg.seed + 1)  # the same evaluation randomness before and after training
-        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in usable for _ in range(cfg.eval_k)]
+        pol.generator.manual_seed(cfg.seed + 1 + rank)  # the same evaluation randomness before and after training
+        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in mine for _ in range(cfg.eval_k)]
         outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg)
-        flags = [is_correct(text, usable[i // cfg.eval_k].gold, usable[i // cfg.eval_k].kind) for i, (_, text) in enumerate(outs)]
+        flags = [is_correct(text, mine[i // cfg.eval_k].gold, mine[i // cfg.eval_k].kind) for i, (_, text) in enumerate(outs)]
         correct.append([flags[i:i + cfg.eval_k] for i in range(0, len(flags), cfg.eval_k)])
     for pol, state in zip(policies, seed_state):
         pol.generator.set_state(state)
+    shards = all_gather(correct)  # [rank][model][question][sample]
+    correct = [[q for shard in shards for q in shard[m]] for m in range(len(policies))]
     metrics = team_metrics(*correct) | {"questions": len(usable), "k": cfg.eval_k, "seconds": time.time() - start}
     print_table(tag, metrics, [p.name for p in policies])
     return metrics
@@ -1109,17 +1164,30 @@ def load_optimizer(optimizer, path):
 
 
 def rng_tensors(policies):
+    """This process's RNG states: torch CPU, each model's sampler, CUDA."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     for m, policy in enumerate(policies, 1):
-        tensors[f"sampler_{m}"] = policy.generator.get_state()
+        tensors[f"sampler_{m}"] = policy.generator.get_state().cpu()
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = state
     return tensors
 
 
+def check_in_sync(policies):
+    """Data-parallel guard: every rank must hold the same adapters (they take identical steps)."""
+    sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model)) for pol in policies])
+    if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums for a, b in zip(sums[0], other)):
+        raise TrainingError(f"adapters differ across ranks (checksums {sums}): stopping")
+
+
 def save_checkpoint(out, step, policies, cfg, rng, counters):
-    """checkpoints/step_NNNNNN/: adapters, optimizer states, RNG states, step, data position, config."""
+    """checkpoints/step_NNNNNN/: adapters, optimizer states, RNG states (of every rank), step, data position,
+    config. Every rank takes part; rank 0 writes."""
+    check_in_sync(policies)
+    rngs = all_gather((rng_tensors(policies), rng.getstate()))
+    if dist_info()[0] != 0:
+        return None
     root = out / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
     if final.exists():
@@ -1130,9 +1198,10 @@ def save_checkpoint(out, step, policies, cfg, rng, counters):
         save_lora(policy.model, tmp / f"adapter_{m}.safetensors")
         tensors, meta = optimizer_tensors(policy.optimizer)
         save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
-    save_file(rng_tensors(policies), str(tmp / "rng.safetensors"))
-    state = {"step": step, "data_position": step * cfg.batch_questions, "python_rng": rng.getstate(),
-             "counters": counters, "config": asdict(cfg)}
+    save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
+              str(tmp / "rng.safetensors"))
+    state = {"step": step, "data_position": step * cfg.batch_questions, "world_size": len(rngs),
+             "python_rng": [py for _, py in rngs], "counters": counters, "config": asdict(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     os.replace(tmp, final)
     for old in checkpoints(out)[:-cfg.keep]:
@@ -1165,14 +1234,19 @@ def load_checkpoint(folder, policies, rng, with_optimizer=True):
         if with_optimizer:
             load_optimizer(policy.optimizer, folder / f"optimizer_{m}.safetensors")
     if with_optimizer:
+        rank, world = dist_info()
+        if state["world_size"] != world:
+            raise UsageError(f"{folder} was written by {state['world_size']} process(es); resume it with as many "
+                             f"(torchrun --nproc_per_node {state['world_size']})")
         rngs = load_file(str(folder / "rng.safetensors"))
-        torch.set_rng_state(rngs["torch_cpu"])
+        mine = {k.split(".", 1)[1]: v for k, v in rngs.items() if k.startswith(f"rank{rank}.")}
+        torch.set_rng_state(mine["torch_cpu"])
         for m, policy in enumerate(policies, 1):
-            policy.generator.set_state(rngs[f"sampler_{m}"])
-        cuda = [rngs[k] for k in sorted(rngs) if k.startswith("cuda_")]
+            policy.generator.set_state(mine[f"sampler_{m}"])  # generator states live on the CPU, CUDA ones too
+        cuda = [mine[k] for k in sorted(mine) if k.startswith("cuda_")]
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
-        version, internal, gauss = state["python_rng"]
+        version, internal, gauss = state["python_rng"][rank]
         rng.setstate((version, tuple(internal), gauss))
     return state
 
@@ -1294,6 +1368,17 @@ DEMO_SETTINGS = dict(steps=8, batch_questions=4, max_new_tokens=20, eval_max_new
 # -----------------------------------------------------------------------------
 # Main
 
+def barrier():
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
+
+
+def write_json(path, obj):
+    """Rank 0 writes; the other ranks of a torchrun job do not."""
+    if dist_info()[0] == 0:
+        path.write_text(json.dumps(obj, indent=1))
+
+
 def resolve_device(name):
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1320,7 +1405,7 @@ def load_policy(index, path, device, cfg):
     eos = {tokenizer.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed + 100 * index)
+    generator.manual_seed(cfg.seed + 100 * index + 10007 * dist_info()[0])
     return Policy(Path(path).name if Path(path).is_dir() else path, model, tokenizer, device, eos - {None}, pad,
                   getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
 
@@ -1352,7 +1437,7 @@ def resume_config(cfg):
 def step_log(step, cfg, groups, stats, seconds, sampled_tokens, skipped_problems):
     """One metrics row per step: per-model accuracy per round, rescue rate, reward terms, loss, KL, speed."""
     traces = [t for g in groups for t in g]
-    row = {"step": step + 1}
+    row = {"step": step + 1, "questions": len(groups)}
     for m in (0, 1):
         for rnd in ("A", "B"):
             own = [t.correct for t in traces if t.model == m and t.round == rnd]
@@ -1415,32 +1500,36 @@ class StopRequest:
 
 
 def train_step(step, cfg, policies, train_set, rng, counters, stats):
-    """One CORE step: rollouts (rounds A and B), rewards, one update per model. Each model's update stats are
-    appended to `stats` as soon as it has stepped. Returns (metrics row, questions, groups, hints), or None when
-    every question of the batch was too long."""
+    """One CORE step: rollouts (rounds A and B), rewards, one update per model. Under torchrun this rank takes
+    its share of the step's questions. Each model's update stats are appended to `stats` as soon as it has
+    stepped. Returns (metrics row over all ranks, this rank's questions, groups, hints), or None when every
+    question of the step was too long."""
     t0 = time.time()
-    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)]
+    rank, world = dist_info()
+    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)][rank::world]
     usable = [p for p in batch if all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)]
-    skipped = len(batch) - len(usable)
-    counters["skipped_problems"] += skipped
-    if skipped:
-        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
-              f"or the model context ({counters['skipped_problems']} so far)")
-    if not usable:
-        return None
-    groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step))
-    sampled = sum(len(t.completion_ids) for g in groups for t in g)
-    for m, policy in enumerate(policies):
+    groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
+    for m, policy in enumerate(policies):  # every rank updates, with or without traces: the gradients are summed
         stats.append(update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, learning_rate(cfg, step)))
         counters["nonfinite_in_a_row"][m] = counters["nonfinite_in_a_row"][m] + 1 if stats[m]["skipped"] else 0
         if stats[m]["skipped"]:
             print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update skipped")
-    return step_log(step, cfg, groups, stats, time.time() - t0, sampled, skipped), usable, groups, hints
+    shards = all_gather((groups, len(batch) - len(usable)))
+    all_groups, skipped = [g for shard, _ in shards for g in shard], sum(n for _, n in shards)
+    counters["skipped_problems"] += skipped
+    if skipped:
+        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
+              f"or the model context ({counters['skipped_problems']} so far)")
+    if not all_groups:
+        return None
+    sampled = sum(len(t.completion_ids) for g in all_groups for t in g)
+    return step_log(step, cfg, all_groups, stats, time.time() - t0, sampled, skipped), usable, groups, hints
 
 
 def train(cfg, policies, train_set, test_set, out):
     """The training loop; returns (exit code, whether all cfg.steps are done)."""
-    rng = random.Random(cfg.seed)
+    rank = dist_info()[0]
+    rng = random.Random(cfg.seed + 7919 * rank)  # hint dropout: each rank its own stream
     counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
     start = 0
     if cfg.resume:
@@ -1449,13 +1538,14 @@ def train(cfg, policies, train_set, test_set, out):
         start, counters = state["step"], state["counters"]
         print(f"resumed from {folder} at step {start}")
     elif not cfg.no_eval_before:
-        (out / "eval_before.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "before training"), indent=1))
+        write_json(out / "eval_before.json", evaluate(policies, test_set, cfg, "before training"))
     stop = StopRequest()
     previous_handler = signal.signal(signal.SIGINT, stop)
     names = [p.name for p in policies]
     step, stats = start, []
     try:
-        with open(out / "metrics.jsonl", "a") as metrics_file, open(out / "samples.jsonl", "a") as samples_file:
+        logs = [out / "metrics.jsonl", out / "samples.jsonl"] if rank == 0 else [os.devnull, os.devnull]  # rank 0 logs
+        with open(logs[0], "a") as metrics_file, open(logs[1], "a") as samples_file:
             for step in range(start, cfg.steps):
                 stats = []
                 result = train_step(step, cfg, policies, train_set, rng, counters, stats)
@@ -1466,9 +1556,11 @@ def train(cfg, policies, train_set, test_set, out):
                         show_group(usable[q], groups[q], hints[q], names)
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
-                    samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
-                    samples_file.flush()
+                    if usable:
+                        samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
+                        samples_file.flush()
                 done = step + 1
+                stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
                 if max(counters["nonfinite_in_a_row"]) >= 3:
                     save_checkpoint(out, done, policies, cfg, rng, counters)
                     raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
@@ -1497,10 +1589,20 @@ def run(cfg):
     if cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(cfg, k) == getattr(Config, k)})
     validate(cfg)
+    rank, world = init_distributed()
+    if world > 1:
+        if cfg.demo or cfg.device1 or cfg.device2:
+            raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 and --device2")
+        if cfg.batch_questions < world:
+            raise UsageError(f"--batch-questions {cfg.batch_questions} is smaller than the {world} processes")
+        if rank:
+            sys.stdout = open(os.devnull, "w")  # rank 0 prints; errors still reach stderr
     out = output_folder(cfg)
+    barrier()  # every rank has checked the output folder before rank 0 creates it
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    devices = [resolve_device(cfg.device1), resolve_device(cfg.device2 or cfg.device1)]
+    local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch.cuda.is_available() else ""
+    devices = [resolve_device(cfg.device1 or local), resolve_device(cfg.device2 or cfg.device1 or local)]
     if cfg.demo:
         train_set, test_set = arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
         if not cfg.resume:  # a resumed demo reloads the models its config names
@@ -1521,16 +1623,17 @@ def run(cfg):
     if cfg.eval_only and not test_set:
         raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
                          f"{cfg.eval_max_new_tokens})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(cfg))
     print(f"run folder: {out}")
     if cfg.eval_only:
-        (out / "eval.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "evaluation"), indent=1))
+        write_json(out / "eval.json", evaluate(policies, test_set, cfg, "evaluation"))
         return 0
     code, finished = train(cfg, policies, train_set, test_set, out)
     if finished:
-        (out / "eval_after.json").write_text(json.dumps(evaluate(policies, test_set, cfg, "after training"), indent=1))
-        if cfg.export:
+        write_json(out / "eval_after.json", evaluate(policies, test_set, cfg, "after training"))
+        if cfg.export and rank == 0:
             for m, policy in enumerate(policies, 1):
                 export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
     return code
