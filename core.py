@@ -29,7 +29,7 @@ Run:
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
 Sections, in pipeline order: config, data, answers, LoRA, sampling, rewards, cross-teaching protocol,
-update, evaluation, checkpoints, demo, main.
+distributed (torchrun), update, evaluation, checkpoints, demo, main.
 """
 
 import argparse
@@ -130,6 +130,7 @@ class Config:
     batch_questions: int = arg(4, "training questions per step")
     train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
     micro_batch: int = arg(8, "sequences per forward pass in the update")
+    grad_checkpoint: bool = arg(False, "recompute decoder activations in the backward pass (less memory, ~30% slower)")
     logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
     # evaluation
     eval_n: int = arg(0, "test questions to evaluate (0 = all)")
@@ -1043,7 +1044,9 @@ def update_policy(policy, traces, cfg, lr):
         w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in mb], device=device)
         with torch.no_grad(), lora_disabled(model):
             ref = token_logprobs(model, ids, attn, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
+        model.train(cfg.grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
         logp = token_logprobs(model, ids, attn, cfg.logprob_chunk)
+        model.eval()
         loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
         (loss / total_tokens).backward()
         loss_sum += loss.item()
@@ -1399,6 +1402,11 @@ def load_policy(index, path, device, cfg):
         raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                          f"offline? copy the model to a local folder and pass --model{index} /path/to/folder") from None
     model.eval()  # no dropout: rollout and update likelihoods coincide
+    if cfg.grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches to it
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     torch.manual_seed(cfg.seed + index)
     add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1576,7 +1584,7 @@ def train(cfg, policies, train_set, test_set, out):
     except torch.OutOfMemoryError:
         if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
             save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk "
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; add --grad-checkpoint, lower --gen-batch, --micro-batch, --logprob-chunk "
                             f"or --max-new-tokens, then continue from the last checkpoint with --resume {out}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)

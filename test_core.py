@@ -492,6 +492,27 @@ def test_policy_gradient_raises_reward(tmp_path):
     assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
 
 
+def test_gradient_checkpointing_gives_the_same_update(tiny_models):
+    traces_grads = []
+    for flag in (False, True):
+        cfg = core.Config(lora_rank=4, beta_kl=0.04, grad_checkpoint=flag, micro_batch=2)
+        policy = make_policy(tiny_models[1], cfg)
+        prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+        traces = [core.Trace(0, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+                  for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", 0.7)])]
+        with torch.no_grad():  # move B off zero so that every LoRA parameter gets a gradient
+            for p in core.lora_parameters(policy.model):
+                p.add_(0.01)
+        calls, mlp = [], policy.model.get_decoder().layers[0].mlp  # inside the checkpointed layer: recomputed
+        forward = mlp.forward
+        mlp.forward = lambda *args, **kw: (calls.append(1), forward(*args, **kw))[1]  # hooks skip the recompute
+        core.update_policy(policy, traces, cfg, cfg.lr)
+        traces_grads.append(core.lora_state(policy.model))
+        assert len(calls) == (3 if flag else 2) * 2  # per micro-batch: ref + policy forward, + a recompute
+    plain, ckpt = traces_grads
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-7) for k in plain)
+
+
 def test_non_finite_update_is_skipped(tiny_models):
     cfg = core.Config(lora_rank=4, beta_kl=0.0)
     policy = make_policy(tiny_models[0], cfg)
