@@ -677,13 +677,14 @@ def pick_tokens(logits, temperature, top_p, generator):
 
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None):
-    """KV-cached batched sampling. prompts: list of token-id lists. Returns the exact sampled ids per row
-    (the EOS token included when one was sampled).
+def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1):
+    """KV-cached batched sampling. prompts: list of token-id lists, each sampled n times. Returns the exact
+    sampled ids of every row, prompt-major (n rows per prompt; the EOS token included when one was sampled).
 
-    Prompts are left-padded and prefilled at once, with position ids from the attention mask; then one token
-    per step for every live row; a row stops at an EOS id or at its token budget, and finished rows leave
-    the batch (and the cache)."""
+    Prompts are left-padded and prefilled at once, with position ids from the attention mask; the n samples
+    of a prompt share that prefill (the cache is repeated n times after it). Then one token per step for
+    every live row; a row stops at an EOS id or at its token budget, and finished rows leave the batch (and
+    the cache)."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
@@ -696,10 +697,13 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    if n > 1:  # one prefill, n samples
+        cache.batch_repeat_interleave(n)
+        logits, mask, positions = (x.repeat_interleave(n, dim=0) for x in (logits, mask, positions))
     next_pos = positions[:, -1] + 1
-    live = torch.arange(len(prompts), device=device)  # original row of each batch row
+    live = torch.arange(len(prompts) * n, device=device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=device)
-    out = [[] for _ in prompts]
+    out = [[] for _ in live]
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, temperature, top_p, generator)
         for row, token in zip(live.tolist(), tokens.tolist()):
@@ -844,13 +848,15 @@ def cap_hint(hint, tokenizer, max_tokens):
     return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def generate(policy, prompts, max_new_tokens, cfg):
-    """Sample one completion per prompt in batches of cfg.gen_batch; returns (ids, text) per prompt."""
+def generate(policy, prompts, max_new_tokens, cfg, n=1):
+    """Sample n completions per prompt, about cfg.gen_batch rows at a time; returns (ids, text) per row,
+    prompt-major."""
     results = []
-    for i in range(0, len(prompts), cfg.gen_batch):
-        chunk = prompts[i:i + cfg.gen_batch]
+    per_batch = max(1, cfg.gen_batch // n)
+    for i in range(0, len(prompts), per_batch):
+        chunk = prompts[i:i + per_batch]
         for ids in sample(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                          cfg.top_p, policy.generator):
+                          cfg.top_p, policy.generator, n):
             results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
     return results
 
@@ -859,13 +865,15 @@ def fits(policy, prompt, cfg):
     return len(prompt) <= cfg.max_prompt_tokens and len(prompt) + cfg.max_new_tokens <= policy.context
 
 
-def sample_round(policies, problems, requests, cfg, round_name):
-    """requests[m] = list of (question index, hint or None). Samples them all, one batch per model."""
+def sample_round(policies, problems, requests, cfg, round_name, n=1):
+    """requests[m] = list of (question index, hint or None), each sampled n times by model m."""
     traces = []
     for m, policy in enumerate(policies):
         prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
                    for q, hint in requests[m]]
-        for (q, hint), prompt, (ids, text) in zip(requests[m], prompts, generate(policy, prompts, cfg.max_new_tokens, cfg)):
+        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n)
+        for i, (ids, text) in enumerate(outputs):
+            (q, hint), prompt = requests[m][i // n], prompts[i // n]
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, problems[q].gold, problems[q].kind),
                                     hint_shown=hint is not None)))
     return traces
@@ -892,9 +900,9 @@ def score_group(traces, kind, cfg, weights):
 def core_step_rollouts(policies, problems, cfg, rng, weights):
     """Round A, teachers and hints, round B, rewards and advantages for a batch of questions.
     Returns one list of traces per question (and the hints shown, for the sample log)."""
-    cold = [[(q, None) for q in range(len(problems)) for _ in range(cfg.k)] for _ in policies]
+    cold = [[(q, None) for q in range(len(problems))] for _ in policies]
     groups = [[] for _ in problems]
-    for q, trace in sample_round(policies, problems, cold, cfg, "A"):
+    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=cfg.k):
         groups[q].append(trace)
     hints = [None] * len(problems)
     if not cfg.single:
@@ -1121,8 +1129,8 @@ def evaluate(policies, usable, cfg, tag):
     start = time.time()
     for pol in policies:
         pol.generator.manual_seed(cfg.seed + 1 + rank)  # the same evaluation randomness before and after training
-        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in mine for _ in range(cfg.eval_k)]
-        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg)
+        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in mine]
+        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, n=cfg.eval_k)
         flags = [is_correct(text, mine[i // cfg.eval_k].gold, mine[i // cfg.eval_k].kind) for i, (_, text) in enumerate(outs)]
         correct.append([flags[i:i + cfg.eval_k] for i in range(0, len(flags), cfg.eval_k)])
     for pol, state in zip(policies, seed_state):

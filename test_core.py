@@ -328,6 +328,16 @@ def test_seeded_sampling_is_deterministic(tiny_models):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_samples_of_a_prompt_share_one_prefill(tiny_models):
+    model, tokenizer = loaded(tiny_models[0])
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    repeated = [p for p in prompts for _ in range(3)]
+    for temperature in (0, 1.0):
+        shared = core.sample(model, prompts, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3), n=3)
+        separate = core.sample(model, repeated, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3))
+        assert shared == separate and len(shared) == 6
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
@@ -416,10 +426,10 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
                1: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
     seen = {0: [], 1: []}
 
-    def fake_generate(policy, prompts, max_new_tokens, cfg):
+    def fake_generate(policy, prompts, max_new_tokens, cfg, n=1):
         m = policy.index
         seen[m] += [tokenizer.decode(p) for p in prompts]
-        return [([1, 2], next(scripts[m])) for _ in prompts]
+        return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
 
     monkeypatch.setattr(core, "generate", fake_generate)
     policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
@@ -482,7 +492,7 @@ def test_policy_gradient_raises_reward(tmp_path):
     prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
     means = []
     for step in range(30):
-        outs = core.sample(policy.model, [prompt] * 16, 6, set(), policy.pad_id, 1.0, 1.0, policy.generator)
+        outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)
         rewards = [sum(t < half for t in o) / len(o) for o in outs]
         traces = [core.Trace(0, "A", prompt, o, "", False) for o in outs]
         for t, a in zip(traces, core.group_advantages(rewards).tolist()):
