@@ -1,0 +1,191 @@
+"""
+Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B shapes (no download):
+
+  1. rollout speed: core.sample vs transformers' generate (dynamic cache, and static cache with its automatic
+     compile) at several batch sizes, in tokens/s, as a fraction of the memory-bandwidth floor, with peak memory;
+  2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
+  3. one full CORE step (core.train_step) for the pair: 4 questions, K=2, K'=1, every response forced to
+     --new-tokens tokens (no EOS), with its time and peak memory.
+
+  python bench/bench_core.py                  # on a GPU, the real shapes (bf16)
+  python bench/bench_core.py --tiny           # a smoke run of the same code on CPU with tiny shapes
+
+Prints a table and writes JSON (--out).
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import core  # noqa: E402
+
+# copied from the models' config.json files (../shared/tokenizers/*/config.json)
+SHAPES = {
+    "qwen2.5-3b": dict(arch="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6),
+    "qwen3-4b": dict(arch="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     tie_word_embeddings=True, rope_theta=5e6, rms_norm_eps=1e-6),
+}
+TINY = {name: dict(shape, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, vocab_size=512) for name, shape in SHAPES.items()}
+
+
+def build_model(shape, device, dtype):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    fields = {k: v for k, v in shape.items() if k != "arch"}
+    config = (Qwen2Config if shape["arch"] == "qwen2" else Qwen3Config)(max_position_embeddings=8192, **fields)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def bandwidth_floor(model, shape, batch, prompt_len, new_tokens, bytes_per_s):
+    """Tokens/s if every decode step read the weights and the (average-length) KV cache once at bytes_per_s."""
+    elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) * elem
+    context = prompt_len + new_tokens / 2
+    kv = batch * shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * shape["head_dim"] * context * elem
+    return batch / ((weights + kv) / bytes_per_s)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def bench_sampler(name, shape, model, args, device):
+    rows = []
+    for batch in args.batches:
+        prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
+        mask = torch.ones_like(prompts)
+        gen = torch.Generator(device=device).manual_seed(0)
+        ours = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
+        theirs = {
+            "generate (dynamic cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
+                                                                 top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
+            "generate (static cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
+                                                                top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                                                                cache_implementation="static"),
+        }
+        methods = {"core.sample": ours} | {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
+        floor = bandwidth_floor(model, shape, batch, args.prompt_len, args.new_tokens, args.bandwidth)
+        for method, fn in methods.items():
+            fn(min(8, args.new_tokens))  # warm-up (and compile, for the static cache)
+            reset_peak(device)
+            _, seconds = timed(lambda: fn(args.new_tokens), device)
+            tps = batch * args.new_tokens / seconds
+            rows.append({"model": name, "method": method, "batch": batch, "prompt_len": args.prompt_len,
+                         "new_tokens": args.new_tokens, "tokens_per_s": tps, "fraction_of_floor": tps / floor,
+                         "floor_tokens_per_s": floor, "peak_gb": peak_gb(device)})
+            print(f"  {name:<11} {method:<26} batch {batch:>4}  {tps:>10.0f} tok/s  {tps / floor:>6.1%} of floor "
+                  f"({floor:.0f})  peak {fmt_gb(rows[-1]['peak_gb'])}", flush=True)
+    return rows
+
+
+def fmt_gb(x):
+    return "-" if x is None else f"{x:.1f} GB"
+
+
+def make_policy(name, model, device, tokenizer):
+    cfg = core.Config()
+    core.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    optimizer = torch.optim.AdamW(core.lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return core.Policy(name, model, tokenizer, device, set(), 0, 8192, optimizer,  # no EOS: forced lengths
+                       torch.Generator(device=device).manual_seed(0))
+
+
+def bench_update(name, shape, policy, args, device):
+    """One update on 12 traces (4 questions x (K + K')) of prompt_len + new_tokens random tokens."""
+    cfg = core.Config(micro_batch=args.micro_batch)
+    traces = [core.Trace(0, "A" if i % 3 else "B", torch.randint(0, shape["vocab_size"], (args.prompt_len,)).tolist(),
+                         torch.randint(0, shape["vocab_size"], (args.new_tokens,)).tolist(), "", False,
+                         advantage=random.Random(i).gauss(0, 1)) for i in range(12)]
+    core.update_policy(policy, traces[:2], cfg, cfg.lr)  # warm-up
+    reset_peak(device)
+    stats, seconds = timed(lambda: core.update_policy(policy, traces, cfg, cfg.lr), device)
+    tokens = 12 * (args.prompt_len + args.new_tokens)
+    row = {"model": name, "sequences": 12, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+           "peak_gb": peak_gb(device)}
+    print(f"  {name:<11} update: 12 sequences x {args.prompt_len + args.new_tokens} tokens in {seconds:.2f} s "
+          f"({tokens / seconds:.0f} tok/s)  peak {fmt_gb(row['peak_gb'])}", flush=True)
+    return row
+
+
+def bench_core_step(policies, args, device):
+    """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens."""
+    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2)
+    sentence = "Consider the following numbers carefully."
+    per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
+    filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
+    problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
+    reset_peak(device)
+    counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
+    result, seconds = timed(lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, []), device)
+    row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
+           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"]}
+    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each): {seconds:.2f} s  "
+          f"peak {fmt_gb(row['peak_gb'])}", flush=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run of the same code)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="sampler batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=256, help="sampled tokens per row (the CORE step uses 300)")
+    parser.add_argument("--step-tokens", type=int, default=300, help="forced response length in the CORE step")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--bandwidth", type=float, default=3.0e12, help="memory bandwidth in bytes/s for the floor")
+    parser.add_argument("--no-static", action="store_true", help="skip generate with the static cache (slow to compile)")
+    parser.add_argument("--out", default="bench_results.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = TINY if args.tiny else SHAPES
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
+          f"torch {torch.__version__}, shapes: {'tiny' if args.tiny else 'real'}")
+    results = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny,
+               "sampler": [], "update": [], "core_step": None}
+    tokenizer = core.demo_tokenizer()
+    policies = []
+    for name, shape in shapes.items():
+        model = build_model(shape, device, dtype)
+        results["sampler"] += bench_sampler(name, shape, model, args, device)
+        policy = make_policy(name, model, device, tokenizer)
+        results["update"].append(bench_update(name, shape, policy, args, device))
+        policies.append(policy)
+    args.new_tokens = args.step_tokens
+    results["core_step"] = bench_core_step(policies, args, device)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
