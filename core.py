@@ -55,7 +55,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -212,8 +211,6 @@ SOURCES = {
     "aime25": {"test.jsonl": "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"},
     "gpqa": {"dataset.zip": "https://github.com/idavidrein/gpqa/raw/main/dataset.zip"},
 }
-KINDS = {"gsm8k": "number", "math": "math", "math500": "math", "aime24": "integer", "aime25": "integer",
-         "gpqa": "choice"}
 GPQA_PASSWORD = b"deserted-untie-orchid"  # public, from the GPQA README
 CACHE_DIR = Path(os.environ.get("CORE_CACHE", Path.home() / ".cache" / "core"))
 
@@ -289,7 +286,7 @@ def gpqa_problems(zip_path, seed):
     with zipfile.ZipFile(zip_path) as z:
         text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
     problems = []
-    for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+    for row in csv.DictReader(io.StringIO(text)):
         options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
         order = list(range(4))
         random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
@@ -401,7 +398,7 @@ def training_order(n, step, batch, seed):
 
 BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
-ANSWER_MARK_RE = re.compile(r"(?:####|answer\s*(?:is|:|=)|answer\s+is\s*:)\s*:?\s*([^\n]*)", re.IGNORECASE)
+ANSWER_MARK_RE = re.compile(r"(?:####|answer\s*(?:is|:|=))\s*:?\s*([^\n]*)", re.IGNORECASE)
 LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
 
@@ -803,20 +800,20 @@ class Trace:
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
     reward: float = 0.0       # R(tau)
-    terms: dict = field(default_factory=dict)  # each reward term, unweighted
+    terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
     advantage: float = 0.0    # A(tau)
 
 
 @dataclass
 class Policy:
-    name: str
-    model: nn.Module
-    tokenizer: object
+    name: str                             # for logs: the folder name or the hub id
+    model: nn.Module                      # transformers causal LM with LoRA layers
+    tokenizer: object                     # its own tokenizer (prompts, hints and caps use it)
     device: torch.device
-    eos_ids: set
+    eos_ids: set                          # token ids that end a sample
     pad_id: int
     context: int                          # max positions of the model
-    optimizer: object = None
+    optimizer: object = None              # AdamW over the LoRA parameters only
     generator: torch.Generator = None     # sampling randomness
 
 
