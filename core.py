@@ -660,17 +660,22 @@ def export_merged(model, tokenizer, folder):
 # -----------------------------------------------------------------------------
 # Sampling
 
-def pick_tokens(logits, temperature, top_p, generator):
-    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p."""
+def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
+    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p.
+
+    The nucleus is found among the `candidates` most likely tokens (topk, no full-vocabulary sort); only when
+    those hold less than top_p of the mass is the whole vocabulary sorted. Either way the distribution is the
+    exact top-p one."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # mass before this token already > top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    if (top.sum(-1) < top_p).any():
+        top, order = probs.sort(dim=-1, descending=True)
+    top[top.cumsum(-1) - top > top_p] = 0  # mass before this token already > top_p: outside the nucleus
+    return order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
 
 
 @torch.no_grad()

@@ -343,6 +343,22 @@ def test_top_p_keeps_only_the_nucleus():
     picks = {core.pick_tokens(logits, 1.0, 0.7, g).item() for _ in range(300)}
     assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7
     assert core.pick_tokens(logits, 0, 0.7, g).item() == 0
+    flat = torch.zeros(1, 5000)  # uniform: the nucleus is wider than the topk candidates, so the full sort is used
+    picks = {core.pick_tokens(flat, 1.0, 0.5, g, candidates=16).item() for _ in range(200)}
+    assert len(picks) > 100 and max(picks) < 5000
+
+
+def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 3
+    probs = torch.softmax(logits, -1)[0]
+    sorted_probs, order = probs.sort(descending=True)
+    keep = order[(sorted_probs.cumsum(0) - sorted_probs) <= 0.8]
+    expected = torch.zeros(50)
+    expected[keep] = probs[keep] / probs[keep].sum()
+    g = torch.Generator().manual_seed(1)
+    counts = torch.bincount(core.pick_tokens(logits.expand(20000, 50), 1.0, 0.8, g, candidates=20), minlength=50)
+    assert torch.allclose(counts / 20000, expected, atol=0.015)
 
 
 # -----------------------------------------------------------------------------
