@@ -616,6 +616,20 @@ def lora_disabled(model):
             layer.enabled = True
 
 
+@contextlib.contextmanager
+def lora_merged(model):
+    """Fold every adapter into its base weight for the duration (a rollout: no adapter matmuls per decode step);
+    the base weights are restored bit for bit afterwards. Costs one copy of the wrapped weights."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
 def lora_state(model):
     """Only the adapter tensors: {'<module>.lora_A': [r, in], '<module>.lora_B': [out, r]}."""
     state = {}
@@ -851,15 +865,16 @@ def cap_hint(hint, tokenizer, max_tokens):
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1):
-    """Sample n completions per prompt, about cfg.gen_batch rows at a time; returns (ids, text) per row,
-    prompt-major."""
+    """Sample n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the
+    weights; returns (ids, text) per row, prompt-major."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
-    for i in range(0, len(prompts), per_batch):
-        chunk = prompts[i:i + per_batch]
-        for ids in sample(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                          cfg.top_p, policy.generator, n):
-            results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
+    with lora_merged(policy.model):
+        for i in range(0, len(prompts), per_batch):
+            chunk = prompts[i:i + per_batch]
+            for ids in sample(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
+                              cfg.top_p, policy.generator, n):
+                results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
     return results
 
 

@@ -337,6 +337,20 @@ def test_samples_of_a_prompt_share_one_prefill(tiny_models):
         assert shared == separate and len(shared) == 6
 
 
+def test_rollouts_with_merged_lora_match_and_restore_the_weights(tiny_models):
+    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8)
+    policy = make_policy(tiny_models[1], cfg)
+    with torch.no_grad():
+        for p in core.lora_parameters(policy.model):
+            p.add_(0.05 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?"])
+    merged = [ids for ids, _ in core.generate(policy, prompts, 8, cfg)]
+    unmerged = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)
+    assert merged == unmerged
+    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
