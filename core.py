@@ -1675,7 +1675,9 @@ def run(cfg):
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
     try:
-        return run(cfg)
+        code = run(cfg)
+        barrier()  # under torchrun: every rank is done before any leaves
+        return code
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1685,6 +1687,9 @@ def main(argv=None):
     except KeyboardInterrupt:  # outside the training loop (loading, evaluation) or a second Ctrl-C
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
