@@ -129,7 +129,8 @@ class Config:
     batch_questions: int = arg(4, "training questions per step")
     train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
     micro_batch: int = arg(8, "sequences per forward pass in the update")
-    grad_checkpoint: bool = arg(False, "recompute decoder activations in the backward pass (less memory, ~30% slower)")
+    no_grad_checkpoint: bool = arg(False, "keep decoder activations instead of recomputing them in the backward pass "
+                                          "(faster update, much more memory)")
     logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
     # evaluation
     eval_n: int = arg(0, "test questions to evaluate (0 = all)")
@@ -1069,7 +1070,7 @@ def update_policy(policy, traces, cfg, lr):
         w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in mb], device=device)
         with torch.no_grad(), lora_disabled(model):
             ref = token_logprobs(model, ids, attn, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
-        model.train(cfg.grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
+        model.train(not cfg.no_grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
         logp = token_logprobs(model, ids, attn, cfg.logprob_chunk)
         model.eval()
         loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
@@ -1390,7 +1391,7 @@ def build_demo_models(folder, seed, warmup_steps=(140, 80)):
 
 DEMO_SETTINGS = dict(steps=8, batch_questions=4, max_new_tokens=20, eval_max_new_tokens=20, eval_n=48, lr=2e-3,
                      lora_rank=8, lora_alpha=16.0, show=1, save_every=4, train_n=200,
-                     device1="cpu", device2="cpu")
+                     device1="cpu", device2="cpu", no_grad_checkpoint=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1427,7 +1428,7 @@ def load_policy(index, path, device, cfg):
         raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                          f"offline? copy the model to a local folder and pass --model{index} /path/to/folder") from None
     model.eval()  # no dropout: rollout and update likelihoods coincide
-    if cfg.grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches to it
+    if not cfg.no_grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
@@ -1609,7 +1610,7 @@ def train(cfg, policies, train_set, test_set, out):
     except torch.OutOfMemoryError:
         if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
             save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; add --grad-checkpoint, lower --gen-batch, --micro-batch, --logprob-chunk "
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk "
                             f"or --max-new-tokens, then continue from the last checkpoint with --resume {out}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)

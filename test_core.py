@@ -534,7 +534,7 @@ def test_policy_gradient_raises_reward(tmp_path):
 def test_gradient_checkpointing_gives_the_same_update(tiny_models):
     traces_grads = []
     for flag in (False, True):
-        cfg = core.Config(lora_rank=4, beta_kl=0.04, grad_checkpoint=flag, micro_batch=2)
+        cfg = core.Config(lora_rank=4, beta_kl=0.04, no_grad_checkpoint=not flag, micro_batch=2)
         policy = make_policy(tiny_models[1], cfg)
         prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
         traces = [core.Trace(0, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
@@ -593,7 +593,7 @@ def tiny_run_flags(tiny_models, data, out, steps=2):
     return ["--model1", tiny_models[0], "--model2", tiny_models[1], "--data", str(data), "--out", str(out),
             "--steps", str(steps), "--batch-questions", "2", "--max-new-tokens", "6", "--eval-max-new-tokens", "4",
             "--eval-n", "2", "--lora-rank", "4", "--save-every", "2", "--device1", "cpu", "--lr", "1e-3",
-            "--hint-dropout", "0"]
+            "--hint-dropout", "0", "--no-grad-checkpoint"]
 
 
 def test_end_to_end_core_steps(tiny_models, tmp_path):
@@ -654,7 +654,7 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # Reliability: bad input, crash-safe checkpoints with exact resume, numerical guards
 
-# Each case runs `python core.py` (imports dominate: ~2 s each). Every hyperparameter check is also unit-tested
+# Each case is its own process running core.py's command line. Every hyperparameter check is also unit-tested
 # in-process in test_validate_rejects_bad_settings.
 BAD_INPUTS = {
     "unknown dataset": (["--data", "nosuch"], "unknown dataset 'nosuch'"),
@@ -671,9 +671,46 @@ BAD_INPUTS = {
 }
 
 
+EXEC_CASES = {"unknown dataset", "unreachable model"}  # full `python core.py` runs; the rest run core.main in a fork
+
+
+def forked_main(args, cwd):
+    """core.py's command line (core.main) in a forked child process: its own cwd, exit code and stderr, without
+    paying a fresh interpreter's imports. Returns (pid, stderr path)."""
+    err_path = cwd.parent / f"{cwd.name}.stderr"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            torch.set_num_threads(1)
+            os.chdir(cwd)
+            sys.stderr = open(err_path, "w")  # pytest's capture objects stand in for sys.stdout/stderr here
+            sys.stdout = open(os.devnull, "w")
+            code = core.main(args)
+        except BaseException:
+            __import__("traceback").print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid, err_path
+
+
+def wait_forked(pid, timeout=120):
+    deadline = __import__("time").time() + timeout
+    while __import__("time").time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        __import__("time").sleep(0.02)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return "timeout"
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory, tiny_models):
-    """Every bad-input case as a `python core.py` subprocess, all started at once (imports dominate their time)."""
+    """Every bad-input case as its own process, all started at once."""
     d = tmp_path_factory.mktemp("bad")
     (d / "bad.jsonl").write_text('{"question": "q", "answer": "1"}\n{oops\n')
     (d / "empty.jsonl").write_text("\n")
@@ -686,24 +723,31 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     names = {"bad": d / "bad.jsonl", "empty": d / "empty.jsonl", "noanswer": d / "noanswer.jsonl", "good": d / "good.jsonl",
              "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full"}
     models = ["--model1", tiny_models[0], "--model2", tiny_models[1], "--device1", "cpu", "--lora-rank", "4"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = {}
+    os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: fail at once instead of retrying
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    started = {}
     for case, (flags, _) in BAD_INPUTS.items():
         cwd = d / case.replace(" ", "_")
         cwd.mkdir()
         args = models + [f.format(**names) for f in flags]  # argparse keeps a flag's last value
-        procs[case] = (cwd, subprocess.Popen([sys.executable, str(HERE / "core.py")] + args, cwd=cwd, env=env,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if case in EXEC_CASES:
+            started[case] = (cwd, subprocess.Popen([sys.executable, str(HERE / "core.py")] + args, cwd=cwd, env=env,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        else:
+            started[case] = (cwd, forked_main(args, cwd))
     results = {}
-    for case, (cwd, p) in procs.items():
-        out, err = p.communicate(timeout=120)
-        results[case] = (cwd, p.returncode, out, err)
+    for case, (cwd, proc) in started.items():
+        if case in EXEC_CASES:
+            results[case] = (cwd, proc.wait(timeout=120), proc.stderr.read())
+        else:
+            pid, err_path = proc
+            results[case] = (cwd, wait_forked(pid), err_path.read_text())
     return results
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_one_line_exit_2_nothing_written(bad_input_runs, case):
-    cwd, returncode, _, err = bad_input_runs[case]
+    cwd, returncode, err = bad_input_runs[case]
     lines = [line for line in err.splitlines() if line.strip()]
     assert returncode == 2 and "Traceback" not in err, err
     assert lines[-1].startswith("error: ") and BAD_INPUTS[case][1] in lines[-1], err
