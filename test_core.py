@@ -5,8 +5,11 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -688,7 +691,7 @@ def forked_main(args, cwd):
             sys.stdout = open(os.devnull, "w")
             code = core.main(args)
         except BaseException:
-            __import__("traceback").print_exc()
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -697,12 +700,12 @@ def forked_main(args, cwd):
 
 
 def wait_forked(pid, timeout=120):
-    deadline = __import__("time").time() + timeout
-    while __import__("time").time() < deadline:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        __import__("time").sleep(0.02)
+        time.sleep(0.02)
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     return "timeout"
@@ -805,7 +808,7 @@ def test_kill_during_checkpoint_write_then_resume(tiny_models, tmp_path):
     for _ in range(600):
         if marker.exists() or proc.poll() is not None:
             break
-        __import__("time").sleep(0.05)
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert marker.exists()
@@ -822,7 +825,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_models, tmp_path):
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:
         if line.startswith("step 1/"):
-            proc.send_signal(__import__("signal").SIGINT)
+            proc.send_signal(signal.SIGINT)
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 130
