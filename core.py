@@ -108,6 +108,8 @@ class Config:
     max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
     max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
     gen_batch: int = arg(64, "rows per sampling batch")
+    eager_decode: bool = arg(False, "sample with the plain DynamicCache loop on the GPU too (the readable reference; "
+                                    "default there: static cache + CUDA graphs)")
     # reward
     w_correct: float = arg(1.0, "weight w1 of correctness c")
     w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
@@ -693,33 +695,52 @@ def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
     return order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
 
 
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1):
-    """KV-cached batched sampling. prompts: list of token-id lists, each sampled n times. Returns the exact
-    sampled ids of every row, prompt-major (n rows per prompt; the EOS token included when one was sampled).
-
-    Prompts are left-padded and prefilled at once, with position ids from the attention mask; the n samples
-    of a prompt share that prefill (the cache is repeated n times after it). Then one token per step for
-    every live row; a row stops at an EOS id or at its token budget, and finished rows leave the batch (and
-    the cache)."""
-    from transformers import DynamicCache
-    device = next(model.parameters()).device
+def left_pad(prompts, pad_id, device):
+    """Token-id lists -> ids [b, width] left-padded with pad_id, attention mask [b, width]."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p, device=device)
         mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def prefill(model, prompts, pad_id, n):
+    """Run the left-padded prompts through the model at once, position ids from the attention mask, then repeat
+    everything n times, so that the n samples of a prompt share one prefill. Returns the DynamicCache, the
+    next-token logits [rows, V] (fp32), the attention mask [rows, width] and each row's next position [rows]."""
+    from transformers import DynamicCache
+    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    if n > 1:  # one prefill, n samples
+    if n > 1:
         cache.batch_repeat_interleave(n)
         logits, mask, positions = (x.repeat_interleave(n, dim=0) for x in (logits, mask, positions))
-    next_pos = positions[:, -1] + 1
-    live = torch.arange(len(prompts) * n, device=device)  # original row of each batch row
-    eos = torch.tensor(sorted(eos_ids), device=device)
+    return cache, logits, mask, positions[:, -1] + 1
+
+
+def until_eos(ids, eos_ids):
+    """The tokens up to and including the first EOS (all of them if there is none)."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:i + 1]
+    return ids
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1):
+    """KV-cached batched sampling, the readable reference (and the CPU path). prompts: list of token-id lists,
+    each sampled n times. Returns the exact sampled ids of every row, prompt-major (n rows per prompt; the EOS
+    token included when one was sampled).
+
+    After the shared prefill, one token per step for every live row in a DynamicCache; a row stops at an EOS
+    id or at its token budget, and finished rows leave the batch (and the cache)."""
+    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
+    live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
+    eos = torch.tensor(sorted(eos_ids), device=logits.device)
     out = [[] for _ in live]
     for step in range(max_new_tokens):
         tokens = pick_tokens(logits, temperature, top_p, generator)
@@ -737,6 +758,101 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
                        past_key_values=cache, use_cache=True).logits[:, -1].float()
         next_pos = next_pos + 1
     return out
+
+
+def static_cache(model, source, rows, filled, length):
+    """A transformers StaticCache with room for `length` positions, holding positions [0, filled) of the given
+    rows of `source` (the prefill's DynamicCache, or the previous StaticCache), which it consumes: copied layer by
+    layer, each source layer dropped once copied, so the copy needs about one layer of extra memory."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    for new, old in zip(cache.layers, source.layers):
+        keys, values = old.keys[rows, :, :filled], old.values[rows, :, :filled]
+        old.keys = old.values = None
+        new.lazy_initialization(keys, values)  # allocates keys/values [rows, kv_heads, length, head_dim]
+        new.keys[:, :, :filled], new.values[:, :, :filled] = keys, values
+        new.cumulative_length.fill_(filled)  # next write position
+    return cache
+
+
+class DecodeStep:
+    """One decode step of sample_fast on fixed buffers, so that CUDA can record it once as a graph and replay it
+    (about 1,000 kernel launches per step become one).
+
+    Buffers, one row per live sample: tokens [rows, 1] in, position ids [rows, 1], attn [rows, 1, 1, length]
+    (bool, the cache positions each row may see, passed to the model as a ready 4D mask), cursor [1] (the cache
+    position written this step). The StaticCache writes the new keys/values in place. On the GPU the first call
+    runs for real on a side stream (the warm-up CUDA graphs need) and is recorded; later calls replay it."""
+
+    def __init__(self, model, cache, attn, positions, cursor, cuda_graph):
+        self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
+        self.tokens = torch.zeros_like(positions)
+        self.cuda_graph, self.graph, self.logits = cuda_graph, None, None
+
+    def forward(self):
+        self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
+        logits = self.model(input_ids=self.tokens, attention_mask=self.attn, position_ids=self.positions,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1].float()
+        self.cursor.add_(1)
+        self.positions.add_(1)
+        return logits
+
+    def __call__(self, tokens):
+        """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
+        self.tokens.copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.cuda_graph:
+            return self.forward()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.forward()  # recorded, not run: buffers are unchanged
+        return logits
+
+
+@torch.no_grad()
+def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
+                segment=256, cuda_graph=None):
+    """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a transformers
+    StaticCache with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run
+    eagerly). A graph has fixed shapes, so finished rows keep decoding (their tokens discarded) until the next
+    segment boundary: every `segment` tokens the finished rows are dropped and the cache is rebuilt with room
+    for one more segment only, so attention reads about as many positions as the live rows need.
+
+    Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
+    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
+    rows, width = mask.shape
+    device = logits.device
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)          # original row of each batch row
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    attn, positions = mask.bool()[:, None, None, :], next_pos[:, None]
+    for s in range(max_new_tokens):
+        if s % segment == 0:  # drop finished rows; a cache (and a graph) for the next segment
+            keep = (~finished).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            filled, length = width + s, width + min(s + segment, max_new_tokens)
+            cache = static_cache(model, cache, keep, filled, length)
+            grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
+            grown[..., :filled] = attn[keep]
+            live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
+            step = DecodeStep(model, cache, attn, positions, torch.tensor([filled], device=device), cuda_graph)
+        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
+        out[live, s] = tokens
+        finished |= torch.isin(tokens, eos)
+        if s + 1 == max_new_tokens or (s % 8 == 7 and finished.all()):  # checked every 8 steps: fewer syncs
+            break
+        logits = step(tokens)
+    return [until_eos(ids, eos_ids) for ids in out.tolist()]
 
 
 # -----------------------------------------------------------------------------
@@ -867,16 +983,27 @@ def cap_hint(hint, tokenizer, max_tokens):
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1):
     """Sample n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the
-    weights; returns (ids, text) per row, prompt-major."""
+    weights; returns (ids, text) per row, prompt-major. On the GPU the fast sampler (static cache + CUDA
+    graphs) runs, unless --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa
+    attention)."""
+    sampler = sample_fast if fast_decoding(policy.model, cfg) else sample
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     with lora_merged(policy.model):
         for i in range(0, len(prompts), per_batch):
             chunk = prompts[i:i + per_batch]
-            for ids in sample(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                              cfg.top_p, policy.generator, n):
+            for ids in sampler(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
+                               cfg.top_p, policy.generator, n):
                 results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
     return results
+
+
+def fast_decoding(model, cfg):
+    config = model.config
+    full_attention = not getattr(config, "use_sliding_window", False) and all(
+        t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
+    return (model.device.type == "cuda" and not cfg.eager_decode and full_attention
+            and config._attn_implementation == "sdpa")
 
 
 def fits(policy, prompt, cfg):

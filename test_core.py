@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import core
 
@@ -39,6 +41,16 @@ def tiny_models(tmp_path_factory):
 def loaded(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def lively(model, seed=1):
+    """Weights ~ N(0, 0.5): a tiny random model whose greedy tokens vary (at the default init they repeat one
+    token, which would let a broken sampler pass a token-equality test)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model
 
 
 def write_jsonl(path, rows):
@@ -302,6 +314,7 @@ def prompts_of(tokenizer, questions):
 def test_greedy_equals_transformers_generate(tiny_models):
     for path in tiny_models:
         model, tokenizer = loaded(path)
+        lively(model)
         prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ? Hint: add", "Hi"])
         ours = core.sample(model, prompts, 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0)
         for p, o in zip(prompts, ours):
@@ -338,6 +351,111 @@ def test_samples_of_a_prompt_share_one_prefill(tiny_models):
         shared = core.sample(model, prompts, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3), n=3)
         separate = core.sample(model, repeated, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3))
         assert shared == separate and len(shared) == 6
+
+
+def test_fast_sampler_greedy_equals_the_reference(tiny_models):
+    """sample_fast (static cache, segments; its steps run eagerly on CPU, the same code CUDA records as a
+    graph) gives sample()'s greedy tokens: left padding, EOS stops, shared prefill, rows dropped between
+    segments, segment boundaries inside and at the end of the budget."""
+    for path in tiny_models:
+        model, tokenizer = loaded(path)
+        lively(model)
+        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
+        free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
+        stops = {free[0][2], free[3][5]}  # rows end at different steps
+        ref = core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+        assert len({len(r) for r in ref}) > 1
+        for segment in (1, 3, 5, 12, 256):
+            fast = core.sample_fast(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2, segment=segment)
+            assert fast == ref, segment
+
+
+def test_fast_sampler_draws_the_same_samples_while_no_row_ends(tiny_models):
+    model, tokenizer = loaded(tiny_models[1])
+    lively(model)
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    ref = core.sample(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3)
+    fast = core.sample_fast(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3, segment=4)
+    assert fast == ref and len(set(map(tuple, fast))) > 1
+
+
+def test_fast_sampler_cache_holds_only_live_rows_and_the_next_segment(tiny_models, monkeypatch):
+    model, tokenizer = loaded(tiny_models[0])
+    lively(model)
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    free = core.sample(model, prompts, 9, set(), 0, temperature=0)
+    shapes = []  # (rows, positions) of every cache sample_fast builds
+    real = core.static_cache
+
+    def recording(*args):
+        cache = real(*args)
+        shapes.append((cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2]))
+        return cache
+
+    monkeypatch.setattr(core, "static_cache", recording)
+    stop = next(t for t in free[0][:3] if t not in free[1])  # row 0 ends in the first segment, row 1 runs on
+    core.sample_fast(model, prompts, 9, {stop}, 0, temperature=0, segment=4)
+    width = max(len(p) for p in prompts)
+    # segment 1: both rows, room for 4 more tokens; segments 2 and 3: row 1 alone
+    assert shapes == [(2, width + 4), (1, width + 8), (1, width + 9)]
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every aten op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops that make the host wait for the device (or copy host data in): forbidden inside a CUDA graph capture
+SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "lift_fresh",
+               "_unique2", "unique_consecutive", "repeat_interleave", "_assert_async"}
+
+
+def test_decode_step_runs_no_op_that_would_break_a_cuda_graph(tiny_models):
+    """What CPU can check of the capture: the step the GPU records (a full decoder forward on the StaticCache)
+    calls no op that syncs, and it changes only its own buffers in place."""
+    for path in tiny_models:
+        model, tokenizer = loaded(path)
+        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+        cache, _, mask, next_pos = core.prefill(model, prompts, tokenizer.pad_token_id, 1)
+        width = mask.shape[1]
+        cache = core.static_cache(model, cache, torch.arange(2), width, width + 4)
+        attn = torch.zeros(2, 1, 1, width + 4, dtype=torch.bool)
+        attn[..., :width] = mask.bool()[:, None, None]
+        step = core.DecodeStep(model, cache, attn, next_pos[:, None], torch.tensor([width]), cuda_graph=False)
+        keys = cache.layers[0].keys
+        tokens = torch.tensor([5, 6])
+        with torch.no_grad(), OpLog() as log:
+            step(tokens)
+        assert log.ops and not log.ops & SYNCING_OPS
+        assert cache.layers[0].keys is keys and step.cursor.item() == width + 1 and attn[:, 0, 0, width].all()
+
+
+def test_fast_decoding_is_the_gpu_default_only():
+    cfg = core.Config()
+    model = types.SimpleNamespace(device=torch.device("cpu"), config=types.SimpleNamespace(_attn_implementation="sdpa"))
+    assert not core.fast_decoding(model, cfg)
+    model.device = torch.device("cuda")
+    assert core.fast_decoding(model, cfg) and not core.fast_decoding(model, core.Config(eager_decode=True))
+    model.config.use_sliding_window = True
+    assert not core.fast_decoding(model, cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_sampler_greedy_equals_the_reference(tiny_models):
+    model, tokenizer = loaded(tiny_models[0])
+    model = lively(model).cuda()
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ?"])
+    ref = core.sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0, n=2)
+    fast = core.sample_fast(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0, n=2,
+                            segment=8, cuda_graph=True)
+    assert fast == ref
 
 
 def test_rollouts_with_merged_lora_match_and_restore_the_weights(tiny_models):

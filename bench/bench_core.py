@@ -1,8 +1,10 @@
 """
 Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B shapes (no download):
 
-  1. rollout speed: core.sample vs transformers' generate (dynamic cache, and static cache with its automatic
-     compile) at several batch sizes, in tokens/s, as a fraction of the memory-bandwidth floor, with peak memory;
+  0. greedy identity: core.sample_fast's greedy tokens vs generate's, first 32 tokens of 8 rows;
+  1. rollout speed: core.sample_fast (static cache + CUDA graphs) and core.sample (eager) vs transformers'
+     generate (dynamic cache, and static cache with its automatic compile) at several batch sizes, in tokens/s,
+     as a fraction of the memory-bandwidth floor, with peak memory;
   2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
   3. one full CORE step (core.train_step) for the pair: 4 questions, K=2, K'=1, every response forced to
      --new-tokens tokens (no EOS), with its time and peak memory.
@@ -85,7 +87,8 @@ def bench_sampler(name, shape, model, args, device):
         prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
         mask = torch.ones_like(prompts)
         gen = torch.Generator(device=device).manual_seed(0)
-        ours = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
+        fast = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
+        eager = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
         theirs = {
             "generate (dynamic cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
                                                                  top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
@@ -93,7 +96,8 @@ def bench_sampler(name, shape, model, args, device):
                                                                 top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                                                                 cache_implementation="static"),
         }
-        methods = {"core.sample": ours} | {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
+        methods = {"core.sample_fast": fast, "core.sample (eager)": eager}
+        methods |= {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
         floor = bandwidth_floor(model, shape, batch, args.prompt_len, args.new_tokens, args.bandwidth)
         for method, fn in methods.items():
             fn(min(8, args.new_tokens))  # warm-up (and compile, for the static cache)
@@ -106,6 +110,19 @@ def bench_sampler(name, shape, model, args, device):
             print(f"  {name:<11} {method:<26} batch {batch:>4}  {tps:>10.0f} tok/s  {tps / floor:>6.1%} of floor "
                   f"({floor:.0f})  peak {fmt_gb(rows[-1]['peak_gb'])}", flush=True)
     return rows
+
+
+def greedy_check(name, shape, model, args, device, batch=8, tokens=32):
+    """Greedy tokens of core.sample_fast vs generate's, row by row, for the first `tokens` tokens."""
+    prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
+    ours = core.sample_fast(model, prompts.tolist(), tokens, set(), 0, temperature=0)
+    ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=tokens,
+                         min_new_tokens=tokens, pad_token_id=0)[:, args.prompt_len:].tolist()
+    equal = sum(o == r for o, r in zip(ours, ref))
+    first_diff = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), tokens) for o, r in zip(ours, ref)]
+    print(f"  {name:<11} greedy: core.sample_fast == generate for the first {tokens} tokens in {equal}/{batch} rows "
+          f"(tokens equal before the first difference, per row: {first_diff})", flush=True)
+    return {"model": name, "rows": batch, "tokens": tokens, "rows_equal": equal, "equal_prefix": first_diff}
 
 
 def fmt_gb(x):
@@ -172,11 +189,12 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
           f"torch {torch.__version__}, shapes: {'tiny' if args.tiny else 'real'}")
     results = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny,
-               "sampler": [], "update": [], "core_step": None}
+               "sampler": [], "greedy": [], "update": [], "core_step": None}
     tokenizer = core.demo_tokenizer()
     policies = []
     for name, shape in shapes.items():
         model = build_model(shape, device, dtype)
+        results["greedy"].append(greedy_check(name, shape, model, args, device))
         results["sampler"] += bench_sampler(name, shape, model, args, device)
         policy = make_policy(name, model, device, tokenizer)
         results["update"].append(bench_update(name, shape, policy, args, device))
