@@ -784,6 +784,8 @@ class DecodeStep:
     position written this step). The StaticCache writes the new keys/values in place. On the GPU the first call
     runs for real on a side stream (the warm-up CUDA graphs need) and is recorded; later calls replay it."""
 
+    capture_failed = False  # set once a capture fails: every later step runs eagerly
+
     def __init__(self, model, cache, attn, positions, cursor, cuda_graph):
         self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
         self.tokens = torch.zeros_like(positions)
@@ -803,16 +805,22 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        if not self.cuda_graph:
+        if not self.cuda_graph or DecodeStep.capture_failed:
             return self.forward()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             logits = self.forward()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.forward()  # recorded, not run: buffers are unchanged
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.forward()  # recorded, not run: buffers are unchanged
+            self.graph = graph
+        except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
+            DecodeStep.capture_failed = True
+            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs "
+                  f"from now on", file=sys.stderr, flush=True)
         return logits
 
 

@@ -1,6 +1,7 @@
 """Tests for core.py, in the order of its sections. CPU only; tiny random Qwen2/Qwen3 models are built once,
 saved with save_pretrained and loaded back through from_pretrained, as users load real ones."""
 
+import contextlib
 import json
 import math
 import os
@@ -435,6 +436,32 @@ def test_decode_step_runs_no_op_that_would_break_a_cuda_graph(tiny_models):
             step(tokens)
         assert log.ops and not log.ops & SYNCING_OPS
         assert cache.layers[0].keys is keys and step.cursor.item() == width + 1 and attn[:, 0, 0, width].all()
+
+
+def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkeypatch, capsys):
+    """The capture path with torch.cuda faked (no GPU here): a capture that raises leaves one warning and the
+    same tokens, decoded eagerly from then on."""
+    model, tokenizer = loaded(tiny_models[0])
+    lively(model)
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    ref = core.sample(model, prompts, 9, set(), 0, temperature=0)
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    def failing_capture(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    monkeypatch.setattr(core.DecodeStep, "capture_failed", False)
+    fast = core.sample_fast(model, prompts, 9, set(), 0, temperature=0, segment=4, cuda_graph=True)
+    assert fast == ref
+    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
 
 
 def test_fast_decoding_is_the_gpu_default_only():
