@@ -802,11 +802,16 @@ class DecodeStep:
     def __call__(self, tokens):
         """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
         self.tokens.copy_(tokens[:, None])
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
         if not self.cuda_graph or DecodeStep.capture_failed:
             return self.forward()
+        with torch.cuda.device(self.tokens.device):  # streams and graphs belong to the current device
+            if self.graph is None:
+                return self.capture()
+            self.graph.replay()
+            return self.logits
+
+    def capture(self):
+        """Run the step for real on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -456,6 +456,7 @@ def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkey
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", failing_capture)
     monkeypatch.setattr(core.DecodeStep, "capture_failed", False)

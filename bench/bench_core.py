@@ -125,6 +125,20 @@ def greedy_check(name, shape, model, args, device, batch=8, tokens=32):
     return {"model": name, "rows": batch, "tokens": tokens, "rows_equal": equal, "equal_prefix": first_diff}
 
 
+def profile_sampler(name, shape, model, args, device, batch=64, tokens=16):
+    """torch.profiler over core.sample_fast: the kernels that take the decode time, top 15 by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device).tolist()
+    core.sample_fast(model, prompts, tokens, set(), 0, 0.7, 0.9)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        core.sample_fast(model, prompts, tokens, set(), 0, 0.7, 0.9)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"  {name}: profile of core.sample_fast, batch {batch}, {tokens} tokens")
+    print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+
+
 def fmt_gb(x):
     return "-" if x is None else f"{x:.1f} GB"
 
@@ -181,6 +195,7 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--no-static", action="store_true", help="skip generate with the static cache (slow to compile)")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the fast sampler")
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +210,8 @@ def main():
     for name, shape in shapes.items():
         model = build_model(shape, device, dtype)
         results["greedy"].append(greedy_check(name, shape, model, args, device))
+        if args.profile:
+            profile_sampler(name, shape, model, args, device)
         results["sampler"] += bench_sampler(name, shape, model, args, device)
         policy = make_policy(name, model, device, tokenizer)
         results["update"].append(bench_update(name, shape, policy, args, device))
