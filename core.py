@@ -777,7 +777,7 @@ def static_cache(model, source, rows, filled, length):
 
 class DecodeStep:
     """One decode step of sample_fast on fixed buffers, so that CUDA can record it once as a graph and replay it
-    (about 1,000 kernel launches per step become one).
+    (the hundreds of kernel launches of a step become one).
 
     Buffers, one row per live sample: tokens [rows, 1] in, position ids [rows, 1], attn [rows, 1, 1, length]
     (bool, the cache positions each row may see, passed to the model as a ready 4D mask), cursor [1] (the cache
@@ -839,6 +839,8 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
     for one more segment only, so attention reads about as many positions as the live rows need.
 
     Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
+    if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
+        raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     rows, width = mask.shape
     device = logits.device
