@@ -147,6 +147,8 @@ class Config:
     seed: int = arg(42, "seed for data order, LoRA init, hint dropout and sampling")
     device1: str = arg("", "device of model 1 (default cuda if available, else cpu)")
     device2: str = arg("", "device of model 2 (default: same rule as --device1)")
+    dtype: str = arg("auto", "model weights' dtype (auto: bfloat16 on CUDA, float32 on CPU; LoRA stays float32)",
+                     choices=("auto", "bfloat16", "float32"))
 
 
 def build_parser():
@@ -1160,7 +1162,8 @@ def all_reduce_grads(params):
 def token_logprobs(model, input_ids, attention_mask, chunk):
     """log pi(x_{t+1} | x_<=t) in fp32 for every position: [b, T-1]. The lm_head + log-softmax runs over
     `chunk` positions at a time under activation checkpointing, so [b, T, V] logits never exist at once."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
 
@@ -1561,7 +1564,8 @@ def resolve_device(name):
 def load_policy(index, path, device, cfg):
     """Model + tokenizer through from_pretrained, LoRA added, AdamW on the adapter only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)

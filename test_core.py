@@ -371,6 +371,21 @@ def test_fast_sampler_greedy_equals_the_reference(tiny_models):
             assert fast == ref, segment
 
 
+def test_bfloat16_fast_sampler_greedy_equals_the_reference_and_generate(tiny_models):
+    """The GPU's dtype, run on the CPU: in bfloat16 the static-cache sampler, the reference loop and transformers'
+    greedy `generate` still agree token for token."""
+    for path in tiny_models:
+        model, tokenizer = loaded(path)
+        lively(model).to(torch.bfloat16)
+        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ? Think about it carefully please"])
+        ref = core.sample(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0)
+        assert core.sample_fast(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0, segment=5) == ref
+        for prompt, row in zip(prompts, ref):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=tokenizer.pad_token_id)
+            assert out[0, len(prompt):].tolist() == row
+
+
 def test_fast_sampler_draws_the_same_samples_while_no_row_ends(tiny_models):
     model, tokenizer = loaded(tiny_models[1])
     lively(model)
@@ -699,6 +714,26 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models):
         assert len(calls) == (3 if flag else 2) * 2  # per micro-batch: ref + policy forward, + a recompute
     plain, ckpt = traces_grads
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-7) for k in plain)
+
+
+def test_bfloat16_weights_train_float32_adapters(tiny_models):
+    """--dtype bfloat16 (the CUDA default) on the CPU: bf16 base weights, fp32 LoRA master weights, a finite
+    update with gradient checkpointing and the KL term, and merged rollouts that restore the bf16 weights exactly."""
+    cfg = core.Config(lora_rank=4, dtype="bfloat16", micro_batch=2, lr=1e-3)
+    policy = make_policy(tiny_models[0], cfg)
+    layer = next(iter(core.lora_layers(policy.model).values()))
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    traces = [core.Trace(0, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+              for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", -0.5)])]
+    stats = core.update_policy(policy, traces, cfg, cfg.lr)
+    assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9
+    assert layer.lora_B.abs().sum() > 0 and layer.lora_B.dtype == torch.float32
+    base = layer.base.weight.clone()
+    with core.lora_merged(policy.model):
+        assert not torch.equal(layer.base.weight, base)
+        core.generate(policy, [prompt], 3, cfg)
+    assert torch.equal(layer.base.weight, base)
 
 
 def test_non_finite_update_is_skipped(tiny_models):
