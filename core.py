@@ -35,6 +35,7 @@ distributed (torchrun), update, evaluation, checkpoints, demo, main.
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -110,6 +111,8 @@ class Config:
     gen_batch: int = arg(64, "rows per sampling batch")
     eager_decode: bool = arg(False, "sample with the plain DynamicCache loop on the GPU too (the readable reference; "
                                     "default there: static cache + CUDA graphs)")
+    compile_decode: bool = arg(False, "GPU: compile the decode step with torch.compile inside its CUDA graph (fuses its "
+                                      "small kernels; about a minute of compiling per model, once per run)")
     # reward
     w_correct: float = arg(1.0, "weight w1 of correctness c")
     w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
@@ -787,11 +790,12 @@ class DecodeStep:
     runs for real on a side stream (the warm-up CUDA graphs need) and is recorded; later calls replay it."""
 
     capture_failed = False  # set once a capture fails: every later step runs eagerly
+    compile_failed = False  # set once torch.compile fails: every later step runs forward() as written
 
-    def __init__(self, model, cache, attn, positions, cursor, cuda_graph):
+    def __init__(self, model, cache, attn, positions, cursor, cuda_graph, compile_backend=None):
         self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
         self.tokens = torch.zeros_like(positions)
-        self.cuda_graph, self.graph, self.logits = cuda_graph, None, None
+        self.cuda_graph, self.compile_backend, self.graph, self.logits = cuda_graph, compile_backend, None, None
 
     def forward(self):
         self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
@@ -801,11 +805,25 @@ class DecodeStep:
         self.positions.add_(1)
         return logits
 
+    def run(self):
+        """forward(), through torch.compile when a backend is given: its small kernels (RMSNorm, rotary, SiLU)
+        fused, one compiled graph for every row count and cache length (dynamic shapes). A failed compile
+        warns once and runs forward() as written from then on."""
+        if not self.compile_backend or DecodeStep.compile_failed:
+            return self.forward()
+        try:
+            return compiled_decode_forward(self.compile_backend)(self)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before anything ran
+            DecodeStep.compile_failed = True
+            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); decoding "
+                  f"uncompiled from now on", file=sys.stderr, flush=True)
+            return self.forward()
+
     def __call__(self, tokens):
         """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
         self.tokens.copy_(tokens[:, None])
         if not self.cuda_graph or DecodeStep.capture_failed:
-            return self.forward()
+            return self.run()
         with torch.cuda.device(self.tokens.device):  # streams and graphs belong to the current device
             if self.graph is None:
                 return self.capture()
@@ -817,12 +835,12 @@ class DecodeStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self.forward()
+            logits = self.run()  # compiles, the first time a backend is given
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self.forward()  # recorded, not run: buffers are unchanged
+                self.logits = self.run()  # recorded, not run: buffers are unchanged
             self.graph = graph
         except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
             DecodeStep.capture_failed = True
@@ -831,14 +849,20 @@ class DecodeStep:
         return logits
 
 
+@functools.cache
+def compiled_decode_forward(backend):
+    return torch.compile(DecodeStep.forward, backend=backend, dynamic=True, fullgraph=True)
+
+
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
-                segment=256, cuda_graph=None):
+                segment=256, cuda_graph=None, compile_backend=None):
     """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a transformers
     StaticCache with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run
-    eagerly). A graph has fixed shapes, so finished rows keep decoding (their tokens discarded) until the next
-    segment boundary: every `segment` tokens the finished rows are dropped and the cache is rebuilt with room
-    for one more segment only, so attention reads about as many positions as the live rows need.
+    eagerly). compile_backend (e.g. "inductor") puts the step through torch.compile first. A graph has fixed
+    shapes, so finished rows keep decoding (their tokens discarded) until the next segment boundary: every
+    `segment` tokens the finished rows are dropped and the cache is rebuilt with room for one more segment
+    only, so attention reads about as many positions as the live rows need.
 
     Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
@@ -862,7 +886,8 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
             grown[..., :filled] = attn[keep]
             live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
-            step = DecodeStep(model, cache, attn, positions, torch.tensor([filled], device=device), cuda_graph)
+            cursor = torch.tensor([filled], device=device)
+            step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
         tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
         out[live, s] = tokens
         finished |= torch.isin(tokens, eos)
@@ -1003,7 +1028,9 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1):
     weights; returns (ids, text) per row, prompt-major. On the GPU the fast sampler (static cache + CUDA
     graphs) runs, unless --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa
     attention)."""
-    sampler = sample_fast if fast_decoding(policy.model, cfg) else sample
+    sampler = sample
+    if fast_decoding(policy.model, cfg):
+        sampler = functools.partial(sample_fast, compile_backend="inductor" if cfg.compile_decode else None)
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     with lora_merged(policy.model):

@@ -480,6 +480,50 @@ def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkey
     assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
 
 
+def test_compiled_decode_step_gives_the_reference_tokens_from_one_graph(tiny_models):
+    """--compile-decode: the step through torch.compile traces as one graph (fullgraph: no break), and dynamic
+    shapes keep that graph for every segment, row count and cache length, and for new weights (the LoRA merge
+    changes them in place). The "eager" backend runs dynamo's
+    trace without generating kernels (inductor's code is what the GPU adds)."""
+    from torch._dynamo.utils import counters
+    for path in tiny_models:
+        model, tokenizer = loaded(path)
+        lively(model)
+        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
+        free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
+        stops = {free[0][2], free[3][5]}
+        ref = core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+        torch._dynamo.reset()
+        counters.clear()
+        for segment in (3, 5):
+            fast = core.sample_fast(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2,
+                                    segment=segment, compile_backend="eager")
+            assert fast == ref, segment
+        lively(model, seed=2)  # new weights in place, as a LoRA merge does: read as inputs, not baked in
+        ref = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0)
+        assert core.sample_fast(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0,
+                                compile_backend="eager") == ref
+        assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_failed_compile_warns_once_and_decodes_uncompiled(tiny_models, monkeypatch, capsys):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(core.DecodeStep, "compile_failed", False)
+    model, tokenizer = loaded(tiny_models[0])
+    lively(model)
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    ref = core.sample(model, prompts, 8, set(), tokenizer.pad_token_id, temperature=0)
+    torch._dynamo.reset()
+    for _ in range(2):
+        fast = core.sample_fast(model, prompts, 8, set(), tokenizer.pad_token_id, temperature=0, segment=3,
+                                compile_backend=broken_backend)
+        assert fast == ref
+    assert capsys.readouterr().err.count("torch.compile of the decode step failed") == 1
+    assert core.DecodeStep.compile_failed
+
+
 def test_fast_decoding_is_the_gpu_default_only():
     cfg = core.Config()
     model = types.SimpleNamespace(device=torch.device("cpu"), config=types.SimpleNamespace(_attn_implementation="sdpa"))

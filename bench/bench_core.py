@@ -1,16 +1,19 @@
 """
 Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B shapes (no download):
 
-  0. greedy identity: core.sample_fast's greedy tokens vs generate's, first 32 tokens of 8 rows;
-  1. rollout speed: core.sample_fast (static cache + CUDA graphs) and core.sample (eager) vs transformers'
-     generate (dynamic cache, and static cache with its automatic compile) at several batch sizes, in tokens/s,
-     as a fraction of the memory-bandwidth floor, with peak memory;
+  0. greedy identity: core.sample_fast's greedy tokens (plain and compiled step) vs generate's, first 32 tokens
+     of 8 rows;
+  1. rollout speed: core.sample_fast (static cache + CUDA graphs; also with the step through torch.compile, as
+     --compile-decode does) and core.sample (eager) vs transformers' generate (dynamic cache, and static cache
+     with its automatic compile) at several batch sizes, in tokens/s, as a fraction of the memory-bandwidth
+     floor, with peak memory and the warm-up (compile) time;
   2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
   3. one full CORE step (core.train_step) for the pair: 4 questions, K=2, K'=1, every response forced to
      --new-tokens tokens (no EOS), with its time and peak memory.
 
   python bench/bench_core.py                  # on a GPU, the real shapes (bf16)
   python bench/bench_core.py --tiny           # a smoke run of the same code on CPU with tiny shapes
+  python bench/bench_core.py --models qwen2.5-3b --parts greedy sampler --batches 64   # one slice (10-min calls)
 
 Prints a table and writes JSON (--out).
 """
@@ -36,6 +39,7 @@ SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=True, rope_theta=5e6, rms_norm_eps=1e-6),
 }
+PARTS = ("greedy", "sampler", "update", "step")
 TINY = {name: dict(shape, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=512) for name, shape in SHAPES.items()}
 
@@ -88,6 +92,8 @@ def bench_sampler(name, shape, model, args, device):
         mask = torch.ones_like(prompts)
         gen = torch.Generator(device=device).manual_seed(0)
         fast = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
+        compiled = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen,  # noqa: E731
+                                              compile_backend="inductor")
         eager = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
         theirs = {
             "generate (dynamic cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
@@ -96,33 +102,40 @@ def bench_sampler(name, shape, model, args, device):
                                                                 top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                                                                 cache_implementation="static"),
         }
-        methods = {"core.sample_fast": fast, "core.sample (eager)": eager}
+        methods = {"core.sample_fast": fast, "core.sample_fast (compiled)": compiled, "core.sample (eager)": eager}
         methods |= {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
         floor = bandwidth_floor(model, shape, batch, args.prompt_len, args.new_tokens, args.bandwidth)
         for method, fn in methods.items():
-            fn(min(8, args.new_tokens))  # warm-up (and compile, for the static cache)
+            _, warmup = timed(lambda: fn(min(8, args.new_tokens)), device)  # (and compile, where there is one)
             reset_peak(device)
             _, seconds = timed(lambda: fn(args.new_tokens), device)
             tps = batch * args.new_tokens / seconds
             rows.append({"model": name, "method": method, "batch": batch, "prompt_len": args.prompt_len,
                          "new_tokens": args.new_tokens, "tokens_per_s": tps, "fraction_of_floor": tps / floor,
-                         "floor_tokens_per_s": floor, "peak_gb": peak_gb(device)})
-            print(f"  {name:<11} {method:<26} batch {batch:>4}  {tps:>10.0f} tok/s  {tps / floor:>6.1%} of floor "
-                  f"({floor:.0f})  peak {fmt_gb(rows[-1]['peak_gb'])}", flush=True)
+                         "floor_tokens_per_s": floor, "peak_gb": peak_gb(device), "warmup_s": warmup})
+            print(f"  {name:<11} {method:<28} batch {batch:>4}  {tps:>10.0f} tok/s  {tps / floor:>6.1%} of floor "
+                  f"({floor:.0f})  peak {fmt_gb(rows[-1]['peak_gb'])}  warm-up {warmup:.1f} s", flush=True)
     return rows
 
 
 def greedy_check(name, shape, model, args, device, batch=8, tokens=32):
-    """Greedy tokens of core.sample_fast vs generate's, row by row, for the first `tokens` tokens."""
+    """Greedy tokens of core.sample_fast (plain, and with the compiled step) vs generate's, row by row, for the
+    first `tokens` tokens."""
     prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
-    ours = core.sample_fast(model, prompts.tolist(), tokens, set(), 0, temperature=0)
     ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=tokens,
                          min_new_tokens=tokens, pad_token_id=0)[:, args.prompt_len:].tolist()
-    equal = sum(o == r for o, r in zip(ours, ref))
-    first_diff = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), tokens) for o, r in zip(ours, ref)]
-    print(f"  {name:<11} greedy: core.sample_fast == generate for the first {tokens} tokens in {equal}/{batch} rows "
-          f"(tokens equal before the first difference, per row: {first_diff})", flush=True)
-    return {"model": name, "rows": batch, "tokens": tokens, "rows_equal": equal, "equal_prefix": first_diff}
+    rows = []
+    for label, backend in (("core.sample_fast", None), ("core.sample_fast (compiled)", "inductor")):
+        ours, seconds = timed(lambda: core.sample_fast(model, prompts.tolist(), tokens, set(), 0, temperature=0,
+                                                       compile_backend=backend), device)
+        equal = sum(o == r for o, r in zip(ours, ref))
+        first_diff = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), tokens) for o, r in zip(ours, ref)]
+        print(f"  {name:<11} greedy: {label} == generate for the first {tokens} tokens in {equal}/{batch} rows "
+              f"(tokens equal before the first difference, per row: {first_diff}; first call, with any compile: "
+              f"{seconds:.1f} s)", flush=True)
+        rows.append({"model": name, "method": label, "rows": batch, "tokens": tokens, "rows_equal": equal,
+                     "equal_prefix": first_diff, "first_call_s": seconds})
+    return rows
 
 
 def profile_sampler(name, shape, model, args, device, batch=64, tokens=16):
@@ -170,18 +183,23 @@ def bench_update(name, shape, policy, args, device):
 
 def bench_core_step(policies, args, device):
     """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens."""
-    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2)
+    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2,
+                      compile_decode=args.compile_decode)
     sentence = "Consider the following numbers carefully."
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
-    reset_peak(device)
     counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
-    result, seconds = timed(lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, []), device)
+    step = lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, [])  # noqa: E731
+    _, warmup = timed(step, device)  # the first step also compiles, with --compile-decode
+    reset_peak(device)
+    result, seconds = timed(step, device)
     row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
-           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"]}
-    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each): {seconds:.2f} s  "
-          f"peak {fmt_gb(row['peak_gb'])}", flush=True)
+           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"],
+           "compile_decode": args.compile_decode, "first_step_seconds": warmup}
+    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each"
+          f"{', compiled decode step' if args.compile_decode else ''}): {seconds:.2f} s  "
+          f"peak {fmt_gb(row['peak_gb'])}  (first step {warmup:.2f} s)", flush=True)
     return row
 
 
@@ -196,6 +214,10 @@ def main():
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="memory bandwidth in bytes/s for the floor")
     parser.add_argument("--no-static", action="store_true", help="skip generate with the static cache (slow to compile)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the fast sampler")
+    parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run (the CORE step needs both models)")
+    parser.add_argument("--compile-decode", action="store_true", help="the CORE step with --compile-decode")
     parser.add_argument("--out", default="bench_results.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,17 +229,22 @@ def main():
                "sampler": [], "greedy": [], "update": [], "core_step": None}
     tokenizer = core.demo_tokenizer()
     policies = []
-    for name, shape in shapes.items():
+    for name in args.models:
+        shape = shapes[name]
         model = build_model(shape, device, dtype)
-        results["greedy"].append(greedy_check(name, shape, model, args, device))
+        if "greedy" in args.parts:
+            results["greedy"] += greedy_check(name, shape, model, args, device)
         if args.profile:
             profile_sampler(name, shape, model, args, device)
-        results["sampler"] += bench_sampler(name, shape, model, args, device)
+        if "sampler" in args.parts:
+            results["sampler"] += bench_sampler(name, shape, model, args, device)
         policy = make_policy(name, model, device, tokenizer)
-        results["update"].append(bench_update(name, shape, policy, args, device))
+        if "update" in args.parts:
+            results["update"].append(bench_update(name, shape, policy, args, device))
         policies.append(policy)
-    args.new_tokens = args.step_tokens
-    results["core_step"] = bench_core_step(policies, args, device)
+    if "step" in args.parts and len(policies) == 2:
+        args.new_tokens = args.step_tokens
+        results["core_step"] = bench_core_step(policies, args, device)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 
