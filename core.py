@@ -154,16 +154,22 @@ class Config:
                      choices=("auto", "bfloat16", "float32"))
 
 
-def build_parser():
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser(with_defaults=True):
+    """The command line of Config. with_defaults=False: parsing returns only the flags actually given."""
     parser = argparse.ArgumentParser(
         description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
+        flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
+        default = f.default if with_defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=text)
+            parser.add_argument(flag, action="store_true", default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=text,
+            parser.add_argument(flag, type=type(f.default), default=default, help=text,
                                 choices=f.metadata.get("choices"))
     return parser
 
@@ -1633,12 +1639,21 @@ def output_folder(cfg):
     return out
 
 
-def resume_config(cfg):
-    """The saved config of the run being resumed (its --steps may be raised to train longer)."""
+# what a resumed run may change: how it executes, not what it computes (--steps trains longer)
+RESUME_OVERRIDES = {"steps", "stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
+                    "eager_decode", "compile_decode", "device1", "device2", "save_every", "keep", "show"}
+
+
+def resume_config(cfg, given):
+    """The saved config of the run being resumed. The RESUME_OVERRIDES flags among those given on the command
+    line (`given`: their names) replace their saved values; any other given flag that differs is refused."""
     folder = find_checkpoint(cfg.resume)
-    saved = json.loads((folder / "state.json").read_text())["config"]
-    steps = cfg.steps if cfg.steps != Config.steps else saved["steps"]
-    return replace(Config(**saved), resume=cfg.resume, steps=steps, stop_after=cfg.stop_after)
+    saved = Config(**json.loads((folder / "state.json").read_text())["config"])
+    changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
+    if changed:
+        raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} would "
+                         f"change; only {', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))} may differ")
+    return replace(saved, resume=cfg.resume, **{k: getattr(cfg, k) for k in given & RESUME_OVERRIDES})
 
 
 def step_log(step, cfg, groups, stats, seconds, sampled_tokens, skipped_problems):
@@ -1783,16 +1798,17 @@ def train(cfg, policies, train_set, test_set, out):
     except torch.OutOfMemoryError:
         if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
             save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; lower --gen-batch, --micro-batch, --logprob-chunk "
-                            f"or --max-new-tokens, then continue from the last checkpoint with --resume {out}") from None
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with lower "
+                            f"batch sizes: python core.py --resume {out} --gen-batch 16 --micro-batch 2") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return 0, True
 
 
-def run(cfg):
+def run(cfg, given=frozenset()):
+    """The whole job for one config; `given` names the flags set on the command line (used by --resume)."""
     if cfg.resume:
-        cfg = resume_config(cfg)
+        cfg = resume_config(cfg, given)
     if cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if getattr(cfg, k) == getattr(Config, k)})
     validate(cfg)
@@ -1848,8 +1864,9 @@ def run(cfg):
 
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
+    given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
     try:
-        code = run(cfg)
+        code = run(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
     except UsageError as e:

@@ -1059,7 +1059,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_models, tmp_path):
     assert done == len(open(tmp_path / "run" / "metrics.jsonl").readlines()) >= 1
 
 
-def test_out_of_memory_saves_and_names_the_flags(tiny_models, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_saves_then_resumes_with_smaller_batches(tiny_models, tmp_path, monkeypatch, capsys):
     real_update, calls = core.update_policy, []
 
     def update_then_oom(*args):
@@ -1074,6 +1074,14 @@ def test_out_of_memory_saves_and_names_the_flags(tiny_models, tmp_path, monkeypa
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: CUDA out of memory at step 2") and "--micro-batch" in err and "--resume" in err
     assert core.find_checkpoint(tmp_path / "run").name == "step_000001"
+    # what the message says to do: resume with smaller batches (a change of what the run computes is refused)
+    assert core.main(["--resume", str(tmp_path / "run"), "--lr", "0.5", "--micro-batch", "1"]) == 2
+    assert "--lr would change" in capsys.readouterr().err
+    monkeypatch.setattr(core, "update_policy", real_update)
+    assert core.main(["--resume", str(tmp_path / "run"), "--micro-batch", "1", "--gen-batch", "3"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["micro_batch"], saved["gen_batch"], saved["steps"], saved["lr"]) == (1, 3, 5, 1e-3)
+    assert core.find_checkpoint(tmp_path / "run").name == "step_000005"
 
 
 def test_three_non_finite_updates_in_a_row_stop_the_run(tiny_models, tmp_path, monkeypatch, capsys):
