@@ -210,11 +210,12 @@ def bench_core_step(policies, args, device):
     _, warmup = timed(step, device)  # the first step also compiles, with --compile-decode
     reset_peak(device)
     result, seconds = timed(step, device)
+    sampler = ("core.sample_fast" + (" (compiled)" if args.compile_decode else "")
+               if core.fast_decoding(policies[0].model, cfg) else "core.sample")
     row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
-           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"],
-           "compile_decode": args.compile_decode, "first_step_seconds": warmup}
-    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each"
-          f"{', compiled decode step' if args.compile_decode else ''}): {seconds:.2f} s  "
+           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"], "sampler": sampler,
+           "first_step_seconds": warmup}
+    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each, {sampler}): {seconds:.2f} s  "
           f"peak {fmt_gb(row['peak_gb'])}  (first step {warmup:.2f} s)", flush=True)
     return row
 
