@@ -197,7 +197,6 @@ def validate(cfg):
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
          f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
-        (not (cfg.resume and cfg.eval_only), "--resume and --eval-only do not go together"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1798,8 +1797,9 @@ def train(cfg, policies, train_set, test_set, out):
     except torch.OutOfMemoryError:
         if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
             save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with lower "
-                            f"batch sizes: python core.py --resume {out} --gen-batch 16 --micro-batch 2") from None
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with smaller "
+                            f"batches: python core.py --resume {out} --gen-batch {max(1, cfg.gen_batch // 2)} "
+                            f"--micro-batch {max(1, cfg.micro_batch // 2)}") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     return 0, True
