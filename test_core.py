@@ -354,17 +354,22 @@ def test_samples_of_a_prompt_share_one_prefill(tiny_models):
         assert shared == separate and len(shared) == 6
 
 
+def greedy_reference(model, tokenizer):
+    """Three left-padded prompts sampled twice each for 12 greedy tokens by sample(), with EOS ids chosen so
+    that rows end at different steps: (prompts, eos ids, reference rows)."""
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
+    free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
+    stops = {free[0][2], free[3][5]}
+    return prompts, stops, core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+
+
 def test_fast_sampler_greedy_equals_the_reference(tiny_models):
     """sample_fast (static cache, segments; its steps run eagerly on CPU, the same code CUDA records as a
     graph) gives sample()'s greedy tokens: left padding, EOS stops, shared prefill, rows dropped between
     segments, segment boundaries inside and at the end of the budget."""
     for path in tiny_models:
         model, tokenizer = loaded(path)
-        lively(model)
-        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
-        free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
-        stops = {free[0][2], free[3][5]}  # rows end at different steps
-        ref = core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+        prompts, stops, ref = greedy_reference(lively(model), tokenizer)
         assert len({len(r) for r in ref}) > 1
         for segment in (1, 3, 5, 12, 256):
             fast = core.sample_fast(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2, segment=segment)
@@ -483,16 +488,12 @@ def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkey
 def test_compiled_decode_step_gives_the_reference_tokens_from_one_graph(tiny_models):
     """--compile-decode: the step through torch.compile traces as one graph (fullgraph: no break), and dynamic
     shapes keep that graph for every segment, row count and cache length, and for new weights (the LoRA merge
-    changes them in place). The "eager" backend runs dynamo's
-    trace without generating kernels (inductor's code is what the GPU adds)."""
+    changes them in place). The "eager" backend runs dynamo's trace without generating kernels (inductor's
+    code is what the GPU adds)."""
     from torch._dynamo.utils import counters
     for path in tiny_models:
         model, tokenizer = loaded(path)
-        lively(model)
-        prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
-        free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
-        stops = {free[0][2], free[3][5]}
-        ref = core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+        prompts, stops, ref = greedy_reference(lively(model), tokenizer)
         torch._dynamo.reset()
         counters.clear()
         for segment in (3, 5):

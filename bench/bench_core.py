@@ -99,9 +99,9 @@ def bench_sampler(name, shape, model, args, device):
         prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
         mask = torch.ones_like(prompts)
         gen = torch.Generator(device=device).manual_seed(0)
-        fast = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
-        compiled = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen,  # noqa: E731
-                                              compile_backend="inductor")
+        def fast(backend):
+            return lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen,
+                                              compile_backend=backend)
         eager = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
         theirs = {
             "generate (dynamic cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
@@ -110,7 +110,8 @@ def bench_sampler(name, shape, model, args, device):
                                                                 top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                                                                 cache_implementation="static"),
         }
-        methods = {"core.sample_fast": fast, "core.sample_fast (compiled)": compiled, "core.sample (eager)": eager}
+        methods = {"core.sample_fast": fast(None), "core.sample_fast (compiled)": fast("inductor"),
+                   "core.sample (eager)": eager}
         methods |= {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
         floor = bandwidth_floor(model, shape, batch, args.prompt_len, args.new_tokens, args.bandwidth)
         for method, fn in methods.items():
