@@ -119,7 +119,7 @@ class Config:
     div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)")
     lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)")
     rescue_bonus: float = arg(0.15, "bonus for a correct round-B trace of a model that failed cold and saw a hint")
-    w_format: float = arg(0.1, "bonus when a final answer can be extracted")
+    w_format: float = arg(0.1, "bonus for an explicit final answer (boxed, or after 'answer is' / 'answer:' / '####')")
     dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I")
     ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel")
     # update
@@ -411,7 +411,8 @@ def training_order(n, step, batch, seed):
 
 BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
-ANSWER_MARK_RE = re.compile(r"(?:####|answer\s*(?:is|:|=))\s*:?\s*([^\n]*)", re.IGNORECASE)
+ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=))"  # "####", "answer is/:/=", "**Answer**:"
+ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"\s*:?\s*([^\n]*)", re.IGNORECASE)
 LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
 
@@ -489,13 +490,15 @@ def normalize_math(s):
     return s
 
 
-def extract_answer(text, kind):
+def extract_answer(text, kind, fallback=True):
     """The final answer of a model output, normalised for comparison; None when there is none.
 
-    number  (GSM8K): last \\boxed{}, then the last '####' / 'answer is' line, then the last number.
+    number  (GSM8K): last \\boxed{}, then the last '####' / 'answer is' line, then (fallback) the last number.
     math    (MATH):  last \\boxed{} with balanced braces, LaTeX-normalised.
     integer (AIME):  like number, must be an integer.
-    choice  (GPQA):  the letter A-D in the last \\boxed{}, or after 'answer is' / 'answer:'.
+    choice  (GPQA):  the letter A-D in the last \\boxed{}, or after 'answer is' / 'answer:', or (fallback) a
+                     bare letter as the whole output.
+    fallback=False: an explicit answer only (boxed or marked), what the format bonus pays for.
     """
     if not isinstance(text, str):
         return None
@@ -503,7 +506,8 @@ def extract_answer(text, kind):
     if kind == "math":
         return normalize_math(boxed) if boxed is not None and boxed.strip() else None
     if kind == "choice":
-        for span in (boxed, last_marked(text), text.strip() if len(text.strip()) <= 4 else None):
+        bare = text.strip() if fallback and len(text.strip()) <= 4 else None
+        for span in (boxed, last_marked(text), bare):
             letter = LETTER_RE.search(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else None
             if letter:
                 return letter.group(1)
@@ -512,7 +516,7 @@ def extract_answer(text, kind):
     for span in (boxed, last_marked(text)):
         if span is not None and (value := parse_number(span)) is not None:
             break
-    if value is None:
+    if value is None and fallback:
         numbers = NUMBER_RE.findall(text.replace("\u2212", "-"))
         value = parse_number(numbers[-1]) if numbers else None
     if value is None or (kind == "integer" and value.denominator != 1):
@@ -536,11 +540,18 @@ def is_correct(text, gold, kind):
     return answer is not None and answer == normalize_gold(gold, kind)
 
 
-ANSWER_LINE_RE = re.compile(r"^.*(?:####|final answer|the answer is|answer\s*:).*$", re.IGNORECASE | re.MULTILINE)
+# An explicit final-answer statement: optional emphasis and lead-in ("So the final"), the marker extract_answer
+# reads, then the rest of its sentence (or line); or a bare "Final Answer" heading.
+ANSWER_STATEMENT_RE = re.compile(
+    r"[*_]*(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:(?:the|our|my)\s+)?(?:final\s+)?" + ANSWER_MARK
+    + r"[^\n]*?(?:(?<=[.!?])(?=\s)|$)|[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE | re.MULTILINE)
+EMPTY_MATH_RE = re.compile(r"\$\s*\$|\\\[\s*\\\]|\\\(\s*\\\)")  # $ $, \[ \], \( \) left by a removed box
 
 
 def strip_answer(text):
-    """A trace with every explicit final answer removed (boxed spans, '####' lines, 'final answer' lines)."""
+    """A trace with every explicit final answer removed: boxed spans and every statement extract_answer reads as
+    one ("####", "answer is / : / =", "final answer", markdown emphasis included). Only the statement goes (to the
+    end of its sentence); the reasoning before it on the same line stays."""
     if not isinstance(text, str):
         return ""
     pieces, last = [], 0
@@ -549,8 +560,18 @@ def strip_answer(text):
         last = end
     text = "".join(pieces) + text[last:]
     text = BOXED_RE.sub("", text)  # unclosed boxes: drop the opener, whatever follows is not an answer span
-    text = ANSWER_LINE_RE.sub("", text)
+    text = EMPTY_MATH_RE.sub("", ANSWER_STATEMENT_RE.sub("", text))
+    text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+def is_bare_answer(text, gold, kind):
+    """Whether a stripped trace is nothing but the gold answer ('18.', '$18$', '(B)'): such a hint would only tell
+    the answer, so none is given. The whole text is compared, never its first number."""
+    bare = re.sub(r"^[\s*_(\[]+|[\s*_)\].]+$", "", text)
+    if kind == "choice":
+        return bare.upper() == normalize_gold(gold, kind)
+    return bare != "" and normalize_math(bare) == normalize_math(gold)
 
 
 # -----------------------------------------------------------------------------
@@ -982,6 +1003,7 @@ class Trace:
     text: str                 # decoded completion
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
+    hint_leaks: bool = False  # ... and extract_answer (last-number fallback included) reads the gold from it
     reward: float = 0.0       # R(tau)
     terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
     advantage: float = 0.0    # A(tau)
@@ -1068,8 +1090,9 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
         outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n)
         for i, (ids, text) in enumerate(outputs):
             (q, hint), prompt = requests[m][i // n], prompts[i // n]
-            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, problems[q].gold, problems[q].kind),
-                                    hint_shown=hint is not None)))
+            gold, kind = problems[q].gold, problems[q].kind
+            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind), hint_shown=hint is not None,
+                                    hint_leaks=hint is not None and is_correct(hint, gold, kind))))
     return traces
 
 
@@ -1084,7 +1107,7 @@ def score_group(traces, kind, cfg, weights):
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [failed[m] for m in models], correct, cfg.rescue_bonus)
     for i, t in enumerate(traces):
-        fmt = cfg.w_format * (extract_answer(t.text, kind) is not None)
+        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked only
         t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
                    "rescue": rescue[i], "format": fmt}
         t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
@@ -1106,7 +1129,7 @@ def core_step_rollouts(policies, problems, cfg, rng, weights):
             teachers = [t for t in group if t.correct]
             teacher = max(teachers, key=lambda t: t.reward) if teachers else None  # max keeps the first on ties
             hint = strip_answer(teacher.text) if teacher else ""
-            if hint and normalize_gold(hint, problems[q].kind) == normalize_gold(problems[q].gold, problems[q].kind):
+            if is_bare_answer(hint, problems[q].gold, problems[q].kind):
                 hint = ""  # the stripped trace is just the answer: no hint
             hints[q] = hint or None
             for m, policy in enumerate(policies):
@@ -1449,7 +1472,7 @@ def load_checkpoint(folder, policies, rng, with_optimizer=True):
         torch.set_rng_state(mine["torch_cpu"])
         for m, policy in enumerate(policies, 1):
             policy.generator.set_state(mine[f"sampler_{m}"])  # generator states live on the CPU, CUDA ones too
-        cuda = [mine[k] for k in sorted(mine) if k.startswith("cuda_")]
+        cuda = [mine[k] for k in sorted((k for k in mine if k.startswith("cuda_")), key=lambda k: int(k[5:]))]  # device order
         if cuda and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
         version, internal, gauss = state["python_rng"][rank]
@@ -1638,8 +1661,8 @@ def output_folder(cfg):
     return out
 
 
-# what a resumed run may change: how it executes, not what it computes (--steps trains longer)
-RESUME_OVERRIDES = {"steps", "stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
+# what a resumed run may change: how it executes, not what it computes
+RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
                     "eager_decode", "compile_decode", "device1", "device2", "save_every", "keep", "show"}
 
 
@@ -1649,6 +1672,10 @@ def resume_config(cfg, given):
     folder = find_checkpoint(cfg.resume)
     saved = Config(**json.loads((folder / "state.json").read_text())["config"])
     changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
+    if "steps" in changed:
+        raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span the run's "
+                         f"{saved.steps} steps. To train longer, start a new run from its adapters: "
+                         f"python core.py --adapters {cfg.resume} --steps N (with the run's other flags)")
     if changed:
         raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} would "
                          f"change; only {', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))} may differ")
@@ -1666,7 +1693,11 @@ def step_log(step, cfg, groups, stats, seconds, sampled_tokens, skipped_problems
     eligible = [t for g in groups for t in g if t.round == "B" and t.hint_shown
                 and not any(u.correct for u in g if u.model == t.model and u.round == "A")]
     row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
+    hinted = [t for t in traces if t.hint_shown]
+    row["hints_shown"], row["hints_leaking"] = len(hinted), sum(t.hint_leaks for t in hinted)
+    row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
     row["reward"] = sum(t.reward for t in traces) / len(traces)
+    row |= reward_weights(cfg, step)  # the weights in force: w_div, lambda_cm
     for term in ("correct", "div", "cm", "rescue", "format"):
         row[term] = sum(t.terms[term] for t in traces) / len(traces)
     for m, s in enumerate(stats, 1):
@@ -1682,8 +1713,9 @@ def format_log(row, steps):
     def acc(key):
         return "-" if row[key] is None else f"{row[key]:.2f}"
     return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/{acc('acc_B_m2')}"
-            f" | rescue {row['rescued']}/{row['eligible']} const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f}"
-            f" div {row['div']:.2f} cm {row['cm']:.2f} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
+            f" | rescue {row['rescued']}/{row['eligible']} leak {row['hints_leaking']}/{row['hints_shown']}"
+            f" const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f} div {row['div']:.2f}x{row['w_div']:g}"
+            f" cm {row['cm']:.2f}x{row['lambda_cm']:g} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
             f" | loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/{row['kl_m2']:.4f}"
             f" | {row['tok_per_s']:.0f} tok/s | {row['seconds']:.1f}s")
 

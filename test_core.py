@@ -39,6 +39,13 @@ def tiny_models(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def warm_pair(tmp_path_factory):
+    """The demo's two tiny models after a short supervised warm-up (60 and 10 steps): they write 'a + b = c .
+    \\boxed{c}' and are right often enough (the first more than the second) for rewards to vary."""
+    return core.build_demo_models(tmp_path_factory.mktemp("warm"), seed=0, warmup_steps=(60, 10))
+
+
 def loaded(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -239,6 +246,41 @@ def test_strip_answer_removes_every_explicit_answer():
     assert "answer" not in hint.lower() and "sold 24" in hint
     assert core.extract_answer(core.strip_answer("x \\boxed{\\frac{1}{2}} y"), "math") is None
     assert core.strip_answer("\\boxed{5}") == ""
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("9 * 2 = 18. Answer = 18", "9 * 2 = 18."),
+    ("She has 9 * 2 = 18 eggs. So our answer is 18.", "She has 9 * 2 = 18 eggs."),
+    ("Twice 9 is 18. **Answer**: 18", "Twice 9 is 18."),
+    ("Twice 9 is 18. **Answer:** 18", "Twice 9 is 18."),
+    ("Twice 9 is 18, so the answer is 18", "Twice 9 is 18,"),
+    ("Twice 9 is 18. The final answer is $\\boxed{18}$.", "Twice 9 is 18."),
+    ("Twice 9 is 18.\n**Final Answer**\n\\[\\boxed{18}\\]", "Twice 9 is 18."),
+    ("Twice 9 is 18. #### 18", "Twice 9 is 18."),
+    ("Twice 9 is 18. Therefore, the answer is 18. Check: 18 / 2 = 9", "Twice 9 is 18.  Check: 18 / 2 = 9"),
+    ("the answer is 18", ""),
+])
+def test_strip_answer_removes_the_statement_and_keeps_its_line(text, kept):
+    stripped = core.strip_answer(text)
+    assert stripped == kept
+    assert core.extract_answer(stripped, "number", fallback=False) is None  # no explicit answer is left
+
+
+def test_bare_answer_hint_is_the_whole_text_not_its_first_number():
+    assert not core.is_bare_answer("Janet's ducks lay 16 eggs per day. She eats 3.", "16", "number")
+    assert not core.is_bare_answer("Step 1: add the two numbers.", "1", "number")
+    for bare in ("16", "16.", "$16$", "**16**", " 16 "):
+        assert core.is_bare_answer(bare, "16", "number"), bare
+    assert core.is_bare_answer("\\frac{1}{2}", "0.5", "math") and core.is_bare_answer("(B)", "B", "choice")
+    assert not core.is_bare_answer("", "16", "number")
+
+
+def test_explicit_answers_and_the_last_number_fallback():
+    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number") == "4"  # correctness keeps the fallback
+    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number", fallback=False) is None
+    assert core.extract_answer("so the answer is 9", "number", fallback=False) == "9"
+    assert core.extract_answer("**Answer**: 9", "number", fallback=False) == "9"
+    assert core.extract_answer("C", "choice") == "C" and core.extract_answer("C", "choice", fallback=False) is None
 
 
 @needs_shared
@@ -683,6 +725,49 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
     assert group[0].advantage < 0 < rescued.advantage
 
 
+def protocol_step(monkeypatch, problems, scripts, cfg):
+    """core_step_rollouts on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
+    tokenizer = core.demo_tokenizer()
+    scripts = {m: iter(texts) for m, texts in scripts.items()}
+    monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1:
+                        [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
+    policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
+    return core.core_step_rollouts(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+
+
+def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkeypatch):
+    problems = [core.Problem("a", "Janet's ducks lay 16 eggs. How many?", "16", "number"),
+                core.Problem("b", "What is 8 + 8 ?", "16", "number")]
+    wrong = "I think \\boxed{3}"
+    scripts = {0: [wrong] * 4 + [wrong] * 2,
+               1: ["Janet's ducks lay 16 eggs per day. \\boxed{16}", wrong, "$16$. \\boxed{16}", wrong, wrong, wrong]}
+    groups, hints = protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0))
+    assert hints == ["Janet's ducks lay 16 eggs per day.", None]
+    assert [t.hint_shown for t in groups[0] if t.round == "B"] == [True, False]
+    assert not any(t.hint_shown for t in groups[1])
+
+
+def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
+    problems = [core.Problem("a", "What is 9 * 2 ?", "18", "number"), core.Problem("b", "What is 9 + 9 ?", "18", "number")]
+    wrong = "I think \\boxed{3}"
+    scripts = {0: [wrong] * 4 + [wrong] * 2,  # model 1 fails both questions: it is shown both hints
+               1: ["9 * 2 = 18, so \\boxed{18}", wrong, "Add nine to nine. \\boxed{18}", wrong, wrong, wrong]}
+    cfg = core.Config(hint_dropout=0.0)
+    groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
+    assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
+    assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
+    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "skipped": 0}] * 2, 1.0, 10, 0)
+    assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
+    assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
+
+
+def test_format_bonus_is_paid_for_an_explicit_answer_only():
+    cfg = core.Config()
+    traces = [core.Trace(0, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(0, "A", [], [], "9 * 2 = 18", True)]
+    core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
+    assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
+
+
 def test_hint_cap_in_receiver_tokens():
     tokenizer = core.demo_tokenizer()
     hint = " ".join(["3 + 4 = 7 ."] * 50)
@@ -818,16 +903,16 @@ def arithmetic_file(tmp_path, n=12):
     return write_jsonl(tmp_path / "arith.jsonl", rows)
 
 
-def tiny_run_flags(tiny_models, data, out, steps=2):
-    return ["--model1", tiny_models[0], "--model2", tiny_models[1], "--data", str(data), "--out", str(out),
-            "--steps", str(steps), "--batch-questions", "2", "--max-new-tokens", "6", "--eval-max-new-tokens", "4",
+def tiny_run_flags(models, data, out, steps=2):
+    return ["--model1", models[0], "--model2", models[1], "--data", str(data), "--out", str(out),
+            "--steps", str(steps), "--batch-questions", "2", "--max-new-tokens", "12", "--eval-max-new-tokens", "4",
             "--eval-n", "2", "--lora-rank", "4", "--save-every", "2", "--device1", "cpu", "--lr", "1e-3",
             "--hint-dropout", "0", "--no-grad-checkpoint"]
 
 
-def test_end_to_end_core_steps(tiny_models, tmp_path):
+def test_end_to_end_core_steps(warm_pair, tmp_path):
     out = tmp_path / "run"
-    assert core.main(tiny_run_flags(tiny_models, arithmetic_file(tmp_path), out)) == 0
+    assert core.main(tiny_run_flags(warm_pair, arithmetic_file(tmp_path), out)) == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("acc_A_m1", "acc_B_m2", "rescued", "eligible", "div", "cm", "loss_m1", "kl_m2", "tok_per_s"):
@@ -839,24 +924,24 @@ def test_end_to_end_core_steps(tiny_models, tmp_path):
     assert {p.name for p in ckpt.iterdir()} >= {"adapter_1.safetensors", "adapter_2.safetensors", "state.json"}
     adapters = core.load_file(str(ckpt / "adapter_1.safetensors"))
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapters.items())  # the update happened
-    assert core.main(["--eval-only", "--adapters", str(out), "--model1", tiny_models[0], "--model2", tiny_models[1],
+    assert core.main(["--eval-only", "--adapters", str(out), "--model1", warm_pair[0], "--model2", warm_pair[1],
                       "--data", str(tmp_path / "arith.jsonl"), "--out", str(tmp_path / "ev"), "--eval-n", "2",
                       "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["questions"] == 2
 
 
-def test_single_model_ablation_has_no_round_b(tiny_models, tmp_path):
+def test_single_model_ablation_has_no_round_b(warm_pair, tmp_path):
     out = tmp_path / "single"
-    assert core.main(tiny_run_flags(tiny_models, arithmetic_file(tmp_path), out, steps=1) + ["--single", "--no-eval-before"]) == 0
+    assert core.main(tiny_run_flags(warm_pair, arithmetic_file(tmp_path), out, steps=1) + ["--single", "--no-eval-before"]) == 0
     sample = json.loads(open(out / "samples.jsonl").readline())
     assert {t["round"] for t in sample["traces"]} == {"A"}
 
 
-def test_torchrun_two_processes_data_parallel(tiny_models, tmp_path):
+def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): each rank takes half of every step's questions, gradients are
     summed, rank 0 logs and saves every rank's RNG states, and the adapters stay in sync (checked at every checkpoint)."""
     data = arithmetic_file(tmp_path)
-    flags = [f for f in tiny_run_flags(tiny_models, data, tmp_path / "ddp", steps=2) if f not in ("--device1", "cpu")]
+    flags = [f for f in tiny_run_flags(warm_pair, data, tmp_path / "ddp", steps=2) if f not in ("--device1", "cpu")]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "core.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     done = subprocess.run(launch + flags + ["--save-every", "1"], env=env, capture_output=True, text=True, timeout=120)
@@ -868,7 +953,7 @@ def test_torchrun_two_processes_data_parallel(tiny_models, tmp_path):
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert {k.split(".")[0] for k in core.load_file(str(ckpt / "rng.safetensors"))} == {"rank0", "rank1"}
     assert json.loads((tmp_path / "ddp" / "eval_after.json").read_text())["questions"] == 2
-    assert core.main(["--resume", str(tmp_path / "ddp"), "--steps", "3"]) == 2  # 2 processes wrote it: needs 2
+    assert core.main(["--resume", str(tmp_path / "ddp")]) == 2  # 2 processes wrote it: needs 2
 
 
 def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
@@ -996,16 +1081,32 @@ def compare_runs(a, b):
     assert rows(a) == rows(b)
 
 
-def test_resume_is_bit_identical(tiny_models, tmp_path):
+def test_resume_is_bit_identical(warm_pair, tmp_path, capsys):
     data = arithmetic_file(tmp_path)
-    flags = tiny_run_flags(tiny_models, data, tmp_path / "straight", steps=4) + ["--save-every", "1", "--no-eval-before"]
+    flags = tiny_run_flags(warm_pair, data, tmp_path / "straight", steps=4) + ["--save-every", "1", "--no-eval-before"]
     assert core.main(flags) == 0
-    split = tiny_run_flags(tiny_models, data, tmp_path / "split", steps=4) + ["--save-every", "1", "--no-eval-before"]
+    split = tiny_run_flags(warm_pair, data, tmp_path / "split", steps=4) + ["--save-every", "1", "--no-eval-before"]
     assert core.main(split + ["--stop-after", "2"]) == 0
     assert core.find_checkpoint(tmp_path / "split").name == "step_000002"
+    assert core.main(["--resume", str(tmp_path / "split"), "--steps", "8"]) == 2  # would stretch the schedules
+    assert "--steps cannot change on --resume" in capsys.readouterr().err
     assert core.main(["--resume", str(tmp_path / "split")]) == 0
     compare_runs(tmp_path / "straight", tmp_path / "split")
     assert len(core.checkpoints(tmp_path / "split")) == 3  # --keep
+
+
+def test_cuda_rng_states_are_restored_in_device_order(tiny_models, tmp_path, monkeypatch):
+    cfg = core.Config(lora_rank=4)
+    policies = [make_policy(path, cfg) for path in tiny_models]
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(12)]  # 12 GPUs: cuda_10 sorts before cuda_2
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    folder = core.save_checkpoint(tmp_path, 1, policies, cfg, random.Random(0), {})
+    core.load_checkpoint(folder, policies, random.Random())
+    assert [int(s[0]) for s in restored] == list(range(12))
 
 
 KILL_DURING_SAVE = """
@@ -1023,13 +1124,13 @@ sys.exit(core.main({flags!r}))
 """
 
 
-def test_kill_during_checkpoint_write_then_resume(tiny_models, tmp_path):
+def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
     data = arithmetic_file(tmp_path)
     base = ["--save-every", "1", "--no-eval-before"]
-    assert core.main(tiny_run_flags(tiny_models, data, tmp_path / "straight", steps=3) + base) == 0
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "straight", steps=3) + base) == 0
     marker = tmp_path / "writing"
     script = KILL_DURING_SAVE.format(here=str(HERE), marker=str(marker),
-                                     flags=tiny_run_flags(tiny_models, data, tmp_path / "killed", steps=3) + base)
+                                     flags=tiny_run_flags(warm_pair, data, tmp_path / "killed", steps=3) + base)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         if marker.exists() or proc.poll() is not None:
@@ -1045,8 +1146,8 @@ def test_kill_during_checkpoint_write_then_resume(tiny_models, tmp_path):
     compare_runs(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_models, tmp_path):
-    flags = tiny_run_flags(tiny_models, arithmetic_file(tmp_path), tmp_path / "run", steps=500) + ["--no-eval-before"]
+def test_ctrl_c_finishes_the_step_saves_and_exits_130(warm_pair, tmp_path):
+    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=500) + ["--no-eval-before"]
     proc = subprocess.Popen([sys.executable, str(HERE / "core.py")] + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:
@@ -1060,7 +1161,7 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_130(tiny_models, tmp_path):
     assert done == len(open(tmp_path / "run" / "metrics.jsonl").readlines()) >= 1
 
 
-def test_out_of_memory_saves_then_resumes_with_smaller_batches(tiny_models, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_path, monkeypatch, capsys):
     real_update, calls = core.update_policy, []
 
     def update_then_oom(*args):
@@ -1070,7 +1171,7 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(tiny_models, tmp_
         return real_update(*args)
 
     monkeypatch.setattr(core, "update_policy", update_then_oom)
-    flags = tiny_run_flags(tiny_models, arithmetic_file(tmp_path), tmp_path / "run", steps=5) + ["--no-eval-before", "--save-every", "100"]
+    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=5) + ["--no-eval-before", "--save-every", "100"]
     assert core.main(flags) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: CUDA out of memory at step 2") and "--micro-batch" in err and "--resume" in err
@@ -1085,9 +1186,9 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(tiny_models, tmp_
     assert core.find_checkpoint(tmp_path / "run").name == "step_000005"
 
 
-def test_three_non_finite_updates_in_a_row_stop_the_run(tiny_models, tmp_path, monkeypatch, capsys):
+def test_three_non_finite_updates_in_a_row_stop_the_run(warm_pair, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "tokens": 1, "skipped": 1})
-    flags = tiny_run_flags(tiny_models, arithmetic_file(tmp_path), tmp_path / "run", steps=10) + ["--no-eval-before"]
+    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=10) + ["--no-eval-before"]
     assert core.main(flags) == 1
     captured = capsys.readouterr()
     assert "3 non-finite updates in a row at step 3" in captured.err and captured.out.count("update skipped") == 6
@@ -1095,11 +1196,11 @@ def test_three_non_finite_updates_in_a_row_stop_the_run(tiny_models, tmp_path, m
     assert [r["nonfinite_m1"] for r in rows] == [1, 1, 1]
 
 
-def test_too_long_prompts_are_skipped_and_counted(tiny_models, tmp_path, capsys):
+def test_too_long_prompts_are_skipped_and_counted(warm_pair, tmp_path, capsys):
     rows = [{"question": "What is " + "1 + " * 300 + "1 ?", "answer": "301"}] * 4
     rows += [{"question": p.question, "answer": p.gold} for p in core.arithmetic_problems(8, 5)]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    flags = tiny_run_flags(tiny_models, data, tmp_path / "run", steps=3) + ["--batch-questions", "4", "--no-eval-before"]
+    flags = tiny_run_flags(warm_pair, data, tmp_path / "run", steps=3) + ["--batch-questions", "4", "--no-eval-before"]
     assert core.main(flags) == 0
     assert "problem(s) skipped" in capsys.readouterr().out
     state = json.loads((core.find_checkpoint(tmp_path / "run") / "state.json").read_text())
