@@ -142,6 +142,9 @@ class Config:
     eval_k: int = arg(2, "samples per model per test question (the k of Pass@k)")
     eval_max_new_tokens: int = arg(4096, "token budget per evaluation sample")
     no_eval_before: bool = arg(False, "skip the evaluation before training")
+    eval_every: int = arg(0, "also evaluate every this many training steps, into evals.jsonl (0 = before and after only)")
+    compare: tuple = arg((), "print the evaluations of these run folders side by side, with the flags that differ",
+                         nargs="+", metavar="RUN")
     # bookkeeping
     save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)")
     keep: int = arg(3, "checkpoints kept on disk")
@@ -166,11 +169,11 @@ def build_parser(with_defaults=True):
     for f in fields(Config):
         flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
         default = f.default if with_defaults else argparse.SUPPRESS
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices, nargs, metavar
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=default, help=text,
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=str if "nargs" in extra else type(f.default), default=default, help=text, **extra)
     return parser
 
 
@@ -188,7 +191,7 @@ def validate(cfg):
         (cfg.max_new_tokens >= 1 and cfg.eval_max_new_tokens >= 1, "token budgets must be >= 1"),
         (cfg.hint_tokens >= 1, "--hint-tokens must be >= 1"),
         (cfg.batch_questions >= 1 and cfg.train_n >= 1, "--batch-questions and --train-n must be >= 1"),
-        (cfg.eval_k >= 1 and cfg.eval_n >= 0, "--eval-k must be >= 1 and --eval-n >= 0"),
+        (cfg.eval_k >= 1 and cfg.eval_n >= 0 and cfg.eval_every >= 0, "--eval-k must be >= 1, --eval-n and --eval-every >= 0"),
         (cfg.gen_batch >= 1 and cfg.micro_batch >= 1 and cfg.logprob_chunk >= 1, "batch sizes must be >= 1"),
         (cfg.save_every >= 1 and cfg.keep >= 1, "--save-every and --keep must be >= 1"),
         (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
@@ -1050,9 +1053,10 @@ def cap_hint(hint, tokenizer, max_tokens):
     return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def generate(policy, prompts, max_new_tokens, cfg, n=1):
+def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None):
     """Sample n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the
-    weights; returns (ids, text) per row, prompt-major. On the GPU the fast sampler (static cache + CUDA
+    weights, from `generator` (default: the policy's training stream); returns (ids, text) per row, prompt-major.
+    On the GPU the fast sampler (static cache + CUDA
     graphs) runs, unless --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa
     attention)."""
     sampler = sample
@@ -1064,7 +1068,7 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1):
         for i in range(0, len(prompts), per_batch):
             chunk = prompts[i:i + per_batch]
             for ids in sampler(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                               cfg.top_p, policy.generator, n):
+                               cfg.top_p, generator or policy.generator, n):
                 results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
     return results
 
@@ -1300,30 +1304,74 @@ def learning_rate(cfg, step):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
+# Evaluation: cold prompts only (no hints), k samples per model per question, each model from its own stream.
+# Every number is computed from the per-question records, which are written next to it.
 
-def team_metrics(correct1, correct2):
-    """Team metrics from per-sample correctness, each [questions][k] of bools.
+def pass_at(n, c, j):
+    """Unbiased Pass@j (Chen et al. 2021) of one question with c correct among n samples: the chance that j of
+    them, drawn without replacement, include a correct one, 1 - C(n - c, j) / C(n, j)."""
+    return 1.0 - math.comb(n - c, j) / math.comb(n, j)
 
-    pass@1 = mean sample accuracy; pass@k = any of a model's k samples correct; Team Pass@k = any of the 2k
-    candidates correct; p_12 = both models correct (pass@k); joint failure = both fail; correlated failure
-    = joint failure - product of the two failure rates (> 0: the models fail together more than chance)."""
-    n = len(correct1)
-    any1 = [any(c) for c in correct1]
-    any2 = [any(c) for c in correct2]
-    fail1 = 1 - sum(any1) / n
-    fail2 = 1 - sum(any2) / n
-    joint = sum((not a) and (not b) for a, b in zip(any1, any2)) / n
-    return {
-        "pass@1_m1": sum(map(sum, correct1)) / sum(map(len, correct1)),
-        "pass@1_m2": sum(map(sum, correct2)) / sum(map(len, correct2)),
-        "pass@k_m1": 1 - fail1,
-        "pass@k_m2": 1 - fail2,
-        "team_pass@k": sum(a or b for a, b in zip(any1, any2)) / n,
-        "p_12": sum(a and b for a, b in zip(any1, any2)) / n,
-        "joint_failure": joint,
-        "correlated_failure": joint - fail1 * fail2,
-    }
+
+def majority_correct(samples):
+    """Whether the majority answer of `samples` (records with 'answer' and 'correct') is correct. Samples without
+    an extracted answer do not vote; no vote at all is wrong. A tie goes to the tied answer that comes first (the
+    samples are exchangeable, so this is a random tie-break)."""
+    answers = [s["answer"] for s in samples if s["answer"] is not None]
+    if not answers:
+        return False
+    counts = {a: answers.count(a) for a in answers}
+    vote = next(a for a in answers if counts[a] == max(counts.values()))
+    return any(s["correct"] for s in samples if s["answer"] == vote)
+
+
+def model_metrics(records, m, k):
+    """Model m's numbers: Pass@j for j = 1..k (unbiased), maj@k (self-consistency: the majority answer of its k
+    samples is correct), mean sample length and the fraction of samples that hit the token budget."""
+    samples = [r[f"m{m}"] for r in records]
+    out = {f"pass@{j}_m{m}": sum(pass_at(k, sum(s["correct"] for s in ss), j) for ss in samples) / len(samples)
+           for j in range(1, k + 1)}
+    out[f"maj@{k}_m{m}"] = sum(map(majority_correct, samples)) / len(samples)
+    flat = [s for ss in samples for s in ss]
+    out[f"tokens_m{m}"] = sum(s["tokens"] for s in flat) / len(flat)
+    out[f"truncated_m{m}"] = sum(s["truncated"] for s in flat) / len(flat)
+    return out
+
+
+def team_metrics(records, j):
+    """Team numbers over the first j samples of each model.
+
+    Team Pass@j: any of the 2j candidates is correct (the paper's oracle metric: it needs the gold to pick).
+    Team vote@j: the majority answer of the 2j candidates, taken in turn m1, m2, m1, m2, ..., is correct (a
+    deployable team answer). p_12: both models solve the question. Joint failure: both fail. Correlated failure:
+    joint failure - the product of the two failure rates (> 0: the models fail together more than chance)."""
+    n = len(records)
+    solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
+    joint = sum(not a and not b for a, b in zip(solved1, solved2)) / n
+    votes = [majority_correct([s for pair in zip(r["m1"][:j], r["m2"][:j]) for s in pair]) for r in records]
+    return {f"team_pass@{j}": sum(a or b for a, b in zip(solved1, solved2)) / n,
+            f"team_vote@{j}": sum(votes) / n,
+            f"p_12@{j}": sum(a and b for a, b in zip(solved1, solved2)) / n,
+            f"joint_failure@{j}": joint,
+            f"correlated_failure@{j}": joint - (1 - sum(solved1) / n) * (1 - sum(solved2) / n)}
+
+
+def eval_metrics(records, k):
+    """Every number of an evaluation, from its per-question records. With k even, the team over the first k/2
+    samples of each model is reported too: k candidates, the budget of one model's Pass@k and maj@k."""
+    metrics = {"questions": len(records), "k": k}
+    for m in (1, 2):
+        metrics |= model_metrics(records, m, k)
+    metrics |= team_metrics(records, k)
+    if k % 2 == 0:
+        metrics |= team_metrics(records, k // 2)
+    return metrics
+
+
+def eval_stream(cfg, m, device):
+    """Model m's evaluation sampling stream: its own (the two models never share random draws), one per rank, and
+    the same at every evaluation of a run, so that evaluations before and after training are paired."""
+    return torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * m + 7_919 * dist_info()[0])
 
 
 def evaluable(policies, problems, cfg):
@@ -1335,39 +1383,103 @@ def evaluable(policies, problems, cfg):
     return usable
 
 
+def sample_result(ids, text, problem, eos_ids, budget):
+    """One evaluation sample's record: extracted answer, correctness, token count, truncation, text."""
+    answer = extract_answer(text, problem.kind)
+    return {"answer": answer, "correct": answer is not None and answer == normalize_gold(problem.gold, problem.kind),
+            "tokens": len(ids), "truncated": len(ids) >= budget and ids[-1] not in eos_ids, "text": text}
+
+
 def evaluate(policies, usable, cfg, tag):
-    """Cold prompt only, eval_k samples per model per question. Prints a table, returns metrics."""
+    """Cold prompt only, eval_k samples per model per question. Prints the table; returns (metrics, records), one
+    record per question: id, question, gold, and per model ('m1', 'm2') every sample's extracted answer,
+    correctness, token count, whether it hit the token budget, and text."""
     if not usable:
         print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
-        return {}
+        return {}, []
     rank, world = dist_info()
-    mine = usable[rank::world]  # this rank's share of the questions
-    seed_state = [pol.generator.get_state() for pol in policies]
-    correct = []
+    mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
     start = time.time()
-    for pol in policies:
-        pol.generator.manual_seed(cfg.seed + 1 + rank)  # the same evaluation randomness before and after training
-        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for p in mine]
-        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, n=cfg.eval_k)
-        flags = [is_correct(text, mine[i // cfg.eval_k].gold, mine[i // cfg.eval_k].kind) for i, (_, text) in enumerate(outs)]
-        correct.append([flags[i:i + cfg.eval_k] for i in range(0, len(flags), cfg.eval_k)])
-    for pol, state in zip(policies, seed_state):
-        pol.generator.set_state(state)
-    shards = all_gather(correct)  # [rank][model][question][sample]
-    correct = [[q for shard in shards for q in shard[m]] for m in range(len(policies))]
-    metrics = team_metrics(*correct) | {"questions": len(usable), "k": cfg.eval_k, "seconds": time.time() - start}
+    records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
+    for m, pol in enumerate(policies, 1):
+        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for _, p in mine]
+        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, eval_stream(cfg, m, pol.device))
+        for q, (r, (_, p)) in enumerate(zip(records, mine)):
+            r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
+                          for ids, text in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
+    records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
+    metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
     print_table(tag, metrics, [p.name for p in policies])
-    return metrics
+    return metrics, records
 
 
 def print_table(tag, m, names):
+    """The evaluation as one block: each model's Pass@j and maj@k, the team, and (k even) the team at an equal
+    budget of k candidates beside each model's best-of-k and self-consistency."""
     k = m["k"]
-    print(f"\n{tag}: {m['questions']} questions, k={k}")
-    print(f"  {'model':<40} {'Pass@1':>8} {f'Pass@{k}':>8}")
+    print(f"\n{tag}: {m['questions']} questions, {k} samples per model")
+    print(f"  {'':<28}" + "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1)) + f"{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):
-        print(f"  {name[-40:]:<40} {m[f'pass@1_m{i}']:>8.3f} {m[f'pass@k_m{i}']:>8.3f}")
-    print(f"  Team Pass@{k} {m['team_pass@k']:.3f} | p_12 (both right) {m['p_12']:.3f} | joint failure "
-          f"{m['joint_failure']:.3f} | correlated failure {m['correlated_failure']:+.3f}\n")
+        print(f"  {name[-28:]:<28}" + "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
+              + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
+    print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote {m[f'team_vote@{k}']:.3f} | "
+          f"p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure {m[f'joint_failure@{k}']:.3f} | "
+          f"correlated failure {m[f'correlated_failure@{k}']:+.3f}")
+    if k % 2 == 0:
+        h = k // 2
+        print(f"  at an equal budget of {k} candidates:")
+        print(f"    {f'team, {h} + {h} samples':<26} Team Pass@{h} {m[f'team_pass@{h}']:.3f}   team vote {m[f'team_vote@{h}']:.3f}"
+              f"   p_12 {m[f'p_12@{h}']:.3f}")
+        for i, name in enumerate(names, 1):
+            print(f"    {name[-26:]:<26} best-of-{k} (Pass@{k}) {m[f'pass@{k}_m{i}']:.3f}   self-consistency (maj@{k}) "
+                  f"{m[f'maj@{k}_m{i}']:.3f}")
+    print()
+
+
+COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
+            ("Pass@k m2", "pass@{k}_m2"), ("maj@k m1", "maj@{k}_m1"), ("maj@k m2", "maj@{k}_m2"),
+            ("Team Pass@k", "team_pass@{k}"), ("team vote@k", "team_vote@{k}"), ("p_12@k", "p_12@{k}"),
+            ("joint failure@k", "joint_failure@{k}"), ("correlated failure@k", "correlated_failure@{k}"),
+            ("Team Pass@k/2", "team_pass@{h}"), ("team vote@k/2", "team_vote@{h}")]
+
+
+def compare_runs(folders):
+    """--compare: the evaluations of several run folders side by side (before -> after training, or the single
+    evaluation of an --eval-only run), then the flags that differ between the runs."""
+    runs = []
+    for folder in map(Path, folders):
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"'{folder}' is not a run folder (no config.json)")
+        evals = [json.loads((folder / f"{name}.json").read_text()) for name in ("eval_before", "eval_after", "eval")
+                 if (folder / f"{name}.json").is_file()]
+        runs.append((folder, json.loads((folder / "config.json").read_text()), [e for e in evals if e]))
+    width = max(26, *(len(folder.name) + 2 for folder, _, _ in runs))
+    rows = [("", [folder.name for folder, _, _ in runs]),
+            ("k, questions", [f"{evals[0]['k']}, {evals[0]['questions']}" if evals else "-" for _, _, evals in runs])]
+    rows += [(label, [compared_cell(evals, key) for _, _, evals in runs]) for label, key in COMPARED]
+    ignored = {"out", "resume", "compare"} | RESUME_OVERRIDES
+    differing = sorted(k for k in set().union(*(config for _, config, _ in runs)) - ignored
+                       if len({json.dumps(shown_value(config.get(k), folder)) for folder, config, _ in runs}) > 1)
+    rows += [("flags that differ:", ["" if differing else "none"] * len(runs))]
+    rows += [(f"  {flag_name(k)}", [str(shown_value(config.get(k), folder)) for folder, config, _ in runs]) for k in differing]
+    for label, cells in rows:
+        print((f"{label:<22}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
+
+
+def compared_cell(evals, key):
+    """'before -> after (change)' of one metric of a run, its single value (--eval-only), or '-'."""
+    k = evals[0]["k"] if evals else 0
+    values = [e[key.format(k=k, h=k // 2)] for e in evals if key.format(k=k, h=k // 2) in e]
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "-"
+    return f"{values[0]:.3f} -> {values[-1]:.3f} ({values[-1] - values[0]:+.3f})"
+
+
+def shown_value(value, folder):
+    """A config value for --compare; a path inside the run's own folder (the demo's models) reads RUN/..."""
+    if isinstance(value, str) and value and Path(value).resolve().is_relative_to(folder.resolve()):
+        return "RUN/" + Path(value).resolve().relative_to(folder.resolve()).as_posix()
+    return value
 
 
 # -----------------------------------------------------------------------------
@@ -1608,6 +1720,38 @@ def write_json(path, obj):
         path.write_text(json.dumps(obj, indent=1))
 
 
+def read_jsonl_rows(path):
+    """The rows of one of the run's own JSONL logs; a line torn by a crash mid-write is dropped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def keep_logged_steps(out, step):
+    """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): those steps run again."""
+    for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
+        if (out / name).exists():
+            kept = [row for row in read_jsonl_rows(out / name) if row["step"] <= step]
+            (out / f".{name}.tmp").write_text("".join(json.dumps(row) + "\n" for row in kept))
+            os.replace(out / f".{name}.tmp", out / name)
+
+
+def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
+    """evaluate(), then write out/NAME.json and the per-question records out/NAME_samples.jsonl (rank 0); an
+    evaluation during training (at `step`) is also appended to out/evals.jsonl, the run's evaluation curve."""
+    metrics, records = evaluate(policies, test_set, cfg, tag)
+    if dist_info()[0] == 0:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        write_json(out / f"{name}.json", metrics)
+        (out / f"{name}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if step is not None:
+            with open(out / "evals.jsonl", "a") as f:
+                f.write(json.dumps({"step": step} | metrics) + "\n")
+    return metrics
+
+
 def resolve_device(name):
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1789,9 +1933,11 @@ def train(cfg, policies, train_set, test_set, out):
         folder = find_checkpoint(cfg.resume)
         state = load_checkpoint(folder, policies, rng)
         start, counters = state["step"], state["counters"]
+        if rank == 0:
+            keep_logged_steps(out, start)
         print(f"resumed from {folder} at step {start}")
     elif not cfg.no_eval_before:
-        write_json(out / "eval_before.json", evaluate(policies, test_set, cfg, "before training"))
+        run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
     stop = StopRequest()
     previous_handler = signal.signal(signal.SIGINT, stop)
     names = [p.name for p in policies]
@@ -1813,6 +1959,8 @@ def train(cfg, policies, train_set, test_set, out):
                         samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
                         samples_file.flush()
                 done = step + 1
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one: eval_after
+                    run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
                 stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
                 if max(counters["nonfinite_in_a_row"]) >= 3:
                     save_checkpoint(out, done, policies, cfg, rng, counters)
@@ -1839,6 +1987,9 @@ def train(cfg, policies, train_set, test_set, out):
 
 def run(cfg, given=frozenset()):
     """The whole job for one config; `given` names the flags set on the command line (used by --resume)."""
+    if cfg.compare:
+        compare_runs(cfg.compare)
+        return 0
     if cfg.resume:
         cfg = resume_config(cfg, given)
     if cfg.demo:
@@ -1883,11 +2034,11 @@ def run(cfg, given=frozenset()):
     write_json(out / "config.json", asdict(cfg))
     print(f"run folder: {out}")
     if cfg.eval_only:
-        write_json(out / "eval.json", evaluate(policies, test_set, cfg, "evaluation"))
+        run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
         return 0
     code, finished = train(cfg, policies, train_set, test_set, out)
     if finished:
-        write_json(out / "eval_after.json", evaluate(policies, test_set, cfg, "after training"))
+        run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
         if cfg.export and rank == 0:
             for m, policy in enumerate(policies, 1):
                 export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")

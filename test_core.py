@@ -2,6 +2,7 @@
 saved with save_pretrained and loaded back through from_pretrained, as users load real ones."""
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -886,13 +887,81 @@ def test_learning_rate_schedule():
 # -----------------------------------------------------------------------------
 # Evaluation
 
+def records_of(correct1, correct2, answers1=None, answers2=None):
+    """Evaluation records from per-sample correctness [questions][k] (and optional extracted answers)."""
+    def samples(flags, answers):
+        return [{"answer": a, "correct": c, "tokens": 3, "truncated": False, "text": ""} for c, a in zip(flags, answers)]
+    answers1 = answers1 or [["1" if c else "0" for c in q] for q in correct1]
+    answers2 = answers2 or [["1" if c else "0" for c in q] for q in correct2]
+    return [{"id": str(i), "m1": samples(c1, a1), "m2": samples(c2, a2)}
+            for i, (c1, c2, a1, a2) in enumerate(zip(correct1, correct2, answers1, answers2))]
+
+
 def test_team_metrics():
     c1 = [[True, False], [False, False], [False, False], [True, True]]
     c2 = [[False, False], [True, False], [False, False], [False, True]]
-    m = core.team_metrics(c1, c2)
-    assert m["pass@1_m1"] == 3 / 8 and m["pass@k_m1"] == 0.5 and m["pass@k_m2"] == 0.5
-    assert m["team_pass@k"] == 0.75 and m["p_12"] == 0.25 and m["joint_failure"] == 0.25
-    assert math.isclose(m["correlated_failure"], 0.25 - 0.5 * 0.5)
+    m = core.eval_metrics(records_of(c1, c2), 2)
+    assert m["pass@1_m1"] == 3 / 8 and m["pass@2_m1"] == 0.5 and m["pass@2_m2"] == 0.5
+    assert m["team_pass@2"] == 0.75 and m["p_12@2"] == 0.25 and m["joint_failure@2"] == 0.25
+    assert math.isclose(m["correlated_failure@2"], 0.25 - 0.5 * 0.5)
+    assert m["team_pass@1"] == 0.75 and m["p_12@1"] == 0.0  # first sample of each model only
+
+
+def test_unbiased_pass_at_j_equals_enumerating_every_subset():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            flags = [True] * c + [False] * (n - c)
+            for j in range(1, n + 1):
+                subsets = list(itertools.combinations(flags, j))
+                assert math.isclose(core.pass_at(n, c, j), sum(map(any, subsets)) / len(subsets))
+
+
+def test_majority_votes_and_their_tie_rule():
+    def vote(*answers, gold="4"):
+        return core.majority_correct([{"answer": a, "correct": a == gold} for a in answers])
+    assert vote("4", "5", "4") and not vote("5", "5", "4")
+    assert vote("4", "5") and not vote("5", "4")  # a tie goes to the answer given first
+    assert vote(None, None, "4", "5", "4") and not vote(None, None)  # no answer, no vote
+    # the team vote takes the candidates in turn m1, m2, m1, m2: here model 2's first answer breaks the tie
+    records = records_of([[False, False]], [[True, False]], [["3", "5"]], [["4", "3"]])
+    assert core.team_metrics(records, 2)["team_vote@2"] == 0.0  # '3' twice beats '4' and '5'
+    records = records_of([[False, True]], [[True, False]], [["3", "4"]], [["4", "5"]])
+    assert core.team_metrics(records, 2)["team_vote@2"] == 1.0  # '4' twice
+
+
+def test_identical_models_sample_independently_and_evaluations_repeat_exactly(warm_pair):
+    cfg = core.Config(lora_rank=4, eval_k=2, eval_max_new_tokens=12, temperature=1.0, top_p=1.0)
+    twins = [core.load_policy(m, warm_pair[0], torch.device("cpu"), cfg) for m in (1, 2)]  # the same weights twice
+    problems = core.arithmetic_problems(12, 9)
+    metrics, records = core.evaluate(twins, problems, cfg, "twins")
+    texts = [[s["text"] for r in records for s in r[m]] for m in ("m1", "m2")]
+    assert texts[0] != texts[1]  # each model draws from its own stream
+    assert sum(a == b for a, b in zip(*texts)) < len(texts[0]) // 2
+    again_metrics, again = core.evaluate(twins, problems, cfg, "twins again")
+    assert again == records and {k: v for k, v in again_metrics.items() if k != "seconds"} == \
+        {k: v for k, v in metrics.items() if k != "seconds"}
+
+
+def test_eval_only_prints_the_budget_block_and_its_records_reproduce_every_number(warm_pair, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "arith.jsonl", [{"question": p.question, "answer": p.gold}
+                                                  for p in core.arithmetic_problems(40, 4)])
+    out = tmp_path / "ev"
+    assert core.main(["--eval-only", "--model1", warm_pair[0], "--model2", warm_pair[1], "--data", str(data),
+                      "--out", str(out), "--eval-k", "4", "--eval-max-new-tokens", "14", "--lora-rank", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "at an equal budget of 4 candidates" in text and "Team Pass@2" in text and "team vote" in text
+    assert "best-of-4 (Pass@4)" in text and "self-consistency (maj@4)" in text
+    saved = json.loads((out / "eval.json").read_text())
+    records = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
+    assert len(records) == saved["questions"] == 8 and all(len(r["m1"]) == len(r["m2"]) == 4 for r in records)
+    assert core.eval_metrics(records, 4) == {k: v for k, v in saved.items() if k != "seconds"}
+    # a few numbers by hand, straight from the records
+    first_two = [any(s["correct"] for s in r["m1"][:2] + r["m2"][:2]) for r in records]
+    assert saved["team_pass@2"] == sum(first_two) / 8
+    assert saved["pass@1_m2"] == sum(s["correct"] for r in records for s in r["m2"]) / 32
+    for r in records:
+        gold = core.normalize_gold(r["gold"], "number")
+        assert all(s["correct"] == (s["answer"] == gold) and s["tokens"] <= 14 for s in r["m1"] + r["m2"])
 
 
 # -----------------------------------------------------------------------------
@@ -930,11 +999,21 @@ def test_end_to_end_core_steps(warm_pair, tmp_path):
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["questions"] == 2
 
 
-def test_single_model_ablation_has_no_round_b(warm_pair, tmp_path):
-    out = tmp_path / "single"
-    assert core.main(tiny_run_flags(warm_pair, arithmetic_file(tmp_path), out, steps=1) + ["--single", "--no-eval-before"]) == 0
-    sample = json.loads(open(out / "samples.jsonl").readline())
+def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_pair, tmp_path, capsys):
+    data = arithmetic_file(tmp_path)
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "core", steps=1)) == 0
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "single", steps=1) + ["--single"]) == 0
+    sample = json.loads(open(tmp_path / "single" / "samples.jsonl").readline())
     assert {t["round"] for t in sample["traces"]} == {"A"}
+    capsys.readouterr()
+    assert core.main(["--compare", str(tmp_path / "core"), str(tmp_path / "single")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["core", "single"]
+    before, after = (json.loads((tmp_path / "single" / f"eval_{t}.json").read_text())["team_pass@2"] for t in ("before", "after"))
+    assert f"{before:.3f} -> {after:.3f}" in next(line for line in lines if line.startswith("Team Pass@k "))
+    differing = [line.split() for line in lines[lines.index("flags that differ:") + 1:]]
+    assert differing == [["--single", "False", "True"]]
+    assert core.main(["--compare", str(tmp_path / "core"), str(tmp_path)]) == 2  # not a run folder
 
 
 def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
@@ -957,12 +1036,17 @@ def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
 
 
 def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
-    assert core.main(["--demo", "--out", str(tmp_path / "demo")]) == 0
+    assert core.main(["--demo", "--out", str(tmp_path / "demo"), "--eval-every", "4"]) == 0
     text = capsys.readouterr().out
     assert "before training" in text and "after training" in text and "Team Pass@2" in text
     assert "hint (teacher's trace, answer stripped)" in text and "+hint" in text
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
     assert len(rows) == 8 and any(r["rescued"] for r in rows)
+    evals = [json.loads(line) for line in open(tmp_path / "demo" / "evals.jsonl")]
+    assert [e["step"] for e in evals] == [0, 4, 8] and "step 4: 48 questions" in text
+    assert (tmp_path / "demo" / "evals" / "step_000004_samples.jsonl").exists()
+    after = json.loads((tmp_path / "demo" / "eval_after.json").read_text())
+    assert evals[-1] == {"step": 8} | after
 
 
 # -----------------------------------------------------------------------------
@@ -1068,30 +1152,32 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_input_runs, case):
     assert not (cwd / "runs").exists() and list(cwd.iterdir()) == []
 
 
-def compare_runs(a, b):
-    """Adapters of the final checkpoints are bit-identical and the metrics lines agree (timings aside)."""
+def assert_same_runs(a, b):
+    """Adapters of the final checkpoints are bit-identical and the metrics, samples and evaluation logs agree row
+    for row (timings aside): no step is missing or logged twice."""
     last_a, last_b = core.find_checkpoint(a), core.find_checkpoint(b)
     assert last_a.name == last_b.name
     for m in (1, 2):
         ta, tb = (core.load_file(str(p / f"adapter_{m}.safetensors")) for p in (last_a, last_b))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
-    def rows(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tok_per_s")} for line in open(run / "metrics.jsonl")]
-    assert rows(a) == rows(b)
+    def rows(run, name):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tok_per_s")} for line in open(run / name)]
+    for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
+        assert rows(a, name) == rows(b, name), name
 
 
 def test_resume_is_bit_identical(warm_pair, tmp_path, capsys):
     data = arithmetic_file(tmp_path)
-    flags = tiny_run_flags(warm_pair, data, tmp_path / "straight", steps=4) + ["--save-every", "1", "--no-eval-before"]
+    flags = tiny_run_flags(warm_pair, data, tmp_path / "straight", steps=4) + ["--save-every", "1", "--eval-every", "1"]
     assert core.main(flags) == 0
-    split = tiny_run_flags(warm_pair, data, tmp_path / "split", steps=4) + ["--save-every", "1", "--no-eval-before"]
+    split = tiny_run_flags(warm_pair, data, tmp_path / "split", steps=4) + ["--save-every", "1", "--eval-every", "1"]
     assert core.main(split + ["--stop-after", "2"]) == 0
     assert core.find_checkpoint(tmp_path / "split").name == "step_000002"
     assert core.main(["--resume", str(tmp_path / "split"), "--steps", "8"]) == 2  # would stretch the schedules
     assert "--steps cannot change on --resume" in capsys.readouterr().err
     assert core.main(["--resume", str(tmp_path / "split")]) == 0
-    compare_runs(tmp_path / "straight", tmp_path / "split")
+    assert_same_runs(tmp_path / "straight", tmp_path / "split")
     assert len(core.checkpoints(tmp_path / "split")) == 3  # --keep
 
 
@@ -1140,10 +1226,9 @@ def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
     proc.wait()
     assert marker.exists()
     assert core.find_checkpoint(tmp_path / "killed").name == "step_000001"  # the half-written one does not count
-    lines = open(tmp_path / "killed" / "metrics.jsonl").readlines()
-    (tmp_path / "killed" / "metrics.jsonl").write_text("".join(lines[:1]))  # keep the log of checkpointed steps only
-    assert core.main(["--resume", str(tmp_path / "killed")]) == 0
-    compare_runs(tmp_path / "straight", tmp_path / "killed")
+    assert len(open(tmp_path / "killed" / "metrics.jsonl").readlines()) == 2  # step 2 ran, its checkpoint did not land
+    assert core.main(["--resume", str(tmp_path / "killed")]) == 0  # step 2's rows are dropped and logged again
+    assert_same_runs(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_130(warm_pair, tmp_path):
