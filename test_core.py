@@ -42,9 +42,9 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def warm_pair(tmp_path_factory):
-    """The demo's two tiny models after a short supervised warm-up (60 and 10 steps): they write 'a + b = c .
-    \\boxed{c}' and are right often enough (the first more than the second) for rewards to vary."""
-    return core.build_demo_models(tmp_path_factory.mktemp("warm"), seed=0, warmup_steps=(60, 10))
+    """The demo's two tiny models of very different skill: the first warmed up until about half its sampled answers
+    are right, the second for only 10 supervised steps (it writes the format, rarely the right sum)."""
+    return core.build_demo_models(tmp_path_factory.mktemp("warm"), seed=0, targets=(0.5, 0.0))
 
 
 def loaded(path):
@@ -681,6 +681,8 @@ def test_group_advantages():
     assert abs(adv.mean().item()) < 1e-9 and adv[0] > adv[3] > adv[5] > adv[1]
     assert torch.equal(core.group_advantages([0.1] * 6), torch.zeros(6, dtype=torch.float64))
     assert not torch.isnan(core.group_advantages([2.0])).any()
+    raw = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], scale="none")  # Dr. GRPO: reward units
+    assert torch.allclose(raw, torch.tensor([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], dtype=torch.float64) - 3.25 / 6)
 
 
 def test_reward_schedule():
@@ -757,7 +759,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
     groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
     assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
     assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
-    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "skipped": 0}] * 2, 1.0, 10, 0)
+    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
     assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
     assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
 
@@ -767,6 +769,28 @@ def test_format_bonus_is_paid_for_an_explicit_answer_only():
     traces = [core.Trace(0, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(0, "A", [], [], "9 * 2 = 18", True)]
     core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
     assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
+
+
+def test_advantage_groups_of_a_weaker_partner(monkeypatch):
+    """Model 1 is right and model 2 wrong on both questions; on the first a hint rescues model 2."""
+    problems = [core.Problem("a", "What is 2 + 2 ?", "4", "number"), core.Problem("b", "What is 1 + 2 ?", "3", "number")]
+    scripts = {0: ["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "1 + 2 = 3 . \\boxed{3}", "1 + 2 = 3 . so \\boxed{3}",
+                   "2 + 2 = 4 . \\boxed{4}", "1 + 2 = 3 . \\boxed{3}"],
+               1: ["\\boxed{5}", "\\boxed{6}", "\\boxed{5}", "\\boxed{6}", "2 + 2 = 4 . \\boxed{4}", "\\boxed{7}"]}
+    runs = {g: protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0, adv_group=g))[0]
+            for g in ("joint", "model")}
+    assert [[t.reward for t in g] for g in runs["joint"]] == [[t.reward for t in g] for g in runs["model"]]  # same R
+    for adv_group, groups in runs.items():
+        rescued = next(t for t in groups[0] if t.model == 1 and t.round == "B")
+        assert rescued.correct and rescued.hint_shown and rescued.terms["rescue"] == 0.15 and rescued.advantage > 0
+        cold = [t.advantage for t in groups[0] if t.model == 1 and t.round == "A"]
+        all_wrong = [t.advantage for t in groups[1] if t.model == 1]  # model 2 fails the second question in both rounds
+        assert all(a < 0 for a in cold)  # below the rescued trace (joint: below model 1's too)
+        if adv_group == "joint":  # the paper: the partner's right answers set the baseline, every wrong trace goes down
+            assert all(a < 0 for a in all_wrong)
+        else:  # each model against its own traces: nothing to learn from an all-wrong group
+            assert all_wrong == [0.0, 0.0, 0.0]
+            assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (0, 1))
 
 
 def test_hint_cap_in_receiver_tokens():
@@ -790,12 +814,15 @@ def test_policy_loss_matches_definition():
     assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
 
 
-def test_chunked_logprobs_equal_full_logits():
+def test_chunked_logprobs_and_entropy_equal_full_logits():
     model, _ = small_model()
     ids = torch.randint(0, 300, (2, 11))
     full = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     for chunk in (1, 3, 100):
-        assert torch.allclose(core.token_logprobs(model, ids, torch.ones_like(ids), chunk), full, atol=1e-5)
+        logp, entropy = core.token_logprobs(model, ids, torch.ones_like(ids), chunk)
+        assert torch.allclose(logp, full, atol=1e-5)
+        dist = torch.distributions.Categorical(logits=model(ids).logits[:, :-1].float())
+        assert torch.allclose(entropy, dist.entropy(), atol=1e-4)
 
 
 def make_policy(path, cfg):
@@ -1036,8 +1063,16 @@ def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
 
 
 def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
-    assert core.main(["--demo", "--out", str(tmp_path / "demo"), "--eval-every", "4"]) == 0
+    """The demo's pipeline, shortened to 8 steps and 48 test questions to keep the suite fast (the full demo's
+    numbers: bench/demo_seeds.py)."""
+    flags = ["--demo", "--out", str(tmp_path / "demo"), "--eval-every", "4", "--steps", "8", "--eval-n", "48", "--micro-batch", "8",
+             "--batch-questions", "8"]
+    assert core.main(flags) == 0
+    saved = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert saved["micro_batch"] == 8 and saved["adv_group"] == "model"  # a flag given wins, even at its default
     text = capsys.readouterr().out
+    assert "warmed up for" in text and "what 8 training steps changed, before -> after" in text
+    assert text.strip().splitlines()[-1].startswith("team vote@k/2")
     assert "before training" in text and "after training" in text and "Team Pass@2" in text
     assert "hint (teacher's trace, answer stripped)" in text and "+hint" in text
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
@@ -1047,6 +1082,27 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     assert (tmp_path / "demo" / "evals" / "step_000004_samples.jsonl").exists()
     after = json.loads((tmp_path / "demo" / "eval_after.json").read_text())
     assert evals[-1] == {"step": 8} | after
+
+
+def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_away(warm_pair, tmp_path, capsys):
+    """Model 2 barely writes a right answer. Without hints (--no-rescue) and with the paper's joint advantages,
+    nearly all its traces are pushed down, the log says so and warns; with --adv-group model they are not."""
+    data = arithmetic_file(tmp_path, n=24)
+    base = ["--no-eval-before", "--eval-n", "1", "--batch-questions", "8", "--lr", "2e-3", "--max-new-tokens", "20"]
+    runs = {}
+    for adv_group in ("joint", "model"):
+        out = tmp_path / adv_group
+        flags = tiny_run_flags(warm_pair, data, out, steps=4) + base + ["--adv-group", adv_group, "--no-rescue"]
+        assert core.main(flags) == 0
+        runs[adv_group] = ([json.loads(line) for line in open(out / "metrics.jsonl")], capsys.readouterr().out)
+    rows, text = runs["joint"]
+    assert all(r["pos_adv_m2"] <= 0.1 for r in rows) and sum(r["neg_adv_m2"] for r in rows) / 4 >= 0.7
+    assert all(r["neg_adv_m1"] < 0.5 and r["entropy_m2"] > 0 for r in rows)
+    assert f"A<0 {rows[0]['neg_adv_m1']:.2f}/{rows[0]['neg_adv_m2']:.2f} H " in text
+    warning = [line for line in text.splitlines() if line.startswith("warning: tiny-qwen3: for 3 steps")]
+    assert len(warning) == 1 and "its KL to the base rose 0.0000 -> " in warning[0]
+    rows, text = runs["model"]
+    assert all(r["neg_adv_m2"] <= 0.3 for r in rows) and "warning: tiny-qwen3" not in text
 
 
 # -----------------------------------------------------------------------------
@@ -1162,7 +1218,7 @@ def assert_same_runs(a, b):
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
     def rows(run, name):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "tok_per_s")} for line in open(run / name)]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "rollout_s", "update_s", "tok_per_s")} for line in open(run / name)]
     for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
         assert rows(a, name) == rows(b, name), name
 
@@ -1272,7 +1328,7 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_pa
 
 
 def test_three_non_finite_updates_in_a_row_stop_the_run(warm_pair, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "tokens": 1, "skipped": 1})
+    monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "entropy": 0.0, "tokens": 1, "skipped": 1})
     flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=10) + ["--no-eval-before"]
     assert core.main(flags) == 1
     captured = capsys.readouterr()
