@@ -44,9 +44,11 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -162,6 +164,11 @@ class Config:
                      choices=("auto", "bfloat16", "float32"))
 
 
+def looks_like_path(name):
+    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def flag_name(field_name):
     return "--" + field_name.replace("_", "-")
 
@@ -205,7 +212,8 @@ def validate(cfg):
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
          f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
-    ]
+    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(), f"--model{m} '{name}' does not exist")
+         for m, name in ((1, cfg.model1), (2, cfg.model2))]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
@@ -261,7 +269,11 @@ def read_jsonl(path):
     """Rows of a JSONL file; a malformed line is a UsageError naming file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -673,27 +685,46 @@ def lora_merged(model):
 
 
 def lora_state(model):
-    """Only the adapter tensors: {'<module>.lora_A': [r, in], '<module>.lora_B': [out, r]}."""
+    """Only the adapter tensors, under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in] and
+    '...lora_B.weight' [out, r]."""
     state = {}
     for name, layer in lora_layers(model).items():
-        state[f"{name}.lora_A"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"{name}.lora_B"] = layer.lora_B.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
     return state
 
 
-def save_lora(model, path):
-    save_file(lora_state(model), str(path))
+def lora_config(model, base_model):
+    """PEFT's adapter_config.json for the model's adapters (what PeftModel.from_pretrained, transformers'
+    load_adapter and vLLM's LoRA serving read)."""
+    layers = list(lora_layers(model).values())
+    rank = layers[0].lora_A.shape[0]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+            "lora_alpha": layers[0].scale * rank, "target_modules": sorted({n.split(".")[-1] for n in lora_layers(model)}),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
 
 
-def load_lora(model, path):
-    state = load_file(str(path))
+def save_lora(model, folder, base_model):
+    """The adapters in PEFT's layout: folder/adapter_model.safetensors and folder/adapter_config.json."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(lora_state(model), str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (Path(folder) / "adapter_config.json").write_text(json.dumps(lora_config(model, base_model), indent=1))
+
+
+def load_lora(model, folder):
+    """Adapters saved by save_lora (PEFT's layout) into a model with LoRA layers of the same rank, alpha and targets."""
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    saved = json.loads((Path(folder) / "adapter_config.json").read_text())
     expected = lora_state(model)
-    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
-        raise UsageError(f"{path}: adapter does not fit this model (different modules, rank or shapes)")
+    config = lora_config(model, None)
+    if (set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state)
+            or (saved["r"], saved["lora_alpha"]) != (config["r"], config["lora_alpha"])):
+        raise UsageError(f"{folder}: adapter does not fit this model (different modules, rank, alpha or shapes)")
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
-            layer.lora_A.copy_(state[f"{name}.lora_A"])
-            layer.lora_B.copy_(state[f"{name}.lora_B"])
+            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
 
 
 def export_merged(model, tokenizer, folder):
@@ -770,18 +801,24 @@ def until_eos(ids, eos_ids):
 
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1):
+def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
+           progress=None):
     """KV-cached batched sampling, the readable reference (and the CPU path). prompts: list of token-id lists,
     each sampled n times. Returns the exact sampled ids of every row, prompt-major (n rows per prompt; the EOS
     token included when one was sampled).
 
     After the shared prefill, one token per step for every live row in a DynamicCache; a row stops at an EOS
-    id or at its token budget, and finished rows leave the batch (and the cache)."""
+    id or at its token budget, and finished rows leave the batch (and the cache). `progress` (a Progress) hears
+    how far it is."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
     out = [[] for _ in live]
+    sampled = 0
     for step in range(max_new_tokens):
+        sampled += len(live)
+        if progress is not None and progress.due():
+            progress.show(len(out) - len(live), sampled)
         tokens = pick_tokens(logits, temperature, top_p, generator)
         for row, token in zip(live.tolist(), tokens.tolist()):
             out[row].append(token)
@@ -890,7 +927,7 @@ def compiled_decode_forward(backend):
 
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
-                segment=256, cuda_graph=None, compile_backend=None):
+                segment=256, cuda_graph=None, compile_backend=None, progress=None):
     """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a transformers
     StaticCache with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run
     eagerly). compile_backend (e.g. "inductor") puts the step through torch.compile first. A graph has fixed
@@ -910,6 +947,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
     live = torch.arange(rows, device=device)          # original row of each batch row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     attn, positions = mask.bool()[:, None, None, :], next_pos[:, None]
+    sampled = 0
     for s in range(max_new_tokens):
         if s % segment == 0:  # drop finished rows; a cache (and a graph) for the next segment
             keep = (~finished).nonzero().squeeze(1)
@@ -922,6 +960,9 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
             cursor = torch.tensor([filled], device=device)
             step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
+        sampled += len(live)
+        if progress is not None and progress.due():  # the only sync between segments, at most once a second
+            progress.show(rows - len(live) + int(finished.sum()), sampled)
         tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
         out[live, s] = tokens
         finished |= torch.isin(tokens, eos)
@@ -1012,6 +1053,7 @@ class Trace:
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
     hint_leaks: bool = False  # ... and extract_answer (last-number fallback included) reads the gold from it
+    truncated: bool = False   # hit the token budget without an end-of-sequence token
     reward: float = 0.0       # R(tau)
     terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
     advantage: float = 0.0    # A(tau)
@@ -1058,12 +1100,11 @@ def cap_hint(hint, tokenizer, max_tokens):
     return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None):
+def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
     """Sample n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the
-    weights, from `generator` (default: the policy's training stream); returns (ids, text) per row, prompt-major.
-    On the GPU the fast sampler (static cache + CUDA
-    graphs) runs, unless --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa
-    attention)."""
+    weights, from `generator` (default: the policy's training stream), reporting to `progress`; returns
+    (ids, text) per row, prompt-major. On the GPU the fast sampler (static cache + CUDA graphs) runs, unless
+    --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa attention)."""
     sampler = sample
     if fast_decoding(policy.model, cfg):
         sampler = functools.partial(sample_fast, compile_backend="inductor" if cfg.compile_decode else None)
@@ -1072,9 +1113,11 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None):
     with lora_merged(policy.model):
         for i in range(0, len(prompts), per_batch):
             chunk = prompts[i:i + per_batch]
-            for ids in sampler(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                               cfg.top_p, generator or policy.generator, n):
-                results.append((ids, policy.tokenizer.decode(ids, skip_special_tokens=True)))
+            batch = sampler(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
+                            cfg.top_p, generator or policy.generator, n, progress=progress)
+            results += [(ids, policy.tokenizer.decode(ids, skip_special_tokens=True)) for ids in batch]
+            if progress is not None:
+                progress.add(len(batch), sum(map(len, batch)))
     return results
 
 
@@ -1093,15 +1136,18 @@ def fits(policy, prompt, cfg):
 def sample_round(policies, problems, requests, cfg, round_name, n=1):
     """requests[m] = list of (question index, hint or None), each sampled n times by model m."""
     traces = []
+    progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
     for m, policy in enumerate(policies):
         prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
                    for q, hint in requests[m]]
-        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n)
+        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
         for i, (ids, text) in enumerate(outputs):
             (q, hint), prompt = requests[m][i // n], prompts[i // n]
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind), hint_shown=hint is not None,
-                                    hint_leaks=hint is not None and is_correct(hint, gold, kind))))
+                                    hint_leaks=hint is not None and is_correct(hint, gold, kind),
+                                    truncated=len(ids) >= cfg.max_new_tokens and ids[-1] not in policy.eos_ids)))
+    progress.close()
     return traces
 
 
@@ -1265,7 +1311,7 @@ def update_policy(policy, traces, cfg, lr):
     params = lora_parameters(model)
     total_tokens = all_reduce_sum(torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)).item()
     if total_tokens == 0:  # no traces on any rank
-        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0, "skipped": 0}
+        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0}
     loss_sum = kl_sum = entropy_sum = 0.0
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for i in range(0, len(ordered), cfg.micro_batch):
@@ -1293,16 +1339,15 @@ def update_policy(policy, traces, cfg, lr):
         entropy_sum += (entropy * mask).sum().item()
     loss_sum, kl_sum, entropy_sum = all_reduce_sum(torch.tensor([loss_sum, kl_sum, entropy_sum], device=device)).tolist()
     all_reduce_grads(params)
-    grads_finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
-    skipped = not (math.isfinite(loss_sum) and grads_finite)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # the norm before clipping
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
     if not skipped:
         for group in policy.optimizer.param_groups:
             group["lr"] = lr
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "entropy": entropy_sum / total_tokens,
-            "tokens": total_tokens, "skipped": int(skipped)}
+            "grad_norm": grad_norm, "tokens": total_tokens, "skipped": int(skipped)}
 
 
 def learning_rate(cfg, step):
@@ -1412,12 +1457,14 @@ def evaluate(policies, usable, cfg, tag):
     mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
     start = time.time()
     records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
+    progress = Progress(f"{tag}: evaluating", len(policies) * len(mine) * cfg.eval_k, always=True)
     for m, pol in enumerate(policies, 1):
         prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for _, p in mine]
-        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, eval_stream(cfg, m, pol.device))
+        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, eval_stream(cfg, m, pol.device), progress)
         for q, (r, (_, p)) in enumerate(zip(records, mine)):
             r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
                           for ids, text in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
+    progress.close()
     records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
     metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
     print_table(tag, metrics, [p.name for p in policies])
@@ -1548,7 +1595,7 @@ def save_checkpoint(out, step, policies, cfg, rng, counters):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for m, policy in enumerate(policies, 1):
-        save_lora(policy.model, tmp / f"adapter_{m}.safetensors")
+        save_lora(policy.model, tmp / f"adapter_{m}", getattr(cfg, f"model{m}"))
         tensors, meta = optimizer_tensors(policy.optimizer)
         save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
     save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
@@ -1557,6 +1604,7 @@ def save_checkpoint(out, step, policies, cfg, rng, counters):
              "python_rng": [py for _, py in rngs], "counters": counters, "config": asdict(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     os.replace(tmp, final)
+    write_curves(out)
     for old in checkpoints(out)[:-cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -1583,7 +1631,7 @@ def load_checkpoint(folder, policies, rng, with_optimizer=True):
     """Restore adapters (and optimizer and RNG states when resuming); returns the saved state dict."""
     state = json.loads((folder / "state.json").read_text())
     for m, policy in enumerate(policies, 1):
-        load_lora(policy.model, folder / f"adapter_{m}.safetensors")
+        load_lora(policy.model, folder / f"adapter_{m}")
         if with_optimizer:
             load_optimizer(policy.optimizer, folder / f"optimizer_{m}.safetensors")
     if with_optimizer:
@@ -1602,6 +1650,72 @@ def load_checkpoint(folder, policies, rng, with_optimizer=True):
         version, internal, gauss = state["python_rng"][rank]
         rng.setstate((version, tuple(internal), gauss))
     return state
+
+
+# -----------------------------------------------------------------------------
+# Curves: RUN/curves.svg, the run's learning curves and evaluations as one picture any browser opens
+
+PANELS = [  # title, metrics keys (evals.jsonl keys for the last panel; {k}: the evaluation's k)
+    ("reward and its terms (unweighted)", ["reward", "correct", "div", "cm", "rescue", "format"]),
+    ("training accuracy, round A (cold) and B", ["acc_A_m1", "acc_A_m2", "acc_B_m1", "acc_B_m2"]),
+    ("rescue rate and hint leak", ["rescue_rate", "hint_leak"]),
+    ("KL to the base model", ["kl_m1", "kl_m2"]),
+    ("entropy per token", ["entropy_m1", "entropy_m2"]),
+    ("traces with a negative advantage", ["neg_adv_m1", "neg_adv_m2"]),
+    ("truncated samples", ["truncated"]),
+    ("gradient norm before clipping", ["grad_norm_m1", "grad_norm_m2"]),
+    ("evaluation (before, during, after)", ["team_pass@{k}", "pass@1_m1", "pass@1_m2", "p_12@{k}", "team_vote@{k}"]),
+]
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+
+
+def write_curves(out):
+    """RUN/curves.svg from metrics.jsonl and evals.jsonl: one small line chart per panel of PANELS, every curve
+    named in its legend. A plain SVG file: no dependency, opens in any browser."""
+    metrics, evals = read_jsonl_rows(out / "metrics.jsonl"), read_jsonl_rows(out / "evals.jsonl")
+    k = evals[0]["k"] if evals else 0
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    width, height, cols, top = 380, 230, 3, 30
+    parts = [f'<text x="10" y="18" font-size="13">{html_escape(out.name)}: m1 = {html_escape(config.get("model1"))}, '
+             f'm2 = {html_escape(config.get("model2"))} (step {metrics[-1]["step"] if metrics else 0})</text>']
+    for i, (title, keys) in enumerate(PANELS):
+        rows = evals if i == len(PANELS) - 1 else metrics
+        keys = [key.format(k=k) for key in keys]
+        x0, y0 = (i % cols) * width + 50, (i // cols) * height + 30 + top
+        parts.append(svg_panel(title, keys, rows, x0, y0, width - 70, height - 90))
+    return (out / "curves.svg").write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" height="{-(-len(PANELS) // cols) * height + top}" '
+        f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
+
+
+def svg_panel(title, keys, rows, x0, y0, w, h):
+    """One chart: axes, a polyline per key over the rows' steps, the step and value range, a legend."""
+    points = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))] for key in keys}
+    xs = [x for pts in points.values() for x, _ in pts] or [0, 1]
+    ys = [y for pts in points.values() for _, y in pts] or [0, 1]
+    xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
+    def sx(x): return x0 + (x - xlo) / (xhi - xlo) * w
+    def sy(y): return y0 + h - (y - ylo) / (yhi - ylo) * h
+    svg = [f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{html_escape(title)}</text>',
+           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
+           f'<text x="{x0 - 4}" y="{y0 + 4}" text-anchor="end">{yhi:.3g}</text>',
+           f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{ylo:.3g}</text>',
+           f'<text x="{x0}" y="{y0 + h + 14}">{xlo}</text>',
+           f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {xhi}</text>']
+    for j, (key, pts) in enumerate(points.items()):
+        color = COLORS[j % len(COLORS)]
+        if pts:
+            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts if len(pts) < 12]
+        lx, ly = x0 + (j % 3) * (w // 3), y0 + h + 30 + (j // 3) * 14
+        svg.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{color}"/>'
+                   f'<text x="{lx + 14}" y="{ly - 4}">{html_escape(key)}</text>')
+    return "".join(svg)
+
+
+def html_escape(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # -----------------------------------------------------------------------------
@@ -1797,9 +1911,10 @@ def load_policy(index, path, device, cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: straight from the cache, no retries
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
     except Exception as e:
         where = "folder" if Path(path).is_dir() else "model id"
         raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
@@ -1834,7 +1949,47 @@ def output_folder(cfg):
     out = Path(cfg.out or f"runs/{name}-{stamp}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it with --resume {out}")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder '{out}' cannot be created: '{parent}' is not a writable folder")
     return out
+
+
+def adapters_config(cfg):
+    """--adapters: the LoRA rank, alpha and targets are the checkpoint's own; a warning when it was trained on
+    other models (a different name, or model 1 and model 2 swapped)."""
+    saved = Config(**json.loads((find_checkpoint(cfg.adapters) / "state.json").read_text())["config"])
+    for m in (1, 2):
+        trained, given = getattr(saved, f"model{m}"), getattr(cfg, f"model{m}")
+        if Path(trained).name != Path(given).name:
+            print(f"warning: adapter {m} of {cfg.adapters} was trained on '{trained}', not on --model{m} '{given}'")
+    return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha, lora_targets=saved.lora_targets)
+
+
+def check_models(cfg):
+    """Before loading anything, fail within seconds on a model that cannot be had: a hub id that is neither in the
+    local cache nor reachable (a missing folder is caught by validate)."""
+    from huggingface_hub import try_to_load_from_cache
+    for m, name in enumerate((cfg.model1, cfg.model2), 1):
+        if not Path(name).expanduser().is_dir() and not isinstance(try_to_load_from_cache(name, "config.json"), str) \
+                and not hub_reachable():
+            raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the Hugging Face hub "
+                             f"cannot be reached (offline?); download it elsewhere and pass --model{m} /path/to/folder")
+
+
+@functools.cache
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers (False at once under HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # what a resumed run may change: how it executes, not what it computes
@@ -1843,10 +1998,14 @@ RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "
 
 
 def resume_config(cfg, given):
-    """The saved config of the run being resumed. The RESUME_OVERRIDES flags among those given on the command
-    line (`given`: their names) replace their saved values; any other given flag that differs is refused."""
-    folder = find_checkpoint(cfg.resume)
-    saved = Config(**json.loads((folder / "state.json").read_text())["config"])
+    """The saved config of the run being resumed (its newest checkpoint's, or its config.json when it stopped before
+    its first checkpoint). The RESUME_OVERRIDES flags among those given on the command line (`given`: their names)
+    replace their saved values; any other given flag that differs is refused."""
+    found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
+    if not found and not config_file.is_file():
+        raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
+    saved = Config(**(json.loads((found[-1] / "state.json").read_text())["config"] if found else
+                      json.loads(config_file.read_text())))
     changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
     if "steps" in changed:
         raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span the run's "
@@ -1862,14 +2021,17 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
     """One metrics row per step: per-model accuracy per round, rescue rate, reward terms, loss, KL, advantage and
     entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
     traces = [t for g in groups for t in g]
-    row = {"step": step + 1, "questions": len(groups)}
+    row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
     for m in (0, 1):
         for rnd in ("A", "B"):
-            own = [t.correct for t in traces if t.model == m and t.round == rnd]
-            row[f"acc_{rnd}_m{m + 1}"] = sum(own) / len(own) if own else None
+            own = [t for t in traces if t.model == m and t.round == rnd]
+            row[f"acc_{rnd}_m{m + 1}"] = sum(t.correct for t in own) / len(own) if own else None
+            row[f"len_{rnd}_m{m + 1}"] = sum(len(t.completion_ids) for t in own) / len(own) if own else None
+    row["truncated"] = sum(t.truncated for t in traces) / len(traces)
     eligible = [t for g in groups for t in g if t.round == "B" and t.hint_shown
                 and not any(u.correct for u in g if u.model == t.model and u.round == "A")]
     row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
+    row["rescue_rate"] = row["rescued"] / len(eligible) if eligible else None
     hinted = [t for t in traces if t.hint_shown]
     row["hints_shown"], row["hints_leaking"] = len(hinted), sum(t.hint_leaks for t in hinted)
     row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
@@ -1879,7 +2041,8 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         row[term] = sum(t.terms[term] for t in traces) / len(traces)
     for m, s in enumerate(stats, 1):
         advantages = [t.advantage for t in traces if t.model == m - 1]
-        row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"], f"nonfinite_m{m}": s["skipped"],
+        row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"], f"grad_norm_m{m}": s["grad_norm"],
+                f"nonfinite_m{m}": s["skipped"],
                 f"adv_m{m}": sum(advantages) / max(1, len(advantages)),
                 f"neg_adv_m{m}": sum(a < 0 for a in advantages) / max(1, len(advantages)),
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / max(1, len(advantages))}
@@ -1900,7 +2063,7 @@ def format_log(row, steps):
             f" cm {row['cm']:.2f}x{row['lambda_cm']:g} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
             f" | A<0 {row['neg_adv_m1']:.2f}/{row['neg_adv_m2']:.2f} H {row['entropy_m1']:.2f}/{row['entropy_m2']:.2f}"
             f" loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/{row['kl_m2']:.4f}"
-            f" | {row['tok_per_s']:.0f} tok/s | {row['rollout_s']:.1f}+{row['update_s']:.1f}s")
+            f" | trunc {row['truncated']:.2f} | {row['tok_per_s']:.0f} tok/s | {row['rollout_s']:.1f}+{row['update_s']:.1f}s")
 
 
 def watch_for_collapse(row, counters, names, patience=3, few=0.1):
@@ -1941,8 +2104,41 @@ def sample_record(step, problem, group, hint):
                         "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]}
 
 
+class Progress:
+    """How far a long sampling phase is: rows done / total, tokens per second and the time left, refreshed at most
+    once a second on a terminal (one updating line) and every 10 s otherwise (plain lines, so logs stay readable).
+    A phase shorter than that prints nothing, unless `always` (then its closing line is printed)."""
+
+    def __init__(self, label, total, always=False):
+        self.label, self.total, self.always = label, total, always
+        self.tty = sys.stdout.isatty()
+        self.every = 1.0 if self.tty else 10.0
+        self.start = self.last = time.time()
+        self.rows = self.tokens = 0  # of the batches done
+        self.shown = False
+
+    def due(self):
+        return time.time() - self.last >= self.every
+
+    def add(self, rows, tokens):
+        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
+
+    def show(self, rows=0, tokens=0, closing=False):
+        """rows, tokens: those done so far in the batch being sampled."""
+        self.last, self.shown = time.time(), True
+        done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
+        left = "done" if closing else f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
+        line = f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | {elapsed:.0f}s, {left}"
+        print(f"\r{line}\033[K" if self.tty else line, end="\n" if closing or not self.tty else "", flush=True)
+
+    def close(self):
+        if self.shown or self.always:
+            self.show(closing=True)
+
+
 class StopRequest:
-    """SIGINT sets a flag; the training loop finishes its step, checkpoints and exits 130."""
+    """SIGINT (Ctrl-C) or SIGTERM (what timeout, SLURM and Kubernetes send) sets a flag; the training loop finishes
+    its step, checkpoints and exits 130. A second signal aborts at once."""
 
     def __init__(self):
         self.requested = False
@@ -1951,7 +2147,13 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+
+def interrupt(signum, frame):
+    """SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def train_step(step, cfg, policies, train_set, rng, counters, stats):
@@ -1987,17 +2189,22 @@ def train(cfg, policies, train_set, test_set, out):
     rng = random.Random(cfg.seed + 7919 * rank)  # hint dropout: each rank its own stream
     counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "kl_before": [0.0, 0.0]}
     start = 0
-    if cfg.resume:
-        folder = find_checkpoint(cfg.resume)
+    if cfg.resume and checkpoints(out):
+        folder = find_checkpoint(out)
         state = load_checkpoint(folder, policies, rng)
         start, counters = state["step"], state["counters"]
         if rank == 0:
             keep_logged_steps(out, start)
         print(f"resumed from {folder} at step {start}")
-    elif not cfg.no_eval_before:
-        run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
+    else:
+        if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
+            print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
+            if rank == 0:
+                keep_logged_steps(out, -1)
+        if not cfg.no_eval_before:
+            run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
     stop = StopRequest()
-    previous_handler = signal.signal(signal.SIGINT, stop)
+    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     names = [p.name for p in policies]
     step, stats = start, []
     try:
@@ -2040,7 +2247,8 @@ def train(cfg, policies, train_set, test_set, out):
                             f"batches: python core.py --resume {out} --gen-batch {max(1, cfg.gen_batch // 2)} "
                             f"--micro-batch {max(1, cfg.micro_batch // 2)}") from None
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     return 0, True
 
 
@@ -2074,7 +2282,11 @@ def run(cfg, given=frozenset()):
             out.mkdir(parents=True, exist_ok=True)
             print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; advantages: "
                   f"--adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
-            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+            try:
+                cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+            except BaseException:  # stopped while building: leave no half-made run folder behind
+                shutil.rmtree(out, ignore_errors=True)
+                raise
     else:
         train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
         single_file = cfg.data in ("aime24", "aime25", "gpqa")
@@ -2082,6 +2294,9 @@ def run(cfg, given=frozenset()):
         test_set = test_set[:cfg.eval_n] if cfg.eval_n else test_set
         random.Random(cfg.seed).shuffle(train_set)
         train_set = train_set[:cfg.train_n]
+    check_models(cfg)
+    if cfg.adapters:
+        cfg = adapters_config(cfg)
     policies = [load_policy(i, path, dev, cfg) for i, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
@@ -2089,16 +2304,26 @@ def run(cfg, given=frozenset()):
     if cfg.eval_only and not test_set:
         raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
                          f"{cfg.eval_max_new_tokens})")
+    if not cfg.eval_only and not any(all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)
+                                     for p in train_set):
+        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens {cfg.max_prompt_tokens}, "
+                         f"or prompt + --max-new-tokens {cfg.max_new_tokens} over the model context")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(cfg))
     print(f"run folder: {out}")
     if cfg.eval_only:
         run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
+        if cfg.export and rank == 0:
+            for m, policy in enumerate(policies, 1):
+                export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
         return 0
     code, finished = train(cfg, policies, train_set, test_set, out)
     if finished:
         run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
+        if rank == 0:
+            write_curves(out)
+            print(f"curves: {out / 'curves.svg'} (open it in a browser)")
         if cfg.demo:
             print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
             compare_runs([out])
@@ -2111,6 +2336,7 @@ def run(cfg, given=frozenset()):
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
     given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         code = run(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
@@ -2121,10 +2347,11 @@ def main(argv=None):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # outside the training loop (loading, evaluation) or a second Ctrl-C
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (loading, evaluation), or a second one
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

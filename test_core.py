@@ -14,6 +14,7 @@ import time
 import traceback
 import types
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -333,19 +334,57 @@ def test_lora_save_load_round_trip_and_export(tmp_path):
     with torch.no_grad():
         for p in core.lora_parameters(model):
             p.add_(0.05 * torch.randn_like(p))
-    core.save_lora(model, tmp_path / "a.safetensors")
+    core.save_lora(model, tmp_path / "adapter", "org/tiny-base")
     other, _ = small_model()
     core.add_lora(other, rank=4, alpha=8)
-    core.load_lora(other, tmp_path / "a.safetensors")
+    core.load_lora(other, tmp_path / "adapter")
     x = torch.randint(0, 300, (1, 9))
     assert torch.equal(model(x).logits, other(x).logits)
     core.export_merged(model, tokenizer, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(plain(x).logits, model(x).logits, atol=1e-5)
-    wrong, _ = small_model()
-    core.add_lora(wrong, rank=2, alpha=8)
-    with pytest.raises(core.UsageError, match="does not fit"):
-        core.load_lora(wrong, tmp_path / "a.safetensors")
+    for rank, alpha in ((2, 8), (4, 16)):  # another rank, or the same rank with another alpha (scale)
+        wrong, _ = small_model()
+        core.add_lora(wrong, rank=rank, alpha=alpha)
+        with pytest.raises(core.UsageError, match="does not fit"):
+            core.load_lora(wrong, tmp_path / "adapter")
+
+
+def test_adapters_are_saved_in_peft_layout(tmp_path):
+    """PEFT's format, by construction (peft is not a dependency): adapter_config.json with the LoRA settings and
+    adapter_model.safetensors with 'base_model.model.<module>.lora_A.weight' [r, in] / lora_B [out, r]."""
+    model, _ = small_model()
+    core.add_lora(model, rank=4, alpha=8, targets="q_proj,down_proj")
+    core.save_lora(model, tmp_path / "adapter", "org/tiny-base")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")} \
+        == {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8.0,
+            "target_modules": ["down_proj", "q_proj"], "base_model_name_or_path": "org/tiny-base"}
+    tensors = core.load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    layers = dict(model.named_modules())
+    assert len(tensors) == 2 * 2 * model.config.num_hidden_layers  # A and B of 2 targets per layer
+    for key, value in tensors.items():
+        prefix, module, suffix = key[:17], key[17:].rsplit(".lora_", 1)[0], key.rsplit(".lora_", 1)[1]
+        assert prefix == "base_model.model." and suffix in ("A.weight", "B.weight")
+        base = layers[module].base
+        assert value.shape == ((4, base.in_features) if suffix == "A.weight" else (base.out_features, 4))
+
+
+def test_peft_reads_our_adapters(tmp_path):
+    """Only where peft happens to be installed (it is not a dependency): PeftModel and transformers' load_adapter
+    give exactly our adapted model's logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = small_model()
+    model.save_pretrained(tmp_path / "base")
+    core.add_lora(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for p in core.lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+    core.save_lora(model, tmp_path / "adapter", str(tmp_path / "base"))
+    x = torch.randint(0, 300, (1, 9))
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.equal(loaded.eval()(x).logits, model(x).logits)
 
 
 # -----------------------------------------------------------------------------
@@ -709,7 +748,7 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
                1: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
     seen = {0: [], 1: []}
 
-    def fake_generate(policy, prompts, max_new_tokens, cfg, n=1):
+    def fake_generate(policy, prompts, max_new_tokens, cfg, n=1, **_):
         m = policy.index
         seen[m] += [tokenizer.decode(p) for p in prompts]
         return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
@@ -732,7 +771,7 @@ def protocol_step(monkeypatch, problems, scripts, cfg):
     """core_step_rollouts on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
     tokenizer = core.demo_tokenizer()
     scripts = {m: iter(texts) for m, texts in scripts.items()}
-    monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1:
+    monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
                         [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
     policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
     return core.core_step_rollouts(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
@@ -759,7 +798,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
     groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
     assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
     assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
-    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
+    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
     assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
     assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
 
@@ -1017,13 +1056,34 @@ def test_end_to_end_core_steps(warm_pair, tmp_path):
     assert [t["round"] for t in sample["traces"]] == ["A", "A", "A", "A", "B", "B"]
     assert (out / "eval_before.json").exists() and (out / "eval_after.json").exists()
     ckpt = out / "checkpoints" / "step_000002"
-    assert {p.name for p in ckpt.iterdir()} >= {"adapter_1.safetensors", "adapter_2.safetensors", "state.json"}
-    adapters = core.load_file(str(ckpt / "adapter_1.safetensors"))
-    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapters.items())  # the update happened
-    assert core.main(["--eval-only", "--adapters", str(out), "--model1", warm_pair[0], "--model2", warm_pair[1],
-                      "--data", str(tmp_path / "arith.jsonl"), "--out", str(tmp_path / "ev"), "--eval-n", "2",
-                      "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["questions"] == 2
+    assert {p.name for p in ckpt.iterdir()} >= {"adapter_1", "adapter_2", "state.json"}
+    adapters = core.load_file(str(ckpt / "adapter_1" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapters.items())  # the update happened
+    for key in ("time", "lr", "w_div", "lambda_cm", "len_A_m1", "len_B_m2", "truncated", "grad_norm_m1", "rollout_s", "update_s"):
+        assert key in rows[0]
+    assert (out / "curves.svg").exists()
+
+
+def test_eval_only_adapters_reproduce_the_run_take_its_lora_settings_and_export(warm_pair, tmp_path, capsys):
+    """--eval-only --adapters RUN evaluates exactly what the run evaluated after training (the same adapters, read
+    back from the PEFT layout, and the same evaluation streams); the LoRA rank comes from the checkpoint, swapped
+    models are warned about, and --export writes the merged models."""
+    out, data = tmp_path / "run", arithmetic_file(tmp_path)
+    assert core.main(tiny_run_flags(warm_pair, data, out, steps=2) + ["--no-eval-before", "--eval-n", "4"]) == 0
+    common = ["--eval-only", "--adapters", str(out), "--data", str(data), "--eval-n", "4", "--eval-max-new-tokens", "4",
+              "--lora-rank", "8", "--lora-alpha", "1"]  # wrong LoRA settings: the checkpoint's are used
+    capsys.readouterr()
+    assert core.main(common + ["--model1", warm_pair[0], "--model2", warm_pair[1], "--out", str(tmp_path / "ev"), "--export"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    after = json.loads((out / "eval_after.json").read_text())
+    assert {k: v for k, v in evaluated.items() if k != "seconds"} == {k: v for k, v in after.items() if k != "seconds"}
+    assert (tmp_path / "ev" / "eval_samples.jsonl").read_text() == (out / "eval_after_samples.jsonl").read_text()
+    assert all((tmp_path / "ev" / f"merged_{m}" / "config.json").exists() for m in (1, 2))
+    # the two tiny models have the same LoRA shapes: swapped adapters would load silently, so a warning says so
+    assert core.main(common + ["--model1", warm_pair[1], "--model2", warm_pair[0], "--out", str(tmp_path / "swapped")]) == 0
+    out_text = capsys.readouterr().out
+    assert "warning: adapter 1 of" in out_text and "warning: adapter 2 of" in out_text
 
 
 def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_pair, tmp_path, capsys):
@@ -1077,6 +1137,13 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     assert "hint (teacher's trace, answer stripped)" in text and "+hint" in text
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
     assert len(rows) == 8 and any(r["rescued"] for r in rows)
+    assert "before training: evaluating: 192/192 rows" in text and "tok/s" in text  # progress
+    assert (tmp_path / "demo" / "checkpoints" / "step_000008" / "adapter_2" / "adapter_config.json").exists()
+    svg = ElementTree.parse(tmp_path / "demo" / "curves.svg").getroot()  # well-formed, every curve named
+    labels = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+    for _, keys in core.PANELS:
+        assert {key.format(k=2) for key in keys} <= labels
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) >= 20
     evals = [json.loads(line) for line in open(tmp_path / "demo" / "evals.jsonl")]
     assert [e["step"] for e in evals] == [0, 4, 8] and "step 4: 48 questions" in text
     assert (tmp_path / "demo" / "evals" / "step_000004_samples.jsonl").exists()
@@ -1122,6 +1189,10 @@ BAD_INPUTS = {
     "probability": (["--hint-dropout", "-0.1"], "--hint-dropout must be in [0, 1]"),
     "out not empty": (["--data", "{good}", "--out", "{full}"], "exists and is not empty"),
     "all prompts too long": (["--data", "{long}", "--eval-only", "--eval-n", "2"], "every test problem is longer"),
+    "all training prompts too long": (["--data", "{long}", "--max-new-tokens", "400"], "every training problem is too long"),
+    "out cannot be created": (["--data", "{good}", "--out", "{good}/run"], "cannot be created"),
+    "not UTF-8": (["--data", "{latin1}"], "latin1.jsonl: not UTF-8 text"),
+    "model folder missing": (["--data", "{good}", "--model2", "./no/such/folder"], "--model2 './no/such/folder' does not exist"),
 }
 
 
@@ -1171,10 +1242,12 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     write_jsonl(d / "noanswer.jsonl", [{"question": "q", "answer": "1"}, {"question": "q2"}])
     write_jsonl(d / "good.jsonl", [{"question": f"What is {i} + 1 ?", "answer": str(i + 1)} for i in range(10)])
     write_jsonl(d / "long.jsonl", [{"question": "What is " + "1 + " * 400 + "1 ?", "answer": "401"}] * 5)
+    (d / "latin1.jsonl").write_bytes('{"question": "Combien font 2 + 2 ? \u00e9", "answer": "4"}\n'.encode("latin-1"))
     (d / "emptydir").mkdir()
     (d / "full").mkdir()
     (d / "full" / "metrics.jsonl").write_text("{}\n")
     names = {"bad": d / "bad.jsonl", "empty": d / "empty.jsonl", "noanswer": d / "noanswer.jsonl", "good": d / "good.jsonl",
+             "latin1": d / "latin1.jsonl",
              "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full"}
     models = ["--model1", tiny_models[0], "--model2", tiny_models[1], "--device1", "cpu", "--lora-rank", "4"]
     os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: fail at once instead of retrying
@@ -1199,6 +1272,20 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     return results
 
 
+def test_an_uncached_hub_id_fails_at_once_when_the_hub_is_unreachable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:1")  # nothing listens there: refused at once
+    core.hub_reachable.cache_clear()
+    start = time.time()
+    try:
+        assert not core.hub_reachable()
+        with pytest.raises(core.UsageError, match="neither a folder nor a model id in the local cache"):
+            core.check_models(core.Config(model1="nobody/no-such-model"))
+    finally:
+        core.hub_reachable.cache_clear()
+    assert time.time() - start < 5
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_one_line_exit_2_nothing_written(bad_input_runs, case):
     cwd, returncode, err = bad_input_runs[case]
@@ -1214,11 +1301,11 @@ def assert_same_runs(a, b):
     last_a, last_b = core.find_checkpoint(a), core.find_checkpoint(b)
     assert last_a.name == last_b.name
     for m in (1, 2):
-        ta, tb = (core.load_file(str(p / f"adapter_{m}.safetensors")) for p in (last_a, last_b))
+        ta, tb = (core.load_file(str(p / f"adapter_{m}" / "adapter_model.safetensors")) for p in (last_a, last_b))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
     def rows(run, name):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "rollout_s", "update_s", "tok_per_s")} for line in open(run / name)]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "seconds", "rollout_s", "update_s", "tok_per_s")} for line in open(run / name)]
     for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
         assert rows(a, name) == rows(b, name), name
 
@@ -1287,19 +1374,38 @@ def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
     assert_same_runs(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_ctrl_c_finishes_the_step_saves_and_exits_130(warm_pair, tmp_path):
-    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=500) + ["--no-eval-before"]
+def test_sigterm_finishes_the_step_saves_exits_130_and_resumes_bit_identical(warm_pair, tmp_path):
+    """What timeout, SLURM and Kubernetes send: like Ctrl-C (the same handler), the step finishes, a checkpoint is
+    saved, the resume command printed; the resumed run ends bit-identical to an uninterrupted one, no row twice."""
+    data = arithmetic_file(tmp_path)
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "straight", steps=3) + ["--save-every", "100"]) == 0
+    flags = tiny_run_flags(warm_pair, data, tmp_path / "run", steps=3) + ["--save-every", "100"]
     proc = subprocess.Popen([sys.executable, str(HERE / "core.py")] + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     for line in proc.stdout:
         if line.startswith("step 1/"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 130
-    assert "continue with: python core.py --resume" in rest
+    assert "SIGTERM: finishing this step" in rest and "continue with: python core.py --resume" in rest
     done = int(core.find_checkpoint(tmp_path / "run").name.split("_")[1])
-    assert done == len(open(tmp_path / "run" / "metrics.jsonl").readlines()) >= 1
+    assert 1 <= done < 3 and done == len(open(tmp_path / "run" / "metrics.jsonl").readlines())
+    assert core.main(["--resume", str(tmp_path / "run")]) == 0
+    assert_same_runs(tmp_path / "straight", tmp_path / "run")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(warm_pair, tmp_path, monkeypatch):
+    real_evaluate = core.evaluate
+    monkeypatch.setattr(core, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C in eval
+    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=2)
+    assert core.main(flags) == 130
+    assert core.checkpoints(tmp_path / "run") == [] and (tmp_path / "run" / "config.json").exists()
+    assert core.main(flags) == 2  # --out refuses it, --resume continues it
+    monkeypatch.setattr(core, "evaluate", real_evaluate)
+    assert core.main(["--resume", str(tmp_path / "run")]) == 0
+    assert core.find_checkpoint(tmp_path / "run").name == "step_000002"
+    assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "evals.jsonl")] == [0, 2]
 
 
 def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_path, monkeypatch, capsys):
@@ -1328,7 +1434,7 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_pa
 
 
 def test_three_non_finite_updates_in_a_row_stop_the_run(warm_pair, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "entropy": 0.0, "tokens": 1, "skipped": 1})
+    monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "entropy": 0.0, "grad_norm": float("nan"), "tokens": 1, "skipped": 1})
     flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=10) + ["--no-eval-before"]
     assert core.main(flags) == 1
     captured = capsys.readouterr()

@@ -15,7 +15,8 @@ Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B s
   python bench/bench_core.py --tiny           # a smoke run of the same code on CPU with tiny shapes
   python bench/bench_core.py --models qwen2.5-3b --parts greedy sampler --batches 64   # one slice (10-min calls)
 
-Prints a table and writes JSON (--out).
+Prints a table and writes JSON (--out; default bench/out/bench_results.json, a folder git ignores: copy the
+figures worth keeping to bench/results/).
 """
 
 import argparse
@@ -236,7 +237,7 @@ def main():
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (the CORE step needs both models)")
     parser.add_argument("--compile-decode", action="store_true", help="the CORE step with --compile-decode")
-    parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_results.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -263,6 +264,7 @@ def main():
     if "step" in args.parts and len(policies) == 2:
         args.new_tokens = args.step_tokens
         results["core_step"] = bench_core_step(policies, args, device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 
