@@ -5,12 +5,13 @@ Two small LLMs learn together with reinforcement learning. For every training qu
 
   Round A (cold)    each model m samples K solutions from the plain prompt; each is checked against the
                     gold answer: correctness c in {0, 1}.
-  Teacher and hint  the highest-reward correct round-A trace is the teacher; every explicit final answer
-                    is stripped from it (boxed spans, "####" lines, "final answer" lines) and the rest,
-                    capped at 1536 tokens of the receiving model's tokenizer, is the hint.
+  Teacher and hint  the highest-reward correct round-A trace is the teacher; every explicit final-answer
+                    statement is stripped from it (boxed spans, "####", "the answer is ...", "Answer: ...") and
+                    the rest, capped at 1536 tokens of the receiving model's tokenizer, is the hint.
   Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample is shown
                     the hint with probability 1 - hint_dropout; everyone else resamples cold.
   Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus
+                    (the format bonus: the trace states its answer explicitly, boxed or after an answer marker)
                     - DPP-lite diversity: phi = L2-normalised hashed word n-gram counts of the
                       answer-stripped trace, kernel K = phi phi^T + eps I over the question's correct
                       traces; a trace's diversity is its marginal determinant gain det K / det K_-i.
@@ -19,9 +20,12 @@ Two small LLMs learn together with reinforcement learning. For every training qu
   Update            advantages are normalised per question over all traces of both models and both rounds,
                     A = (R - mean) / (std + 1e-4); each model's LoRA adapter takes one AdamW step on the
                     token-level mean of -A log pi(token) (round-B traces weighted 0.8) + beta * KL(pi || base).
+                    (--adv-group model: each model's traces form their own group; --adv-scale none: no std, as
+                    in Dr. GRPO. They keep a weaker partner from being pushed away from all it writes.)
 
 The headline metric is Team Pass@k: a test question counts as solved if any of the 2 x k cold samples
-(k per model, no hints) is correct.
+(k per model, no hints) is correct. Each evaluation also reports each model's Pass@j and majority vote, the
+team's vote, p_12 (both right) and correlated failure, and writes per-question records to recompute them.
 
 Run:
   python core.py --demo                           # whole pipeline on CPU with two tiny models, < 1 minute
@@ -29,7 +33,7 @@ Run:
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
 Sections, in pipeline order: config, data, answers, LoRA, sampling, rewards, cross-teaching protocol,
-distributed (torchrun), update, evaluation, checkpoints, demo, main.
+distributed (torchrun), update, evaluation, checkpoints, curves, demo, main.
 """
 
 import argparse

@@ -426,6 +426,21 @@ def test_seeded_sampling_is_deterministic(tiny_models):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+@pytest.mark.parametrize("sampler", ["sample", "sample_fast"])
+def test_progress_shows_rows_tokens_and_time_left_while_sampling(tiny_models, capsys, sampler):
+    model, tokenizer = loaded(tiny_models[1])
+    prompts = prompts_of(tokenizer, ["What is 1 + 1 ?", "What is 2 + 3 ?"])
+    progress = core.Progress("round A", total=12)
+    progress.every = 0  # due at every decode step (a terminal: 1 s, a log file: 10 s)
+    outs = getattr(core, sampler)(model, prompts, 5, set(), 0, 1.0, 1.0, torch.Generator().manual_seed(0), n=3,
+                                  progress=progress)
+    progress.add(len(outs), sum(map(len, outs)))
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()  # plain lines: pytest's stdout is not a terminal
+    assert len(lines) == 6 and lines[0].startswith("  round A: 0/12 rows | ") and lines[0].endswith("time left: ?")
+    assert lines[-1].startswith("  round A: 6/12 rows") and lines[-1].endswith(", done") and " tok/s | " in lines[-1]
+
+
 def test_samples_of_a_prompt_share_one_prefill(tiny_models):
     model, tokenizer = loaded(tiny_models[0])
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
