@@ -796,6 +796,11 @@ def prefill(model, prompts, pad_id, n):
     return cache, logits, mask, positions[:, -1] + 1
 
 
+def hit_budget(ids, budget, eos_ids):
+    """A sample cut off by its token budget: as long as the budget, and no EOS at its end."""
+    return len(ids) >= budget and ids[-1] not in eos_ids
+
+
 def until_eos(ids, eos_ids):
     """The tokens up to and including the first EOS (all of them if there is none)."""
     for i, token in enumerate(ids):
@@ -1150,7 +1155,7 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind), hint_shown=hint is not None,
                                     hint_leaks=hint is not None and is_correct(hint, gold, kind),
-                                    truncated=len(ids) >= cfg.max_new_tokens and ids[-1] not in policy.eos_ids)))
+                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
     progress.close()
     return traces
 
@@ -1447,7 +1452,7 @@ def sample_result(ids, text, problem, eos_ids, budget):
     """One evaluation sample's record: extracted answer, correctness, token count, truncation, text."""
     answer = extract_answer(text, problem.kind)
     return {"answer": answer, "correct": answer is not None and answer == normalize_gold(problem.gold, problem.kind),
-            "tokens": len(ids), "truncated": len(ids) >= budget and ids[-1] not in eos_ids, "text": text}
+            "tokens": len(ids), "truncated": hit_budget(ids, budget, eos_ids), "text": text}
 
 
 def evaluate(policies, usable, cfg, tag):
@@ -1532,7 +1537,8 @@ def compare_runs(folders):
 def compared_cell(evals, key):
     """'before -> after (change)' of one metric of a run, its single value (--eval-only), or '-'."""
     k = evals[0]["k"] if evals else 0
-    values = [e[key.format(k=k, h=k // 2)] for e in evals if key.format(k=k, h=k // 2) in e]
+    key = key.format(k=k, h=k // 2)
+    values = [e[key] for e in evals if key in e]
     if len(values) < 2:
         return f"{values[0]:.3f}" if values else "-"
     return f"{values[0]:.3f} -> {values[-1]:.3f} ({values[-1] - values[0]:+.3f})"
@@ -1879,13 +1885,18 @@ def read_jsonl_rows(path):
     return rows
 
 
+def write_jsonl_rows(path, rows):
+    """A JSONL file written to a temporary name and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
 def keep_logged_steps(out, step):
     """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): those steps run again."""
     for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
         if (out / name).exists():
-            kept = [row for row in read_jsonl_rows(out / name) if row["step"] <= step]
-            (out / f".{name}.tmp").write_text("".join(json.dumps(row) + "\n" for row in kept))
-            os.replace(out / f".{name}.tmp", out / name)
+            write_jsonl_rows(out / name, [row for row in read_jsonl_rows(out / name) if row["step"] <= step])
 
 
 def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
@@ -1895,7 +1906,7 @@ def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
     if dist_info()[0] == 0:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         write_json(out / f"{name}.json", metrics)
-        (out / f"{name}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_jsonl_rows(out / f"{name}_samples.jsonl", records)
         if step is not None:
             with open(out / "evals.jsonl", "a") as f:
                 f.write(json.dumps({"step": step} | metrics) + "\n")

@@ -754,6 +754,7 @@ class FakePolicy:
 
     def __init__(self, index, tokenizer):
         self.index, self.tokenizer, self.name, self.context = index, tokenizer, f"fake{index}", 10_000
+        self.eos_ids = {tokenizer.eos_token_id}
 
 
 def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
