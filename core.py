@@ -3,37 +3,33 @@ CORE: Collaborative Reasoning via Cross Teaching (arXiv 2601.21600), in one file
 
 Two small LLMs learn together with reinforcement learning. For every training question:
 
-  Round A (cold)    each model m samples K solutions from the plain prompt; each is checked against the
-                    gold answer: correctness c in {0, 1}.
+  Round A (cold)    each model samples K solutions from the plain prompt; each is checked against the gold
+                    answer: correctness c in {0, 1}.
   Teacher and hint  the highest-reward correct round-A trace is the teacher; every explicit final-answer
-                    statement is stripped from it (boxed spans, "####", "the answer is ...", "Answer: ...") and
-                    the rest, capped at 1536 tokens of the receiving model's tokenizer, is the hint.
-  Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample is shown
-                    the hint with probability 1 - hint_dropout; everyone else resamples cold.
-  Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus
-                    (the format bonus: the trace states its answer explicitly, boxed or after an answer marker)
-                    - DPP-lite diversity: phi = L2-normalised hashed word n-gram counts of the
-                      answer-stripped trace, kernel K = phi phi^T + eps I over the question's correct
-                      traces; a trace's diversity is its marginal determinant gain det K / det K_-i.
-                    - complementarity: the same gain measured against the partner model's correct traces.
-                    - rescue bonus: round B, hint shown, model failed cold, trace correct.
-  Update            advantages are normalised per question over all traces of both models and both rounds,
-                    A = (R - mean) / (std + 1e-4); each model's LoRA adapter takes one AdamW step on the
-                    token-level mean of -A log pi(token) (round-B traces weighted 0.8) + beta * KL(pi || base).
-                    (--adv-group model: each model's traces form their own group; --adv-scale none: no std, as
-                    in Dr. GRPO. They keep a weaker partner from being pushed away from all it writes.)
+                    statement is stripped from it and the rest (at most 1536 of the receiver's tokens) is the hint.
+  Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample is shown the hint
+                    with probability 1 - hint_dropout; everyone else resamples cold.
+  Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus,
+                    the diversity terms being determinant gains of hashed n-gram features over correct traces.
+  Update            A = (R - mean) / (std + 1e-4) over all traces of the question (both models, both rounds);
+                    each model's LoRA adapter takes one AdamW step on the token-level mean of -A log pi(token)
+                    (round-B traces weighted 0.8) + beta * KL(pi || base).
 
-The headline metric is Team Pass@k: a test question counts as solved if any of the 2 x k cold samples
-(k per model, no hints) is correct. Each evaluation also reports each model's Pass@j and majority vote, the
-team's vote, p_12 (both right) and correlated failure, and writes per-question records to recompute them.
+The headline metric is Team Pass@k: a test question is solved if any of the 2 x k cold samples (k per model,
+no hints) is correct. Each evaluation also reports Pass@j, majority votes, p_12 and correlated failure.
 
 Run:
-  python core.py --demo                           # whole pipeline on CPU with two tiny models, < 1 minute
+  python core.py --demo                           # the whole pipeline on CPU with two tiny models, < 1 minute
   python core.py --data gsm8k --steps 500         # the paper's Qwen2.5-3B + Qwen3-4B pair on one GPU
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
-Sections, in pipeline order: config, data, answers, LoRA, sampling, rewards, cross-teaching protocol,
-distributed (torchrun), update, evaluation, checkpoints, curves, demo, main.
+Where it departs from the paper (README, "Known deviations"): a real determinant gain for DPP-lite and
+complementarity, a format bonus, epsilon 1e-4, cold-prompt evaluation with unbiased Pass@j, and two optional
+advantage groupings for a weaker partner (--adv-group model, --adv-scale none).
+
+Read top-down: Config; the CORE step; rewards; the update; the training loop. Then the building blocks: LoRA,
+rollouts (prompts and the reference sampler), the GPU sampler, answers, data, evaluation, checkpoints,
+distributed, logging; the command line; the demo as an appendix.
 """
 
 import argparse
@@ -75,11 +71,9 @@ class TrainingError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Config
-
+# Config: one field per setting; its help is its comment and its --help line
 
 def arg(default, help, **extra):
-    """A config field whose help text doubles as its comment and its --help line."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -115,10 +109,9 @@ class Config:
     max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
     max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
     gen_batch: int = arg(64, "rows per sampling batch")
-    eager_decode: bool = arg(False, "sample with the plain DynamicCache loop on the GPU too (the readable reference; "
-                                    "default there: static cache + CUDA graphs)")
-    compile_decode: bool = arg(False, "GPU: compile the decode step with torch.compile inside its CUDA graph (fuses its "
-                                      "small kernels; about a minute of compiling per model, once per run)")
+    decoder: str = arg("graphs", "sampler on a GPU: static cache + CUDA graphs, the same compiled with torch.compile, "
+                                 "or the plain reference loop (always used on CPU)",
+                       choices=("graphs", "compiled", "reference"))
     # reward
     w_correct: float = arg(1.0, "weight w1 of correctness c")
     w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
@@ -137,25 +130,21 @@ class Config:
     grad_clip: float = arg(1.0, "gradient-norm clip per model")
     beta_kl: float = arg(0.04, "weight beta of the k3 KL to the adapter-disabled base model")
     round_b_weight: float = arg(0.8, "loss weight of round-B traces")
-    adv_group: str = arg("joint", "advantage baseline: 'joint' = the mean over all traces of the question, both models "
-                                  "(the paper); 'model' = each model's own traces of the question (both rounds)",
-                         choices=("joint", "model"))
-    adv_scale: str = arg("std", "advantage scale: 'std' divides by the group's std (GRPO, the paper); 'none' keeps "
-                                "reward units (Dr. GRPO)", choices=("std", "none"))
+    adv_group: str = arg("joint", "advantage baseline: all traces of the question (joint, the paper) or each "
+                                  "model's own (model)", choices=("joint", "model"))
+    adv_scale: str = arg("std", "advantage scale: divide by the group's std (std, the paper) or keep reward units "
+                                "(none, Dr. GRPO)", choices=("std", "none"))
     batch_questions: int = arg(4, "training questions per step")
     train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
     micro_batch: int = arg(8, "sequences per forward pass in the update")
-    no_grad_checkpoint: bool = arg(False, "keep decoder activations instead of recomputing them in the backward pass "
-                                          "(faster update, much more memory)")
+    no_grad_checkpoint: bool = arg(False, "keep decoder activations instead of recomputing them (faster, more memory)")
     logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
     # evaluation
     eval_n: int = arg(0, "test questions to evaluate (0 = all)")
     eval_k: int = arg(2, "samples per model per test question (the k of Pass@k)")
     eval_max_new_tokens: int = arg(4096, "token budget per evaluation sample")
     no_eval_before: bool = arg(False, "skip the evaluation before training")
-    eval_every: int = arg(0, "also evaluate every this many training steps, into evals.jsonl (0 = before and after only)")
-    compare: tuple = arg((), "print the evaluations of these run folders side by side, with the flags that differ",
-                         nargs="+", metavar="RUN")
+    eval_every: int = arg(0, "also evaluate every this many steps, into evals.jsonl (0 = before and after only)")
     # bookkeeping
     save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)")
     keep: int = arg(3, "checkpoints kept on disk")
@@ -168,266 +157,871 @@ class Config:
                      choices=("auto", "bfloat16", "float32"))
 
 
-def looks_like_path(name):
-    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+# -----------------------------------------------------------------------------
+# The CORE step: round A, the teacher's hint, round B, rewards, advantages
+
+@dataclass
+class Trace:
+    model: int                # the model that sampled it: 1 or 2
+    round: str                # "A" (cold) or "B" (rescue)
+    prompt_ids: list          # exact prompt it was sampled from (hint included)
+    completion_ids: list      # exact sampled token ids
+    text: str                 # decoded completion
+    correct: bool             # c(tau)
+    hint_shown: bool = False  # round B: the hint was in the prompt
+    hint_leaks: bool = False  # ... and extract_answer (last-number fallback included) reads the gold from it
+    truncated: bool = False   # hit the token budget without an end-of-sequence token
+    failed_cold: bool = False  # its model got every round-A sample of this question wrong
+    reward: float = 0.0       # R(tau)
+    terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
+    advantage: float = 0.0    # A(tau)
 
 
-def flag_name(field_name):
-    return "--" + field_name.replace("_", "-")
+@dataclass
+class Policy:
+    name: str                             # for logs: the folder name or the hub id
+    model: nn.Module                      # transformers causal LM with LoRA layers
+    tokenizer: object                     # its own tokenizer (prompts, hints and caps use it)
+    device: torch.device
+    eos_ids: set                          # token ids that end a sample
+    pad_id: int
+    context: int                          # max positions of the model
+    optimizer: object = None              # AdamW over the LoRA parameters only
+    generator: torch.Generator = None     # sampling randomness
+    fast_agrees: bool = None              # the GPU sampler agreed with the reference loop (None: unchecked)
 
 
-def build_parser(with_defaults=True):
-    """The command line of Config. with_defaults=False: parsing returns only the flags actually given."""
-    parser = argparse.ArgumentParser(
-        description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
-        default = f.default if with_defaults else argparse.SUPPRESS
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices, nargs, metavar
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=text)
-        else:
-            parser.add_argument(flag, type=str if "nargs" in extra else type(f.default), default=default, help=text, **extra)
-    return parser
+def core_step(policies, problems, cfg, rng, weights):
+    """Rollouts, rewards and advantages of one step. Returns one group of traces per question (both models, both
+    rounds) and the hint of each question (None: no hint)."""
+    groups = round_a(policies, problems, cfg)
+    hints = [None] * len(problems)
+    if not cfg.single:
+        hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
+        round_b(policies, problems, groups, hints, cfg, rng)
+    for problem, group in zip(problems, groups):
+        score_and_advantages(group, problem.kind, cfg, weights)
+    return groups, hints
 
 
-def validate(cfg):
-    """Reject impossible settings before anything is loaded or written."""
-    checks = [
-        (cfg.k >= 1, "--k must be >= 1"),
-        (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
-        (0 <= cfg.hint_dropout <= 1, "--hint-dropout must be in [0, 1]"),
-        (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"),
-        (cfg.temperature >= 0, "--temperature must be >= 0"),
-        (cfg.steps >= 1, "--steps must be >= 1"),
-        (cfg.lr > 0, "--lr must be > 0"),
-        (cfg.lora_rank >= 1, "--lora-rank must be >= 1"),
-        (cfg.max_new_tokens >= 1 and cfg.eval_max_new_tokens >= 1, "token budgets must be >= 1"),
-        (cfg.hint_tokens >= 1, "--hint-tokens must be >= 1"),
-        (cfg.batch_questions >= 1 and cfg.train_n >= 1, "--batch-questions and --train-n must be >= 1"),
-        (cfg.eval_k >= 1 and cfg.eval_n >= 0 and cfg.eval_every >= 0, "--eval-k must be >= 1, --eval-n and --eval-every >= 0"),
-        (cfg.gen_batch >= 1 and cfg.micro_batch >= 1 and cfg.logprob_chunk >= 1, "batch sizes must be >= 1"),
-        (cfg.save_every >= 1 and cfg.keep >= 1, "--save-every and --keep must be >= 1"),
-        (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
-        (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
-        (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
-         f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
-         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
-        (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
-    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(), f"--model{m} '{name}' does not exist")
-         for m, name in ((1, cfg.model1), (2, cfg.model2))]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+def round_a(policies, problems, cfg):
+    """K cold samples per model and question."""
+    cold = [[(q, None) for q in range(len(problems))] for _ in policies]
+    groups = [[] for _ in problems]
+    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=cfg.k):
+        groups[q].append(trace)
+    for group in groups:
+        mark_failed_cold(group)
+    return groups
+
+
+def mark_failed_cold(group):
+    """Sets t.failed_cold on every trace of one question: its model has no correct round-A trace."""
+    solved = {t.model for t in group if t.round == "A" and t.correct}
+    for t in group:
+        t.failed_cold = t.model not in solved
+
+
+def teacher_hint(group, problem, cfg, weights):
+    """The hint of one question: the highest-reward correct round-A trace (rewards over round A alone; ties go
+    to the first), its answer stripped; None when no trace is correct or nothing but the answer is left."""
+    score_group(group, problem.kind, cfg, weights)
+    teachers = [t for t in group if t.correct]
+    if not teachers:
+        return None
+    hint = strip_answer(max(teachers, key=lambda t: t.reward).text)
+    return None if is_bare_answer(hint, problem.gold, problem.kind) else hint or None
+
+
+def round_b(policies, problems, groups, hints, cfg, rng):
+    """K' more samples per model and question, added to the groups. A model that failed cold (any model with
+    --hint-to all) sees the hint with probability 1 - hint_dropout; the others resample cold."""
+    requests = [[] for _ in policies]
+    for q, (group, hint) in enumerate(zip(groups, hints)):
+        failed = {t.model: t.failed_cold for t in group}
+        for m, policy in enumerate(policies, 1):
+            for _ in range(cfg.k_rescue):
+                eligible = hint and not cfg.no_rescue and (failed[m] or cfg.hint_to == "all")
+                shown = bool(eligible) and rng.random() >= cfg.hint_dropout
+                requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
+    for q, trace in sample_round(policies, problems, requests, cfg, "B"):
+        groups[q].append(trace)
+    for group in groups:
+        mark_failed_cold(group)
+
+
+def score_and_advantages(group, kind, cfg, weights):
+    """R(tau) of every trace, then A(tau) per advantage group: the whole question (--adv-group joint) or each
+    model's own traces (--adv-group model). --single: each model is scored and normalised alone."""
+    own = [[t for t in group if t.model == m] for m in sorted({t.model for t in group})]
+    for traces in (own if cfg.single else [group]):
+        score_group(traces, kind, cfg, weights)
+    for traces in (own if cfg.single or cfg.adv_group == "model" else [group]):
+        set_advantages(traces, cfg.adv_scale)
 
 
 # -----------------------------------------------------------------------------
-# Data
+# Rewards: pure functions of one question's traces
 
-@dataclass
-class Problem:
-    id: str        # stable id within its dataset
-    question: str  # full question text (GPQA: with the lettered options)
-    gold: str      # gold final answer
-    kind: str      # answer kind: number | math | integer | choice
-
-
-# canonical public files; each is downloaded once into the cache, or read from --data-dir/<name>/<file>
-SOURCES = {
-    "gsm8k": {"train.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
-              "test.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"},
-    "math": {"MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
-    "math500": {"test.jsonl": "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"},
-    "aime24": {"test.jsonl": "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"},
-    "aime25": {"test.jsonl": "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"},
-    "gpqa": {"dataset.zip": "https://github.com/idavidrein/gpqa/raw/main/dataset.zip"},
-}
-GPQA_PASSWORD = b"deserted-untie-orchid"  # public, from the GPQA README
-CACHE_DIR = Path(os.environ.get("CORE_CACHE", Path.home() / ".cache" / "core"))
+def score_group(traces, kind, cfg, weights):
+    """Sets R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format, and its terms, on one
+    question's traces (answer kind `kind`; weights: reward_weights of the step)."""
+    phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
+    correct = [t.correct for t in traces]
+    models = [t.model for t in traces]
+    diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
+    complement = (complementarity_rewards(phi, correct, models, cfg.dpp_eps) if len(set(models)) > 1
+                  else torch.zeros(len(traces)))
+    rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
+                            [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
+    for i, t in enumerate(traces):
+        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked only
+        t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
+                   "rescue": rescue[i], "format": fmt}
+        t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
+                    + weights["lambda_cm"] * t.terms["cm"] + t.terms["rescue"] + t.terms["format"])
 
 
-def locate(name, filename, data_dir):
-    """Path of a dataset file: --data-dir first, then the cache, else download it into the cache."""
-    if data_dir and (Path(data_dir) / name / filename).exists():
-        return Path(data_dir) / name / filename
-    cached = CACHE_DIR / name / filename
-    if cached.exists():
-        return cached
-    url = SOURCES[name][filename]
+def ngram_features(text, dim):
+    """phi(tau): L2-normalised hashed counts of word 1-, 2- and 3-grams of the answer-stripped trace. [dim]"""
+    words = re.findall(r"\w+|[^\w\s]", strip_answer(text).lower())
+    phi = torch.zeros(dim, dtype=torch.float64)
+    for n in (1, 2, 3):
+        for i in range(len(words) - n + 1):
+            phi[zlib.crc32(" ".join(words[i:i + n]).encode()) % dim] += 1
+    return phi / phi.norm().clamp(min=1e-12)
+
+
+def dpp_gains(phi, eps=1e-3):
+    """DPP marginal gain of each row, det(K) / det(K without row i) = 1 / (K^-1)_ii with K = phi phi^T + eps I.
+    phi: [n, d] L2-normalised rows -> [n] in [0, 1]: ~1 for a trace orthogonal to the others, ~0 for a duplicate."""
+    phi = torch.as_tensor(phi, dtype=torch.float64)
+    if phi.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    kernel = phi @ phi.T + eps * torch.eye(phi.shape[0], dtype=torch.float64)
+    return (1.0 / torch.linalg.inv(kernel).diagonal()).clamp(0.0, 1.0)
+
+
+def diversity_rewards(phi, correct, eps=1e-3):
+    """DPP-lite diversity: each correct trace's determinant gain among the question's correct traces (both models,
+    both rounds); wrong traces get 0. phi: [n, d], correct: [n] bool -> [n]."""
+    out = torch.zeros(len(correct), dtype=torch.float64)
+    idx = torch.as_tensor(correct, dtype=torch.bool).nonzero().squeeze(1)
+    out[idx] = dpp_gains(phi[idx], eps)
+    return out
+
+
+def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
+    """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces only
+    (1 when the partner has none: right where the peer is wrong). phi: [n, d], correct, model_ids: [n] -> [n]."""
+    out = torch.zeros(len(correct), dtype=torch.float64)
+    for i in range(len(correct)):
+        if not correct[i]:
+            continue
+        partner = [j for j in range(len(correct)) if correct[j] and model_ids[j] != model_ids[i]]
+        out[i] = dpp_gains(torch.cat([phi[partner], phi[i:i + 1]]), eps)[-1] if partner else 1.0
+    return out
+
+
+def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
+    """Rescue bonus: round B, the hint was shown, the model failed all its round-A samples, the trace is correct.
+    All args [n] bool -> [n]."""
+    return [bonus * float(b and h and f and c) for b, h, f, c in zip(round_b, hint_shown, failed_cold, correct)]
+
+
+def reward_weights(cfg, step):
+    """Diversity 0.2 -> 0.05 and complementarity 0 -> 0.1 at the halfway step (the paper's epoch 2)."""
+    late = step >= cfg.steps // 2
+    return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0), "lambda_cm": cfg.lambda_cm if late else 0.0}
+
+
+def group_advantages(rewards, scale="std"):
+    """GRPO advantage over one group: A = (R - mean) / (std + 1e-4) with the population std, or Dr. GRPO's
+    A = R - mean (scale="none"); a constant group gets 0. rewards: [n] -> [n]."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    std = rewards.std(unbiased=False) if len(rewards) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    if std < 1e-8:
+        return torch.zeros_like(rewards)
+    return (rewards - rewards.mean()) / (std + 1e-4 if scale == "std" else 1.0)
+
+
+def set_advantages(traces, scale):
+    for t, a in zip(traces, group_advantages([t.reward for t in traces], scale).tolist()):
+        t.advantage = a
+
+
+# -----------------------------------------------------------------------------
+# The update: token log-probabilities, the loss, one AdamW step per model
+
+def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
+    """Sums over tokens of the policy-gradient loss and of the KL estimate:
+    loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t), KL_t = exp(r) - r - 1 with r = log pi_ref - log pi
+    (k3, non-negative). One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's gradient.
+    logp, ref_logp, mask: [b, T]; advantages, weights: [b]. Returns (loss sum, KL sum), scalars."""
+    log_ratio = ref_logp - logp
+    kl = torch.exp(log_ratio) - log_ratio - 1
+    per_token = weights[:, None] * (-advantages[:, None] * logp + beta * kl)
+    return (per_token * mask).sum(), (kl.detach() * mask).sum()
+
+
+def token_logprobs(model, input_ids, attention_mask, chunk):
+    """log pi(x_{t+1} | x_<=t) in fp32 and the entropy of pi(. | x_<=t) (no gradient), both [b, T-1]. The lm_head
+    and log-softmax run `chunk` positions at a time under activation checkpointing: [b, T, V] never exists."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    targets = input_ids[:, 1:]
+
+    def chunk_logprobs(h, y):
+        logp = torch.log_softmax(head(h).float(), dim=-1)
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, y[..., None]).squeeze(-1), entropy
+
+    pieces = [checkpoint(chunk_logprobs, hidden[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
+              if torch.is_grad_enabled() else chunk_logprobs(hidden[:, s:s + chunk], targets[:, s:s + chunk])
+              for s in range(0, hidden.shape[1], chunk)]
+    return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+
+
+def update_policy(policy, traces, cfg, lr):
+    """One AdamW step of one model on its traces: token-level mean loss, micro-batches sorted by length.
+    Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
+    model, device = policy.model, policy.device
+    params = lora_parameters(model)
+    total_tokens = all_reduce_sum(torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)).item()
+    if total_tokens == 0:  # no traces on any rank
+        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0}
+    sums = [0.0, 0.0, 0.0]  # loss, KL, entropy
+    ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
+    for i in range(0, len(ordered), cfg.micro_batch):
+        ids, attn, mask, adv, w = micro_batch(ordered[i:i + cfg.micro_batch], policy, cfg)
+        with torch.no_grad(), lora_disabled(model):
+            ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
+        model.train(not cfg.no_grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
+        logp, entropy = token_logprobs(model, ids, attn, cfg.logprob_chunk)
+        model.eval()
+        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
+        (loss / total_tokens).backward()
+        sums = [s + x for s, x in zip(sums, (loss.item(), kl.item(), (entropy * mask).sum().item()))]
+    loss_sum, kl_sum, entropy_sum = all_reduce_sum(torch.tensor(sums, device=device)).tolist()
+    all_reduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # the norm before clipping
+    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
+    if not skipped:
+        for group in policy.optimizer.param_groups:
+            group["lr"] = lr
+        policy.optimizer.step()
+    policy.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "entropy": entropy_sum / total_tokens,
+            "grad_norm": grad_norm, "tokens": total_tokens, "skipped": int(skipped)}
+
+
+def micro_batch(traces, policy, cfg):
+    """Right-padded prompt + completion ids [b, T], attention mask [b, T], the mask of the log-prob positions
+    that predict completion tokens [b, T-1], advantages [b] and loss weights [b] (round B: cfg.round_b_weight)."""
+    device = policy.device
+    width = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
+    ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros((len(traces), width - 1), device=device)
+    for row, t in enumerate(traces):
+        seq = t.prompt_ids + t.completion_ids
+        ids[row, :len(seq)] = torch.tensor(seq, device=device)
+        attn[row, :len(seq)] = 1
+        mask[row, len(t.prompt_ids) - 1:len(seq) - 1] = 1
+    adv = torch.tensor([t.advantage for t in traces], device=device)
+    w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in traces], device=device)
+    return ids, attn, mask, adv, w
+
+
+def learning_rate(cfg, step):
+    """10% linear warm-up, then cosine decay to 0 over cfg.steps."""
+    warmup = max(1, int(0.1 * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def train_step(step, cfg, policies, train_set, rng, counters, stats):
+    """One CORE step and one update per model; under torchrun this rank takes its share of the questions. Each
+    model's update stats are appended to `stats` as soon as it has stepped. Returns (metrics row over all ranks,
+    this rank's questions, groups, hints), or None when every question of the step was too long."""
+    t0 = time.time()
+    rank, world = dist_info()
+    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)][rank::world]
+    usable = [p for p in batch if fits(policies, p, cfg)]
+    groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
+    t1 = time.time()
+    for m, policy in enumerate(policies, 1):  # every rank updates, with or without traces: gradients are summed
+        traces = [t for g in groups for t in g if t.model == m]
+        stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
+        skipped = stats[-1]["skipped"]
+        counters["nonfinite_in_a_row"][m - 1] = counters["nonfinite_in_a_row"][m - 1] + 1 if skipped else 0
+        if skipped:
+            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update skipped")
+    shards = all_gather((groups, len(batch) - len(usable)))
+    all_groups, skipped = [g for shard, _ in shards for g in shard], sum(n for _, n in shards)
+    counters["skipped_problems"] += skipped
+    if skipped:
+        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
+              f"or the model context ({counters['skipped_problems']} so far)")
+    if not all_groups:
+        return None
+    return step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped), usable, groups, hints
+
+
+def train(cfg, policies, train_set, test_set, out):
+    """The training loop; returns (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM finish the
+    step and save a checkpoint; out of memory saves what is safe to save and says how to resume."""
+    rng = random.Random(stream_seed(cfg.seed, "hint dropout", rank=dist_info()[0]))
+    start, counters = start_or_resume(cfg, policies, test_set, out, rng)
+    stop = StopRequest()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    step, stats = start, []
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response:
-            payload = response.read()
-    except Exception as e:
-        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {cached} "
-                         f"or pass --data-dir DIR with DIR/{name}/{filename}") from None
-    tmp = cached.with_suffix(".part")
-    tmp.write_bytes(payload)
-    os.replace(tmp, cached)
-    return cached
+        for step in range(start, cfg.steps):
+            stats = []
+            result = train_step(step, cfg, policies, train_set, rng, counters, stats)
+            if result:
+                log_step(step, *result, cfg, policies, counters, out)
+            code = end_of_step(step + 1, start, cfg, policies, test_set, out, rng, counters, stop)
+            if code is not None:
+                return code, False
+    except torch.OutOfMemoryError:
+        if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
+            save_checkpoint(out, step, policies, cfg, rng, counters)
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with smaller "
+                            f"batches: python core.py --resume {out} --gen-batch {max(1, cfg.gen_batch // 2)} "
+                            f"--micro-batch {max(1, cfg.micro_batch // 2)}") from None
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return 0, True
 
 
-def read_jsonl(path):
-    """Rows of a JSONL file; a malformed line is a UsageError naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
+def start_or_resume(cfg, policies, test_set, out, rng):
+    """(first step, counters): a resumed run's newest checkpoint, else step 0 after the evaluation before training."""
+    rank = dist_info()[0]
+    if cfg.resume and checkpoints(out):
+        folder = find_checkpoint(out)
+        state = load_checkpoint(folder, policies, rng)
+        if rank == 0:
+            keep_logged_steps(out, state["step"])
+        print(f"resumed from {folder} at step {state['step']}")
+        return state["step"], state["counters"]
+    if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
+        print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
+        if rank == 0:
+            keep_logged_steps(out, -1)
+    if not cfg.no_eval_before:
+        run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
+    return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "kl_before": [0.0, 0.0]}
+
+
+def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
+    """After step `done`: the evaluation curve, checkpoints, and whether to stop (returns an exit code) or go on
+    (returns None)."""
+    if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
+        run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
+    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
+    if max(counters["nonfinite_in_a_row"]) >= 3:
+        save_checkpoint(out, done, policies, cfg, rng, counters)
+        raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
+                            f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
+    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
+        save_checkpoint(out, done, policies, cfg, rng, counters)
+    if stop.requested:
+        print(f"stopped after step {done}; continue with: python core.py --resume {out}")
+        return 130
+    if done - start == cfg.stop_after and done < cfg.steps:
+        print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: python core.py --resume {out}")
+        return 0
+    return None
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM (what timeout, SLURM and Kubernetes send) sets a flag; the training loop finishes
+    its step, checkpoints and exits 130. A second signal aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
+              flush=True)
+
+
+# -----------------------------------------------------------------------------
+# LoRA, by hand: the trainable policy pi_theta; with the adapters off, the reference policy pi_ref
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random, B is zero, so training starts exactly
+    at the base model. A and B are kept in fp32 (the master copy) and cast to the input's dtype."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True       # False: behave as the base layer (the frozen reference policy)
+        self.merged_from = None   # the base weight saved by merge(), restored by unmerge()
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled and self.merged_from is None:
+            y = y + (x @ self.lora_A.T.to(x.dtype)) @ (self.scale * self.lora_B.T).to(x.dtype)
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A into the base weight (W += scale B A); unmerge() restores W exactly."""
+        if self.merged_from is None:
+            self.merged_from = self.base.weight.data.clone()
+            self.base.weight.data += (self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged_from is not None:
+            self.base.weight.data.copy_(self.merged_from)
+            self.merged_from = None
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS):
+    """Freeze the model and wrap every nn.Linear whose name ends in one of `targets`; returns wrapped names."""
+    targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not names:
+        raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
+    for name in names:
+        set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
+    return names
+
+
+def set_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def lora_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_parameters(model):
+    return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Every adapter off: the model is its frozen base (the reference policy of the KL term)."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Every adapter folded into its base weight (a rollout: no adapter matmuls per decode step); the base
+    weights are restored bit for bit afterwards. Costs one copy of the wrapped weights."""
+    layers = lora_layers(model).values()
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
+def lora_state(model):
+    """The adapter tensors under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in], lora_B [out, r]."""
+    state = {}
+    for name, layer in lora_layers(model).items():
+        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    return state
+
+
+def lora_config(model, base_model):
+    """PEFT's adapter_config.json (what PeftModel.from_pretrained, transformers' load_adapter and vLLM read)."""
+    layers = list(lora_layers(model).values())
+    rank = layers[0].lora_A.shape[0]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+            "lora_alpha": layers[0].scale * rank, "target_modules": sorted({n.split(".")[-1] for n in lora_layers(model)}),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+
+
+def save_lora(model, folder, base_model):
+    """The adapters in PEFT's layout: folder/adapter_model.safetensors and folder/adapter_config.json."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(lora_state(model), str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (Path(folder) / "adapter_config.json").write_text(json.dumps(lora_config(model, base_model), indent=1))
+
+
+def load_lora(model, folder):
+    """Adapters saved by save_lora into a model with LoRA layers of the same rank, alpha and targets."""
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    saved = json.loads((Path(folder) / "adapter_config.json").read_text())
+    expected, config = lora_state(model), lora_config(model, None)
+    if (set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state)
+            or (saved["r"], saved["lora_alpha"]) != (config["r"], config["lora_alpha"])):
+        raise UsageError(f"{folder}: adapter does not fit this model (different modules, rank, alpha or shapes)")
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+
+
+def export_merged(model, tokenizer, folder):
+    """Save a plain transformers model with every adapter merged in (loadable without this file)."""
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        layer.merge()
+        set_module(model, name, layer.base)
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    finally:
+        for name, layer in layers.items():
+            set_module(model, name, layer)
+            layer.unmerge()
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: prompts, hints, and the reference sampler (a readable KV-cached loop; the CPU path)
+
+FORMAT_INSTRUCTION = {
+    "number": "Put the final answer in \\boxed{}.",
+    "math": "Put the final answer in \\boxed{}.",
+    "integer": "The answer is an integer from 0 to 999; put it in \\boxed{}.",
+    "choice": "Answer with the letter of the correct option in \\boxed{}, e.g. \\boxed{A}.",
+}
+
+
+def build_prompt(tokenizer, question, kind, hint=None):
+    """Token ids of the chat prompt: 'Question:', optional 'Hint:', the step-by-step cue and the answer format."""
+    content = f"Question: {question}\n"
+    if hint:
+        content += f"Hint:\n{hint}\n"
+    content += f"Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
+    if getattr(tokenizer, "chat_template", None):
+        content = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                tokenize=False)
+    return tokenizer(content, add_special_tokens=False)["input_ids"]
+
+
+def cap_hint(hint, tokenizer, max_tokens):
+    """The first max_tokens tokens of the hint, in the receiving model's tokenizer."""
+    ids = tokenizer(hint, add_special_tokens=False)["input_ids"]
+    return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+
+
+def hint_for(policy, problem, hint, cfg):
+    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow."""
+    cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
+    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16, policy.context - cfg.max_new_tokens - cold - 16)
+    return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
+
+
+def fits(policies, problem, cfg):
+    """Whether a training question's cold prompt, and its token budget, fit every model."""
+    lengths = [len(build_prompt(pol.tokenizer, problem.question, problem.kind)) for pol in policies]
+    return all(n <= cfg.max_prompt_tokens and n + cfg.max_new_tokens <= pol.context
+               for n, pol in zip(lengths, policies))
+
+
+def sample_round(policies, problems, requests, cfg, round_name, n=1):
+    """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m and checks
+    every answer. Returns [(question index, Trace), ...]."""
+    traces = []
+    progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
+    for m, (policy, asks) in enumerate(zip(policies, requests), 1):
+        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint) for q, hint in asks]
+        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
+        for i, (ids, text) in enumerate(outputs):
+            (q, hint), prompt = asks[i // n], prompts[i // n]
+            gold, kind = problems[q].gold, problems[q].kind
+            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
+                                    hint_shown=hint is not None, hint_leaks=hint is not None and is_correct(hint, gold, kind),
+                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
+    progress.close()
+    return traces
+
+
+def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
+    """n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the weights, from
+    `generator` (default: the policy's training stream). Returns (ids, text) per row, prompt-major."""
+    results = []
+    per_batch = max(1, cfg.gen_batch // n)
+    with lora_merged(policy.model):
+        sampler = pick_sampler(policy, prompts, cfg)
+        for i in range(0, len(prompts), per_batch):
+            batch = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids, policy.pad_id,
+                            cfg.temperature, cfg.top_p, generator or policy.generator, n, progress=progress)
+            results += [(ids, policy.tokenizer.decode(ids, skip_special_tokens=True)) for ids in batch]
+            if progress is not None:
+                progress.add(len(batch), sum(map(len, batch)))
+    return results
+
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
+           progress=None):
+    """KV-cached batched sampling. prompts: token-id lists, each sampled n times. Returns the exact sampled ids of
+    every row, prompt-major (the EOS token included when one was sampled). After the shared prefill, one token per
+    step for every live row; a row stops at an EOS id or its budget and leaves the batch (and the cache)."""
+    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
+    live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
+    eos = torch.tensor(sorted(eos_ids), device=logits.device)
+    out = [[] for _ in live]
+    sampled = 0
+    for step in range(max_new_tokens):
+        sampled += len(live)
+        if progress is not None and progress.due():
+            progress.show(len(out) - len(live), sampled)
+        tokens = pick_tokens(logits, temperature, top_p, generator)
+        for row, token in zip(live.tolist(), tokens.tolist()):
+            out[row].append(token)
+        keep = ~torch.isin(tokens, eos)
+        if step + 1 == max_new_tokens or not keep.any():
+            break
+        if not keep.all():
+            kept = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            live, tokens, mask, next_pos = live[kept], tokens[kept], mask[kept], next_pos[kept]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+        next_pos = next_pos + 1
+    return out
+
+
+def prefill(model, prompts, pad_id, n):
+    """The left-padded prompts through the model at once (position ids from the mask), then everything repeated n
+    times: the n samples of a prompt share one prefill. Returns the DynamicCache, the next-token logits [rows, V]
+    (fp32), the attention mask [rows, width] and each row's next position [rows]."""
+    from transformers import DynamicCache
+    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, mask, positions = (x.repeat_interleave(n, dim=0) for x in (logits, mask, positions))
+    return cache, logits, mask, positions[:, -1] + 1
+
+
+def left_pad(prompts, pad_id, device):
+    """Token-id lists -> ids [b, width] left-padded with pad_id, attention mask [b, width]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, device=device)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
+    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p. The nucleus
+    is found among the `candidates` most likely tokens; only when those hold less than top_p of the mass is the
+    whole vocabulary sorted. Either way the distribution is the exact top-p one."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
+    if (top.sum(-1) < top_p).any():
+        top, order = probs.sort(dim=-1, descending=True)
+    top[top.cumsum(-1) - top > top_p] = 0  # mass before this token already > top_p: outside the nucleus
+    return order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
+
+
+def hit_budget(ids, budget, eos_ids):
+    """A sample cut off by its token budget: as long as the budget, and no EOS at its end."""
+    return len(ids) >= budget and ids[-1] not in eos_ids
+
+
+def until_eos(ids, eos_ids):
+    """The tokens up to and including the first EOS (all of them if there is none)."""
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:i + 1]
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# The GPU sampler: sample() on a static cache, each decode step recorded once as a CUDA graph
+
+def fast_decoding(model, cfg):
+    """Whether the GPU sampler can run: CUDA, sdpa, full attention only, and not --decoder reference."""
+    config = model.config
+    full_attention = not getattr(config, "use_sliding_window", False) and all(
+        t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
+    return (model.device.type == "cuda" and cfg.decoder != "reference" and full_attention
+            and config._attn_implementation == "sdpa")
+
+
+def pick_sampler(policy, prompts, cfg):
+    """sample_fast where it can run, else sample. On its first use for a model the fast path checks itself: a few
+    rows decoded greedily by both samplers must agree, or the run warns once and keeps the reference loop."""
+    if not fast_decoding(policy.model, cfg):
+        return sample
+    fast = functools.partial(sample_fast, compile_backend="inductor" if cfg.decoder == "compiled" else None)
+    if policy.fast_agrees is None:
+        rows = prompts[:4]
+        policy.fast_agrees = (fast(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0)
+                              == sample(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0))
+        if not policy.fast_agrees:
+            print(f"warning: {policy.name}: the GPU sampler's greedy tokens differ from the reference loop's; "
+                  f"sampling with the reference loop for the rest of the run", file=sys.stderr, flush=True)
+    return fast if policy.fast_agrees else sample
+
+
+@torch.no_grad()
+def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
+                segment=256, cuda_graph=None, compile_backend=None, progress=None):
+    """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a StaticCache
+    with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run eagerly);
+    compile_backend (e.g. "inductor") compiles the step first. Finished rows keep decoding (tokens discarded) until
+    the next `segment` boundary, where they are dropped and the cache is rebuilt with room for one more segment.
+    Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
+    if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
+        raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
+    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
+    rows, width = mask.shape
+    device = logits.device
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    live = torch.arange(rows, device=device)          # original row of each batch row
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    attn, positions = mask.bool()[:, None, None, :], next_pos[:, None]
+    sampled = 0
+    for s in range(max_new_tokens):
+        if s % segment == 0:  # drop finished rows; a cache (and a graph) for the next segment
+            keep = (~finished).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            filled, length = width + s, width + min(s + segment, max_new_tokens)
+            cache = static_cache(model, cache, keep, filled, length)
+            grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
+            grown[..., :filled] = attn[keep]
+            live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
+            cursor = torch.tensor([filled], device=device)
+            step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
+        sampled += len(live)
+        if progress is not None and progress.due():  # the only sync between segments, at most once a second
+            progress.show(rows - len(live) + int(finished.sum()), sampled)
+        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
+        out[live, s] = tokens
+        finished |= torch.isin(tokens, eos)
+        if s + 1 == max_new_tokens or (s % 8 == 7 and finished.all()):  # checked every 8 steps: fewer syncs
+            break
+        logits = step(tokens)
+    return [until_eos(ids, eos_ids) for ids in out.tolist()]
+
+
+def static_cache(model, source, rows, filled, length):
+    """A StaticCache with room for `length` positions holding positions [0, filled) of the given rows of `source`
+    (the prefill's DynamicCache or the previous StaticCache), which it consumes layer by layer."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    for new, old in zip(cache.layers, source.layers):
+        keys, values = old.keys[rows, :, :filled], old.values[rows, :, :filled]
+        old.keys = old.values = None
+        new.lazy_initialization(keys, values)  # allocates keys/values [rows, kv_heads, length, head_dim]
+        new.keys[:, :, :filled], new.values[:, :, :filled] = keys, values
+        new.cumulative_length.fill_(filled)  # next write position
+    return cache
+
+
+class DecodeStep:
+    """One decode step on fixed buffers, so that CUDA can record it once as a graph and replay it. Buffers, one row
+    per live sample: tokens [rows, 1], position ids [rows, 1], attn [rows, 1, 1, length] (bool: the cache positions
+    each row may see, a ready 4D mask), cursor [1] (the cache position written this step)."""
+
+    capture_failed = False  # set once a capture fails: every later step runs eagerly
+    compile_failed = False  # set once torch.compile fails: every later step runs forward() as written
+
+    def __init__(self, model, cache, attn, positions, cursor, cuda_graph, compile_backend=None):
+        self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
+        self.tokens = torch.zeros_like(positions)
+        self.cuda_graph, self.compile_backend, self.graph, self.logits = cuda_graph, compile_backend, None, None
+
+    def forward(self):
+        self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
+        logits = self.model(input_ids=self.tokens, attention_mask=self.attn, position_ids=self.positions,
+                            past_key_values=self.cache, use_cache=True).logits[:, -1].float()
+        self.cursor.add_(1)
+        self.positions.add_(1)
+        return logits
+
+    def run(self):
+        """forward(), through torch.compile when a backend is given (dynamic shapes: one graph for every row count
+        and cache length). A failed compile warns once and runs forward() as written from then on."""
+        if not self.compile_backend or DecodeStep.compile_failed:
+            return self.forward()
         try:
-            lines = list(f)
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
+            return compiled_decode_forward(self.compile_backend)(self)
+        except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before anything ran
+            DecodeStep.compile_failed = True
+            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); decoding "
+                  f"uncompiled from now on", file=sys.stderr, flush=True)
+            return self.forward()
 
+    def __call__(self, tokens):
+        """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
+        self.tokens.copy_(tokens[:, None])
+        if not self.cuda_graph or DecodeStep.capture_failed:
+            return self.run()
+        with torch.cuda.device(self.tokens.device):  # streams and graphs belong to the current device
+            if self.graph is None:
+                return self.capture()
+            self.graph.replay()
+            return self.logits
 
-def gsm8k_gold(solution):
-    """GSM8K gold: the text after the last '####'."""
-    return solution.split("####")[-1].strip().replace(",", "")
-
-
-def math_gold(solution):
-    """MATH gold: the last \\boxed{} of the reference solution."""
-    spans = boxed_spans(solution)
-    return spans[-1][2] if spans else None
-
-
-def row_to_problem(row, kind, pid, where):
-    """One loaded row -> Problem. Accepts GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
-    question = row.get("question") or row.get("problem") or row.get("Question")
-    if "answer" in row and row["answer"] is not None:
-        answer = str(row["answer"])
-        gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
-    elif row.get("solution"):
-        gold = math_gold(row["solution"])
-    else:
-        gold = None
-    if not isinstance(question, str) or not question.strip():
-        raise UsageError(f"{where}: row has no 'question' or 'problem' field")
-    if not gold:
-        raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
-    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
-
-
-def gpqa_problems(zip_path, seed):
-    """GPQA Diamond from the upstream password-protected zip; options shuffled with a fixed seed per row."""
-    with zipfile.ZipFile(zip_path) as z:
-        text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
-    problems = []
-    for row in csv.DictReader(io.StringIO(text)):
-        options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
-        order = list(range(4))
-        random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
-        letters = "ABCD"
-        lines = [f"({letters[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
-        gold = letters[order.index(0)]
-        problems.append(Problem(row["Record ID"], row["Question"].strip() + "\n\n" + "\n".join(lines), gold, "choice"))
-    return problems
-
-
-def math_tar_problems(tar_path, split):
-    """MATH from the original Hendrycks tarball (one JSON file per problem)."""
-    problems = []
-    with tarfile.open(tar_path) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            parts = member.name.split("/")
-            if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
-                row = json.load(tar.extractfile(member))
-                with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold are skipped
-                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
-    return problems
-
-
-def guess_kind(gold):
-    """Answer kind of a generic dataset, from its gold answers."""
-    if re.fullmatch(r"[A-D]", gold.strip()):
-        return "choice"
-    return "number" if parse_number(gold) is not None else "math"
-
-
-def load_jsonl_problems(path, kind=None):
-    """Problems of a JSONL file. kind=None: a user's file, strict (a bad row is an error), kind from the golds;
-    otherwise a known public dataset, whose few rows without a usable gold (e.g. an empty \\boxed{}) are skipped."""
-    problems, unusable = [], 0
-    for lineno, row in enumerate(read_jsonl(path), 1):
+    def capture(self):
+        """Run the step for real on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.run()  # compiles, the first time a backend is given
+        torch.cuda.current_stream().wait_stream(side)
         try:
-            problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
-        except UsageError:
-            if kind is None:
-                raise
-            unusable += 1
-    if unusable:
-        print(f"note: {unusable} row(s) of {path} skipped: no question or no gold answer")
-    if kind is None:
-        kinds = {guess_kind(p.gold) for p in problems}
-        kind = kinds.pop() if len(kinds) == 1 else "math"
-        problems = [replace(p, kind=kind) for p in problems]
-    return problems
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.run()  # recorded, not run: buffers are unchanged
+            self.graph = graph
+        except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
+            DecodeStep.capture_failed = True
+            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs "
+                  f"from now on", file=sys.stderr, flush=True)
+        return logits
 
 
-def split_80_20(problems, split):
-    """Single-file datasets: first 80% train, last 20% test (by file order); 'all' keeps everything."""
-    cut = int(0.8 * len(problems))
-    return {"train": problems[:cut], "test": problems[cut:], "all": problems}[split]
-
-
-def load_problems(name, split, data_dir="", seed=42):
-    """Problems of a dataset split ('train', 'test' or 'all'). `name` is a dataset name or a local path."""
-    path = Path(name)
-    if name not in DATASET_NAMES:
-        if path.is_dir() and path.name in DATASET_NAMES:  # e.g. ../shared/data/gsm8k
-            return load_problems(path.name, split, str(path.parent), seed)
-        if path.is_dir():
-            files = {s: path / f"{s}.jsonl" for s in ("train", "test")}
-            if files["train"].exists() and files["test"].exists() and split != "all":
-                problems = load_jsonl_problems(files[split])
-            else:
-                problems = split_80_20(sum((load_jsonl_problems(p) for p in sorted(path.glob("*.jsonl"))), []), split)
-        else:
-            problems = split_80_20(load_jsonl_problems(path), split)
-    elif name == "gpqa":
-        problems = split_80_20(gpqa_problems(locate("gpqa", "dataset.zip", data_dir), seed), split)
-    elif name == "gsm8k":
-        problems = sum((load_jsonl_problems(locate("gsm8k", f"{s}.jsonl", data_dir), "number")
-                        for s in (["train", "test"] if split == "all" else [split])), [])
-    elif name in ("math", "math500"):
-        test_name, splits = ("math500" if name == "math500" else "math"), (["train", "test"] if split == "all" else [split])
-        problems = []
-        for s in splits:
-            local = Path(data_dir) / ("math" if s == "train" else test_name) / f"{s}.jsonl" if data_dir else None
-            if local and local.exists():
-                problems += load_jsonl_problems(local, "math")
-            elif s == "test" and name == "math500":
-                problems += load_jsonl_problems(locate("math500", "test.jsonl", data_dir), "math")
-            else:
-                problems += math_tar_problems(locate("math", "MATH.tar", data_dir), s)
-    else:  # aime24, aime25: one file
-        problems = split_80_20(load_jsonl_problems(locate(name, "test.jsonl", data_dir), "integer"), split)
-        problems = [replace(p, question=p.question.replace("\x0c", "\\f").replace("\t", "\\t")) for p in problems]
-    if not problems:
-        raise UsageError(f"no usable problems in dataset '{name}' (split {split})")
-    return problems
-
-
-def training_order(n, step, batch, seed):
-    """Indices of the questions for `step`: epochs of seeded shuffles, so the order follows from step alone."""
-    start = step * batch
-    indices = []
-    while len(indices) < batch:
-        epoch, offset = divmod(start + len(indices), n)
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        indices.append(order[offset])
-    return indices
+@functools.cache
+def compiled_decode_forward(backend):
+    return torch.compile(DecodeStep.forward, backend=backend, dynamic=True, fullgraph=True)
 
 
 # -----------------------------------------------------------------------------
@@ -598,641 +1192,541 @@ def is_bare_answer(text, gold, kind):
     return bare != "" and normalize_math(bare) == normalize_math(gold)
 
 
+
+
+
+
 # -----------------------------------------------------------------------------
-# LoRA
+# Data
 
-class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random, B is zero, so training starts
-    exactly at the base model. A and B are kept in fp32 (the master copy) and cast to the input's dtype."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.enabled = True       # False: behave as the base layer (the frozen reference policy)
-        self.merged_from = None   # the base weight saved by merge(), restored by unmerge()
-
-    def delta_weight(self):
-        return self.scale * (self.lora_B @ self.lora_A)  # [out, in]
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.enabled and self.merged_from is None:
-            y = y + (x @ self.lora_A.T.to(x.dtype)) @ (self.scale * self.lora_B.T).to(x.dtype)
-        return y
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold B A into the base weight (W += scale B A); unmerge() restores W exactly."""
-        if self.merged_from is None:
-            self.merged_from = self.base.weight.data.clone()
-            self.base.weight.data += self.delta_weight().to(self.base.weight.dtype)
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged_from is not None:
-            self.base.weight.data.copy_(self.merged_from)
-            self.merged_from = None
+@dataclass
+class Problem:
+    id: str        # stable id within its dataset
+    question: str  # full question text (GPQA: with the lettered options)
+    gold: str      # gold final answer
+    kind: str      # answer kind: number | math | integer | choice
 
 
-def add_lora(model, rank, alpha, targets=LORA_TARGETS):
-    """Freeze the model and wrap every nn.Linear whose name ends in one of `targets`; returns wrapped names."""
-    targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
-    if not names:
-        raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
-    return names
+# canonical public files; each is downloaded once into the cache, or read from --data-dir/<name>/<file>
+SOURCES = {
+    "gsm8k": {"train.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
+              "test.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"},
+    "math": {"MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
+    "math500": {"test.jsonl": "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"},
+    "aime24": {"test.jsonl": "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"},
+    "aime25": {"test.jsonl": "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"},
+    "gpqa": {"dataset.zip": "https://github.com/idavidrein/gpqa/raw/main/dataset.zip"},
+}
+GPQA_PASSWORD = b"deserted-untie-orchid"  # public, from the GPQA README
+CACHE_DIR = Path(os.environ.get("CORE_CACHE", Path.home() / ".cache" / "core"))
 
 
-def lora_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def lora_parameters(model):
-    return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
-
-
-@contextlib.contextmanager
-def lora_disabled(model):
-    """Switch every adapter off: the model is its frozen base (the reference policy of the KL term)."""
-    layers = lora_layers(model).values()
-    for layer in layers:
-        layer.enabled = False
+def locate(name, filename, data_dir):
+    """Path of a dataset file: --data-dir first, then the cache, else download it into the cache."""
+    if data_dir and (Path(data_dir) / name / filename).exists():
+        return Path(data_dir) / name / filename
+    cached = CACHE_DIR / name / filename
+    if cached.exists():
+        return cached
+    url = SOURCES[name][filename]
     try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enabled = True
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except Exception as e:
+        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {cached} "
+                         f"or pass --data-dir DIR with DIR/{name}/{filename}") from None
+    tmp = cached.with_suffix(".part")
+    tmp.write_bytes(payload)
+    os.replace(tmp, cached)
+    return cached
 
 
-@contextlib.contextmanager
-def lora_merged(model):
-    """Fold every adapter into its base weight for the duration (a rollout: no adapter matmuls per decode step);
-    the base weights are restored bit for bit afterwards. Costs one copy of the wrapped weights."""
-    layers = lora_layers(model).values()
-    for layer in layers:
-        layer.merge()
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.unmerge()
+def gsm8k_gold(solution):
+    """GSM8K gold: the text after the last '####'."""
+    return solution.split("####")[-1].strip().replace(",", "")
 
 
-def lora_state(model):
-    """Only the adapter tensors, under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in] and
-    '...lora_B.weight' [out, r]."""
-    state = {}
-    for name, layer in lora_layers(model).items():
-        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+def math_gold(solution):
+    """MATH gold: the last \\boxed{} of the reference solution."""
+    spans = boxed_spans(solution)
+    return spans[-1][2] if spans else None
+
+
+def row_to_problem(row, kind, pid, where):
+    """One loaded row -> Problem. Accepts GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
+    question = row.get("question") or row.get("problem") or row.get("Question")
+    if "answer" in row and row["answer"] is not None:
+        answer = str(row["answer"])
+        gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
+    elif row.get("solution"):
+        gold = math_gold(row["solution"])
+    else:
+        gold = None
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError(f"{where}: row has no 'question' or 'problem' field")
+    if not gold:
+        raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
+    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
+
+
+def gpqa_problems(zip_path, seed):
+    """GPQA Diamond from the upstream password-protected zip; options shuffled with a fixed seed per row."""
+    with zipfile.ZipFile(zip_path) as z:
+        text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
+    problems = []
+    for row in csv.DictReader(io.StringIO(text)):
+        options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
+        order = list(range(4))
+        random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
+        letters = "ABCD"
+        lines = [f"({letters[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
+        gold = letters[order.index(0)]
+        problems.append(Problem(row["Record ID"], row["Question"].strip() + "\n\n" + "\n".join(lines), gold, "choice"))
+    return problems
+
+
+def math_tar_problems(tar_path, split):
+    """MATH from the original Hendrycks tarball (one JSON file per problem)."""
+    problems = []
+    with tarfile.open(tar_path) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
+                row = json.load(tar.extractfile(member))
+                with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold are skipped
+                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
+    return problems
+
+
+def guess_kind(gold):
+    """Answer kind of a generic dataset, from its gold answers."""
+    if re.fullmatch(r"[A-D]", gold.strip()):
+        return "choice"
+    return "number" if parse_number(gold) is not None else "math"
+
+
+def load_jsonl_problems(path, kind=None):
+    """Problems of a JSONL file. kind=None: a user's file, strict (a bad row is an error), kind from the golds;
+    otherwise a known public dataset, whose few rows without a usable gold (e.g. an empty \\boxed{}) are skipped."""
+    problems, unusable = [], 0
+    for lineno, row in enumerate(read_jsonl(path), 1):
+        try:
+            problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
+        except UsageError:
+            if kind is None:
+                raise
+            unusable += 1
+    if unusable:
+        print(f"note: {unusable} row(s) of {path} skipped: no question or no gold answer")
+    if kind is None:
+        kinds = {guess_kind(p.gold) for p in problems}
+        kind = kinds.pop() if len(kinds) == 1 else "math"
+        problems = [replace(p, kind=kind) for p in problems]
+    return problems
+
+
+def split_80_20(problems, split):
+    """Single-file datasets: first 80% train, last 20% test (by file order); 'all' keeps everything."""
+    cut = int(0.8 * len(problems))
+    return {"train": problems[:cut], "test": problems[cut:], "all": problems}[split]
+
+
+def load_problems(name, split, data_dir="", seed=42):
+    """Problems of a dataset split ('train', 'test' or 'all'). `name` is a dataset name or a local path."""
+    path = Path(name)
+    if name not in DATASET_NAMES:
+        if path.is_dir() and path.name in DATASET_NAMES:  # e.g. ../shared/data/gsm8k
+            return load_problems(path.name, split, str(path.parent), seed)
+        if path.is_dir():
+            files = {s: path / f"{s}.jsonl" for s in ("train", "test")}
+            if files["train"].exists() and files["test"].exists() and split != "all":
+                problems = load_jsonl_problems(files[split])
+            else:
+                problems = split_80_20(sum((load_jsonl_problems(p) for p in sorted(path.glob("*.jsonl"))), []), split)
+        else:
+            problems = split_80_20(load_jsonl_problems(path), split)
+    elif name == "gpqa":
+        problems = split_80_20(gpqa_problems(locate("gpqa", "dataset.zip", data_dir), seed), split)
+    elif name == "gsm8k":
+        problems = sum((load_jsonl_problems(locate("gsm8k", f"{s}.jsonl", data_dir), "number")
+                        for s in (["train", "test"] if split == "all" else [split])), [])
+    elif name in ("math", "math500"):
+        test_name, splits = ("math500" if name == "math500" else "math"), (["train", "test"] if split == "all" else [split])
+        problems = []
+        for s in splits:
+            local = Path(data_dir) / ("math" if s == "train" else test_name) / f"{s}.jsonl" if data_dir else None
+            if local and local.exists():
+                problems += load_jsonl_problems(local, "math")
+            elif s == "test" and name == "math500":
+                problems += load_jsonl_problems(locate("math500", "test.jsonl", data_dir), "math")
+            else:
+                problems += math_tar_problems(locate("math", "MATH.tar", data_dir), s)
+    else:  # aime24, aime25: one file
+        problems = split_80_20(load_jsonl_problems(locate(name, "test.jsonl", data_dir), "integer"), split)
+        problems = [replace(p, question=p.question.replace("\x0c", "\\f").replace("\t", "\\t")) for p in problems]
+    if not problems:
+        raise UsageError(f"no usable problems in dataset '{name}' (split {split})")
+    return problems
+
+
+def training_order(n, step, batch, seed):
+    """Indices of the questions for `step`: epochs of seeded shuffles, so the order follows from step alone."""
+    start = step * batch
+    indices = []
+    while len(indices) < batch:
+        epoch, offset = divmod(start + len(indices), n)
+        order = list(range(n))
+        random.Random(stream_seed(seed, "data order", epoch)).shuffle(order)
+        indices.append(order[offset])
+    return indices
+
+
+
+def load_data(cfg):
+    """(training set, test set): cfg.train_n seeded training questions and the first cfg.eval_n test questions
+    (--eval-only on a single-file dataset: all of it)."""
+    train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
+    single_file = cfg.data in ("aime24", "aime25", "gpqa")
+    test_set = load_problems(cfg.data, "all" if cfg.eval_only and single_file else "test", cfg.data_dir, cfg.seed)
+    random.Random(cfg.seed).shuffle(train_set)
+    return train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: cold prompts only, k samples per model and question, each model from its own stream; every number
+# is computed from the per-question records written next to it
+
+def evaluate(policies, usable, cfg, tag):
+    """Prints the table; returns (metrics, records), one record per question: id, question, gold and, per model
+    ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text."""
+    if not usable:
+        print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
+        return {}, []
+    rank, world = dist_info()
+    mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
+    start = time.time()
+    records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
+    progress = Progress(f"{tag}: evaluating", len(policies) * len(mine) * cfg.eval_k, always=True)
+    for m, pol in enumerate(policies, 1):
+        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for _, p in mine]
+        stream = torch.Generator(device=pol.device).manual_seed(stream_seed(cfg.seed, "evaluation", m, rank))
+        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, stream, progress)
+        for q, (r, (_, p)) in enumerate(zip(records, mine)):
+            r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
+                          for ids, text in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
+    progress.close()
+    records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
+    metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
+    print_table(tag, metrics, [p.name for p in policies])
+    return metrics, records
+
+
+def sample_result(ids, text, problem, eos_ids, budget):
+    answer = extract_answer(text, problem.kind)
+    return {"answer": answer, "correct": answer is not None and answer == normalize_gold(problem.gold, problem.kind),
+            "tokens": len(ids), "truncated": hit_budget(ids, budget, eos_ids), "text": text}
+
+
+def eval_metrics(records, k):
+    """Every number of an evaluation, from its records. With k even, also the team over the first k/2 samples
+    of each model: k candidates, the budget of one model's Pass@k and maj@k."""
+    metrics = {"questions": len(records), "k": k}
+    for m in (1, 2):
+        metrics |= model_metrics(records, m, k)
+    metrics |= team_metrics(records, k)
+    if k % 2 == 0:
+        metrics |= team_metrics(records, k // 2)
+    return metrics
+
+
+def pass_at(n, c, j):
+    """Unbiased Pass@j (Chen et al. 2021) of a question with c correct among n samples: 1 - C(n-c, j) / C(n, j)."""
+    return 1.0 - math.comb(n - c, j) / math.comb(n, j)
+
+
+def majority_correct(samples):
+    """Whether the majority answer of `samples` is correct. Samples without an answer do not vote; no vote is
+    wrong. A tie goes to the tied answer that comes first (one model's samples are exchangeable)."""
+    answers = [s["answer"] for s in samples if s["answer"] is not None]
+    if not answers:
+        return False
+    counts = {a: answers.count(a) for a in answers}
+    vote = next(a for a in answers if counts[a] == max(counts.values()))
+    return any(s["correct"] for s in samples if s["answer"] == vote)
+
+
+def model_metrics(records, m, k):
+    """Model m: Pass@j for j = 1..k, maj@k (self-consistency), mean sample length, fraction truncated."""
+    samples = [r[f"m{m}"] for r in records]
+    out = {f"pass@{j}_m{m}": sum(pass_at(k, sum(s["correct"] for s in ss), j) for ss in samples) / len(samples)
+           for j in range(1, k + 1)}
+    out[f"maj@{k}_m{m}"] = sum(map(majority_correct, samples)) / len(samples)
+    flat = [s for ss in samples for s in ss]
+    out[f"tokens_m{m}"] = sum(s["tokens"] for s in flat) / len(flat)
+    out[f"truncated_m{m}"] = sum(s["truncated"] for s in flat) / len(flat)
+    return out
+
+
+def team_metrics(records, j):
+    """The team over the first j samples of each model. Team Pass@j: any of the 2j is correct (the paper's
+    oracle). Team vote@j: their majority answer, taken m1, m2, m1, m2, ..., is correct. p_12: both models solve
+    it. Joint failure: both fail. Correlated failure: joint failure - the product of the two failure rates."""
+    n = len(records)
+    solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
+    joint = sum(not a and not b for a, b in zip(solved1, solved2)) / n
+    votes = [majority_correct([s for pair in zip(r["m1"][:j], r["m2"][:j]) for s in pair]) for r in records]
+    return {f"team_pass@{j}": sum(a or b for a, b in zip(solved1, solved2)) / n,
+            f"team_vote@{j}": sum(votes) / n,
+            f"p_12@{j}": sum(a and b for a, b in zip(solved1, solved2)) / n,
+            f"joint_failure@{j}": joint,
+            f"correlated_failure@{j}": joint - (1 - sum(solved1) / n) * (1 - sum(solved2) / n)}
+
+
+def evaluable(policies, problems, cfg):
+    """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
+    usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind))
+                                         + cfg.eval_max_new_tokens <= pol.context for pol in policies)]
+    if len(usable) < len(problems):
+        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the model context")
+    return usable
+
+
+def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
+    """evaluate(), then out/NAME.json and its records out/NAME_samples.jsonl; an evaluation with a `step` also
+    goes into out/evals.jsonl, the run's evaluation curve."""
+    metrics, records = evaluate(policies, test_set, cfg, tag)
+    if dist_info()[0] == 0:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(metrics, indent=1))
+        write_jsonl(out / f"{name}_samples.jsonl", records)
+        if step is not None:
+            append_jsonl(out / "evals.jsonl", {"step": step} | metrics)
+    return metrics
+
+
+def print_table(tag, m, names):
+    """The evaluation as one block: Pass@j and maj@k per model, the team, and (k even) the team at an equal budget
+    of k candidates beside each model's best-of-k and self-consistency."""
+    k = m["k"]
+    print(f"\n{tag}: {m['questions']} questions, {k} samples per model")
+    print(f"  {'':<28}" + "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1)) + f"{f'maj@{k}':>8}{'truncated':>10}")
+    for i, name in enumerate(names, 1):
+        print(f"  {name[-28:]:<28}" + "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
+              + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
+    print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote {m[f'team_vote@{k}']:.3f} | "
+          f"p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure {m[f'joint_failure@{k}']:.3f} | "
+          f"correlated failure {m[f'correlated_failure@{k}']:+.3f}")
+    if k % 2 == 0:
+        h = k // 2
+        print(f"  at an equal budget of {k} candidates:")
+        print(f"    {f'team, {h} + {h} samples':<26} Team Pass@{h} {m[f'team_pass@{h}']:.3f}   "
+              f"team vote {m[f'team_vote@{h}']:.3f}   p_12 {m[f'p_12@{h}']:.3f}")
+        for i, name in enumerate(names, 1):
+            print(f"    {name[-26:]:<26} best-of-{k} (Pass@{k}) {m[f'pass@{k}_m{i}']:.3f}   "
+                  f"self-consistency (maj@{k}) {m[f'maj@{k}_m{i}']:.3f}")
+    print()
+
+
+COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
+            ("Pass@k m2", "pass@{k}_m2"), ("maj@k m1", "maj@{k}_m1"), ("maj@k m2", "maj@{k}_m2"),
+            ("Team Pass@k", "team_pass@{k}"), ("team vote@k", "team_vote@{k}"), ("p_12@k", "p_12@{k}"),
+            ("joint failure@k", "joint_failure@{k}"), ("correlated failure@k", "correlated_failure@{k}"),
+            ("Team Pass@k/2", "team_pass@{h}"), ("team vote@k/2", "team_vote@{h}")]
+
+
+def comparison_rows(folders):
+    """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only run's
+    single value. The demo ends with its own; tools/compare.py puts several runs side by side."""
+    runs = [[json.loads((Path(f) / f"{name}.json").read_text()) for name in ("eval_before", "eval_after", "eval")
+             if (Path(f) / f"{name}.json").is_file()] for f in folders]
+    runs = [[e for e in evals if e] for evals in runs]
+    rows = [("", [Path(f).name for f in folders]),
+            ("k, questions", [f"{evals[0]['k']}, {evals[0]['questions']}" if evals else "-" for evals in runs])]
+    return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in COMPARED]
+
+
+def compared_cell(evals, key):
+    """'before -> after (change)' of one metric of a run, its single value (--eval-only), or '-'."""
+    k = evals[0]["k"] if evals else 0
+    key = key.format(k=k, h=k // 2)
+    values = [e[key] for e in evals if key in e]
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "-"
+    return f"{values[0]:.3f} -> {values[-1]:.3f} ({values[-1] - values[0]:+.3f})"
+
+
+def print_rows(rows):
+    width = max(26, *(len(name) + 2 for name in rows[0][1]))
+    for label, cells in rows:
+        print((f"{label:<22}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints and resume: written to a temporary folder and renamed into place, so a kill never leaves a broken one
+
+def save_checkpoint(out, step, policies, cfg, rng, counters):
+    """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step, data
+    position, counters, config. Every rank takes part; rank 0 writes."""
+    check_in_sync(policies)
+    rngs = all_gather((rng_tensors(policies), rng.getstate()))
+    if dist_info()[0] != 0:
+        return None
+    root = out / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    if final.exists():
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for m, policy in enumerate(policies, 1):
+        save_lora(policy.model, tmp / f"adapter_{m}", getattr(cfg, f"model{m}"))
+        tensors, meta = optimizer_tensors(policy.optimizer)
+        save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
+    save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
+              str(tmp / "rng.safetensors"))
+    state = {"step": step, "data_position": step * cfg.batch_questions, "world_size": len(rngs),
+             "python_rng": [py for _, py in rngs], "counters": counters, "config": asdict(cfg)}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    os.replace(tmp, final)
+    for old in checkpoints(out)[:-cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder, policies, rng, with_optimizer=True):
+    """Restore adapters (and the optimizer and RNG states, to resume); returns the saved state."""
+    state = json.loads((folder / "state.json").read_text())
+    for m, policy in enumerate(policies, 1):
+        load_lora(policy.model, folder / f"adapter_{m}")
+        if with_optimizer:
+            load_optimizer(policy.optimizer, folder / f"optimizer_{m}.safetensors")
+    if not with_optimizer:
+        return state
+    rank, world = dist_info()
+    if state["world_size"] != world:
+        raise UsageError(f"{folder} was written by {state['world_size']} process(es); resume it with as many "
+                         f"(torchrun --nproc_per_node {state['world_size']})")
+    rngs = load_file(str(folder / "rng.safetensors"))
+    mine = {k.split(".", 1)[1]: v for k, v in rngs.items() if k.startswith(f"rank{rank}.")}
+    torch.set_rng_state(mine["torch_cpu"])
+    for m, policy in enumerate(policies, 1):
+        policy.generator.set_state(mine[f"sampler_{m}"])  # generator states live on the CPU, CUDA ones too
+    cuda = [mine[k] for k in sorted((k for k in mine if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])  # in device order
+    version, internal, gauss = state["python_rng"][rank]
+    rng.setstate((version, tuple(internal), gauss))
     return state
 
 
-def lora_config(model, base_model):
-    """PEFT's adapter_config.json for the model's adapters (what PeftModel.from_pretrained, transformers'
-    load_adapter and vLLM's LoRA serving read)."""
-    layers = list(lora_layers(model).values())
-    rank = layers[0].lora_A.shape[0]
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-            "lora_alpha": layers[0].scale * rank, "target_modules": sorted({n.split(".")[-1] for n in lora_layers(model)}),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+def optimizer_tensors(optimizer):
+    """AdamW state as flat safetensors entries, and its param groups as JSON metadata."""
+    state = optimizer.state_dict()
+    tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
+               for pid, slots in state["state"].items() for key, value in slots.items()}
+    return tensors, {"param_groups": json.dumps(state["param_groups"])}
 
 
-def save_lora(model, folder, base_model):
-    """The adapters in PEFT's layout: folder/adapter_model.safetensors and folder/adapter_config.json."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    save_file(lora_state(model), str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (Path(folder) / "adapter_config.json").write_text(json.dumps(lora_config(model, base_model), indent=1))
+def load_optimizer(optimizer, path):
+    state = {}
+    for key, value in load_file(str(path)).items():
+        pid, slot = key.split(".", 1)
+        state.setdefault(int(pid), {})[slot] = value
+    with open(path, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["__metadata__"]["param_groups"])})
 
 
-def load_lora(model, folder):
-    """Adapters saved by save_lora (PEFT's layout) into a model with LoRA layers of the same rank, alpha and targets."""
-    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
-    saved = json.loads((Path(folder) / "adapter_config.json").read_text())
-    expected = lora_state(model)
-    config = lora_config(model, None)
-    if (set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state)
-            or (saved["r"], saved["lora_alpha"]) != (config["r"], config["lora_alpha"])):
-        raise UsageError(f"{folder}: adapter does not fit this model (different modules, rank, alpha or shapes)")
-    with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+def rng_tensors(policies):
+    """This process's RNG states: torch CPU, each model's sampler, CUDA."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    for m, policy in enumerate(policies, 1):
+        tensors[f"sampler_{m}"] = policy.generator.get_state().cpu()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return tensors
 
 
-def export_merged(model, tokenizer, folder):
-    """Save a plain transformers model with every adapter merged in (loadable without this file)."""
-    layers = lora_layers(model)
-    for name, layer in layers.items():
-        layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
-    try:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    finally:
-        for name, layer in layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, layer)
-            layer.unmerge()
+def check_in_sync(policies):
+    """Data-parallel guard: every rank must hold the same adapters (they take identical steps)."""
+    sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model)) for pol in policies])
+    if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums for a, b in zip(sums[0], other)):
+        raise TrainingError(f"adapters differ across ranks (checksums {sums}): stopping")
 
 
-# -----------------------------------------------------------------------------
-# Sampling
-
-def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p.
-
-    The nucleus is found among the `candidates` most likely tokens (topk, no full-vocabulary sort); only when
-    those hold less than top_p of the mass is the whole vocabulary sorted. Either way the distribution is the
-    exact top-p one."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
-    if (top.sum(-1) < top_p).any():
-        top, order = probs.sort(dim=-1, descending=True)
-    top[top.cumsum(-1) - top > top_p] = 0  # mass before this token already > top_p: outside the nucleus
-    return order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
+def checkpoints(run_dir):
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.is_dir() else []
 
 
-def left_pad(prompts, pad_id, device):
-    """Token-id lists -> ids [b, width] left-padded with pad_id, attention mask [b, width]."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, device=device)
-        mask[row, width - len(p):] = 1
-    return ids, mask
+def find_checkpoint(path):
+    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    found = checkpoints(path)
+    if not found:
+        raise UsageError(f"no checkpoint in '{path}' (expected {path}/checkpoints/step_*/state.json)")
+    return found[-1]
 
 
-def prefill(model, prompts, pad_id, n):
-    """Run the left-padded prompts through the model at once, position ids from the attention mask, then repeat
-    everything n times, so that the n samples of a prompt share one prefill. Returns the DynamicCache, the
-    next-token logits [rows, V] (fp32), the attention mask [rows, width] and each row's next position [rows]."""
-    from transformers import DynamicCache
-    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
-    if n > 1:
-        cache.batch_repeat_interleave(n)
-        logits, mask, positions = (x.repeat_interleave(n, dim=0) for x in (logits, mask, positions))
-    return cache, logits, mask, positions[:, -1] + 1
+def saved_config(path):
+    """The Config saved in a checkpoint's state.json or a run's config.json (older runs' decoder flags read too)."""
+    saved = json.loads(Path(path).read_text())
+    saved = saved.get("config", saved)
+    for old, decoder in (("eager_decode", "reference"), ("compile_decode", "compiled")):
+        saved["decoder"] = decoder if saved.pop(old, False) else saved.get("decoder", "graphs")
+    return Config(**saved)
 
 
-def hit_budget(ids, budget, eos_ids):
-    """A sample cut off by its token budget: as long as the budget, and no EOS at its end."""
-    return len(ids) >= budget and ids[-1] not in eos_ids
+def keep_logged_steps(out, step):
+    """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): those steps run again."""
+    for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
+        if (out / name).exists():
+            write_jsonl(out / name, [row for row in read_jsonl(out / name, lenient=True) if row["step"] <= step])
 
 
-def until_eos(ids, eos_ids):
-    """The tokens up to and including the first EOS (all of them if there is none)."""
-    for i, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[:i + 1]
-    return ids
+# what a resumed run may change: how it executes, not what it computes
+RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint", "decoder",
+                    "device1", "device2", "save_every", "keep", "show"}
 
 
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
-           progress=None):
-    """KV-cached batched sampling, the readable reference (and the CPU path). prompts: list of token-id lists,
-    each sampled n times. Returns the exact sampled ids of every row, prompt-major (n rows per prompt; the EOS
-    token included when one was sampled).
-
-    After the shared prefill, one token per step for every live row in a DynamicCache; a row stops at an EOS
-    id or at its token budget, and finished rows leave the batch (and the cache). `progress` (a Progress) hears
-    how far it is."""
-    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
-    live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
-    eos = torch.tensor(sorted(eos_ids), device=logits.device)
-    out = [[] for _ in live]
-    sampled = 0
-    for step in range(max_new_tokens):
-        sampled += len(live)
-        if progress is not None and progress.due():
-            progress.show(len(out) - len(live), sampled)
-        tokens = pick_tokens(logits, temperature, top_p, generator)
-        for row, token in zip(live.tolist(), tokens.tolist()):
-            out[row].append(token)
-        keep = ~torch.isin(tokens, eos)
-        if step + 1 == max_new_tokens or not keep.any():
-            break
-        if not keep.all():
-            kept = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(kept)
-            live, tokens, mask, next_pos = live[kept], tokens[kept], mask[kept], next_pos[kept]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
-        next_pos = next_pos + 1
-    return out
+def resume_config(cfg, given):
+    """The saved config of the run being resumed (its newest checkpoint's, or its config.json when it stopped
+    before its first checkpoint), with the RESUME_OVERRIDES flags among those given (`given`: their names)
+    replaced; any other given flag that differs is refused."""
+    found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
+    if not found and not config_file.is_file():
+        raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
+    saved = saved_config(found[-1] / "state.json" if found else config_file)
+    changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
+    if "steps" in changed:
+        raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span the run's "
+                         f"{saved.steps} steps. To train longer, start a new run from its adapters: "
+                         f"python core.py --adapters {cfg.resume} --steps N (with the run's other flags)")
+    if changed:
+        raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} would "
+                         f"change; only {', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))} may differ")
+    return replace(saved, resume=cfg.resume, **{k: getattr(cfg, k) for k in given & RESUME_OVERRIDES})
 
 
-def static_cache(model, source, rows, filled, length):
-    """A transformers StaticCache with room for `length` positions, holding positions [0, filled) of the given
-    rows of `source` (the prefill's DynamicCache, or the previous StaticCache), which it consumes: copied layer by
-    layer, each source layer dropped once copied, so the copy needs about one layer of extra memory."""
-    from transformers import StaticCache
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    for new, old in zip(cache.layers, source.layers):
-        keys, values = old.keys[rows, :, :filled], old.values[rows, :, :filled]
-        old.keys = old.values = None
-        new.lazy_initialization(keys, values)  # allocates keys/values [rows, kv_heads, length, head_dim]
-        new.keys[:, :, :filled], new.values[:, :, :filled] = keys, values
-        new.cumulative_length.fill_(filled)  # next write position
-    return cache
-
-
-class DecodeStep:
-    """One decode step of sample_fast on fixed buffers, so that CUDA can record it once as a graph and replay it
-    (the hundreds of kernel launches of a step become one).
-
-    Buffers, one row per live sample: tokens [rows, 1] in, position ids [rows, 1], attn [rows, 1, 1, length]
-    (bool, the cache positions each row may see, passed to the model as a ready 4D mask), cursor [1] (the cache
-    position written this step). The StaticCache writes the new keys/values in place. On the GPU the first call
-    runs for real on a side stream (the warm-up CUDA graphs need) and is recorded; later calls replay it."""
-
-    capture_failed = False  # set once a capture fails: every later step runs eagerly
-    compile_failed = False  # set once torch.compile fails: every later step runs forward() as written
-
-    def __init__(self, model, cache, attn, positions, cursor, cuda_graph, compile_backend=None):
-        self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
-        self.tokens = torch.zeros_like(positions)
-        self.cuda_graph, self.compile_backend, self.graph, self.logits = cuda_graph, compile_backend, None, None
-
-    def forward(self):
-        self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
-        logits = self.model(input_ids=self.tokens, attention_mask=self.attn, position_ids=self.positions,
-                            past_key_values=self.cache, use_cache=True).logits[:, -1].float()
-        self.cursor.add_(1)
-        self.positions.add_(1)
-        return logits
-
-    def run(self):
-        """forward(), through torch.compile when a backend is given: its small kernels (RMSNorm, rotary, SiLU)
-        fused, one compiled graph for every row count and cache length (dynamic shapes). A failed compile
-        warns once and runs forward() as written from then on."""
-        if not self.compile_backend or DecodeStep.compile_failed:
-            return self.forward()
-        try:
-            return compiled_decode_forward(self.compile_backend)(self)
-        except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before anything ran
-            DecodeStep.compile_failed = True
-            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); decoding "
-                  f"uncompiled from now on", file=sys.stderr, flush=True)
-            return self.forward()
-
-    def __call__(self, tokens):
-        """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
-        self.tokens.copy_(tokens[:, None])
-        if not self.cuda_graph or DecodeStep.capture_failed:
-            return self.run()
-        with torch.cuda.device(self.tokens.device):  # streams and graphs belong to the current device
-            if self.graph is None:
-                return self.capture()
-            self.graph.replay()
-            return self.logits
-
-    def capture(self):
-        """Run the step for real on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self.run()  # compiles, the first time a backend is given
-        torch.cuda.current_stream().wait_stream(side)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self.run()  # recorded, not run: buffers are unchanged
-            self.graph = graph
-        except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
-            DecodeStep.capture_failed = True
-            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs "
-                  f"from now on", file=sys.stderr, flush=True)
-        return logits
-
-
-@functools.cache
-def compiled_decode_forward(backend):
-    return torch.compile(DecodeStep.forward, backend=backend, dynamic=True, fullgraph=True)
-
-
-@torch.no_grad()
-def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
-                segment=256, cuda_graph=None, compile_backend=None, progress=None):
-    """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a transformers
-    StaticCache with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run
-    eagerly). compile_backend (e.g. "inductor") puts the step through torch.compile first. A graph has fixed
-    shapes, so finished rows keep decoding (their tokens discarded) until the next segment boundary: every
-    `segment` tokens the finished rows are dropped and the cache is rebuilt with room for one more segment
-    only, so attention reads about as many positions as the live rows need.
-
-    Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
-    if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
-        raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
-    cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
-    rows, width = mask.shape
-    device = logits.device
-    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    eos = torch.tensor(sorted(eos_ids), device=device)
-    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    live = torch.arange(rows, device=device)          # original row of each batch row
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    attn, positions = mask.bool()[:, None, None, :], next_pos[:, None]
-    sampled = 0
-    for s in range(max_new_tokens):
-        if s % segment == 0:  # drop finished rows; a cache (and a graph) for the next segment
-            keep = (~finished).nonzero().squeeze(1)
-            if len(keep) == 0:
-                break
-            filled, length = width + s, width + min(s + segment, max_new_tokens)
-            cache = static_cache(model, cache, keep, filled, length)
-            grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
-            grown[..., :filled] = attn[keep]
-            live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
-            cursor = torch.tensor([filled], device=device)
-            step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
-        sampled += len(live)
-        if progress is not None and progress.due():  # the only sync between segments, at most once a second
-            progress.show(rows - len(live) + int(finished.sum()), sampled)
-        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
-        out[live, s] = tokens
-        finished |= torch.isin(tokens, eos)
-        if s + 1 == max_new_tokens or (s % 8 == 7 and finished.all()):  # checked every 8 steps: fewer syncs
-            break
-        logits = step(tokens)
-    return [until_eos(ids, eos_ids) for ids in out.tolist()]
+def adapters_config(cfg):
+    """--adapters: the LoRA rank, alpha and targets are the checkpoint's own; a warning when it was trained on
+    other models (a different name, or model 1 and model 2 swapped)."""
+    saved = saved_config(find_checkpoint(cfg.adapters) / "state.json")
+    for m in (1, 2):
+        trained, given = getattr(saved, f"model{m}"), getattr(cfg, f"model{m}")
+        if Path(trained).name != Path(given).name:
+            print(f"warning: adapter {m} of {cfg.adapters} was trained on '{trained}', not on --model{m} '{given}'")
+    return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha, lora_targets=saved.lora_targets)
 
 
 # -----------------------------------------------------------------------------
-# Rewards (pure functions of one question's traces)
-
-def ngram_features(text, dim):
-    """phi(tau): L2-normalised hashed counts of word 1-, 2- and 3-grams of the answer-stripped trace. [dim]"""
-    words = re.findall(r"\w+|[^\w\s]", strip_answer(text).lower())
-    phi = torch.zeros(dim, dtype=torch.float64)
-    for n in (1, 2, 3):
-        for i in range(len(words) - n + 1):
-            phi[zlib.crc32(" ".join(words[i:i + n]).encode()) % dim] += 1
-    return phi / phi.norm().clamp(min=1e-12)
-
-
-def dpp_gains(phi, eps=1e-3):
-    """DPP marginal gain of each row: det(K) / det(K without row i) = 1 / (K^-1)_ii, K = phi phi^T + eps I.
-
-    phi: [n, d] L2-normalised rows. Returns [n] in [0, 1]: ~1 for a trace orthogonal to the others, ~0 for
-    a duplicate."""
-    phi = torch.as_tensor(phi, dtype=torch.float64)
-    if phi.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    kernel = phi @ phi.T + eps * torch.eye(phi.shape[0], dtype=torch.float64)
-    return (1.0 / torch.linalg.inv(kernel).diagonal()).clamp(0.0, 1.0)
-
-
-def diversity_rewards(phi, correct, eps=1e-3):
-    """DPP-lite diversity: each correct trace's determinant gain among the question's correct traces
-    (both models, both rounds); wrong traces get 0. phi: [n, d], correct: [n] bool -> [n]."""
-    out = torch.zeros(len(correct), dtype=torch.float64)
-    idx = torch.as_tensor(correct, dtype=torch.bool).nonzero().squeeze(1)
-    out[idx] = dpp_gains(phi[idx], eps)
-    return out
-
-
-def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
-    """Cross-model complementarity: a correct trace of model m, scored by its determinant gain against the
-    partner's correct traces only (1 when the partner has none: right where the peer is wrong). [n]"""
-    out = torch.zeros(len(correct), dtype=torch.float64)
-    for i in range(len(correct)):
-        if not correct[i]:
-            continue
-        partner = [j for j in range(len(correct)) if correct[j] and model_ids[j] != model_ids[i]]
-        out[i] = dpp_gains(torch.cat([phi[partner], phi[i:i + 1]]), eps)[-1] if partner else 1.0
-    return out
-
-
-def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
-    """Rescue bonus: round B, the hint was actually shown, the model failed all its round-A samples, and the
-    trace is correct. All args [n] bool -> [n]."""
-    return [bonus * float(b and h and f and c) for b, h, f, c in zip(round_b, hint_shown, failed_cold, correct)]
-
-
-def group_advantages(rewards, scale="std"):
-    """GRPO advantage over one group: A = (R - mean) / (std + 1e-4), population std (scale="std"), or Dr. GRPO's
-    A = R - mean in reward units (scale="none"); a constant group gets 0. rewards: [n] -> [n]."""
-    rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    std = rewards.std(unbiased=False) if len(rewards) > 1 else torch.tensor(0.0, dtype=torch.float64)
-    if std < 1e-8:
-        return torch.zeros_like(rewards)
-    return (rewards - rewards.mean()) / (std + 1e-4 if scale == "std" else 1.0)
-
-
-def reward_weights(cfg, step):
-    """Schedule: diversity 0.2 -> 0.05 and complementarity 0 -> 0.1 at the halfway step (the paper's epoch 2)."""
-    late = step >= cfg.steps // 2
-    return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0), "lambda_cm": cfg.lambda_cm if late else 0.0}
-
-
-# -----------------------------------------------------------------------------
-# Cross-teaching protocol
-
-@dataclass
-class Trace:
-    model: int                # index of the model that sampled it (0 or 1)
-    round: str                # "A" (cold) or "B" (rescue)
-    prompt_ids: list          # exact prompt it was sampled from (hint included)
-    completion_ids: list      # exact sampled token ids
-    text: str                 # decoded completion
-    correct: bool             # c(tau)
-    hint_shown: bool = False  # round B: the hint was in the prompt
-    hint_leaks: bool = False  # ... and extract_answer (last-number fallback included) reads the gold from it
-    truncated: bool = False   # hit the token budget without an end-of-sequence token
-    reward: float = 0.0       # R(tau)
-    terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
-    advantage: float = 0.0    # A(tau)
-
-
-@dataclass
-class Policy:
-    name: str                             # for logs: the folder name or the hub id
-    model: nn.Module                      # transformers causal LM with LoRA layers
-    tokenizer: object                     # its own tokenizer (prompts, hints and caps use it)
-    device: torch.device
-    eos_ids: set                          # token ids that end a sample
-    pad_id: int
-    context: int                          # max positions of the model
-    optimizer: object = None              # AdamW over the LoRA parameters only
-    generator: torch.Generator = None     # sampling randomness
-
-
-FORMAT_INSTRUCTION = {
-    "number": "Put the final answer in \\boxed{}.",
-    "math": "Put the final answer in \\boxed{}.",
-    "integer": "The answer is an integer from 0 to 999; put it in \\boxed{}.",
-    "choice": "Answer with the letter of the correct option in \\boxed{}, e.g. \\boxed{A}.",
-}
-
-
-def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', optional 'Hint:', the step-by-step cue and the format."""
-    content = f"Question: {question}\n"
-    if hint:
-        content += f"Hint:\n{hint}\n"
-    content += f"Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-    else:
-        text = content
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def cap_hint(hint, tokenizer, max_tokens):
-    """The first max_tokens tokens of the hint, in the receiving model's tokenizer."""
-    ids = tokenizer(hint, add_special_tokens=False)["input_ids"]
-    return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
-
-
-def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
-    """Sample n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the
-    weights, from `generator` (default: the policy's training stream), reporting to `progress`; returns
-    (ids, text) per row, prompt-major. On the GPU the fast sampler (static cache + CUDA graphs) runs, unless
-    --eager-decode or the model needs what it lacks (sliding-window layers, non-sdpa attention)."""
-    sampler = sample
-    if fast_decoding(policy.model, cfg):
-        sampler = functools.partial(sample_fast, compile_backend="inductor" if cfg.compile_decode else None)
-    results = []
-    per_batch = max(1, cfg.gen_batch // n)
-    with lora_merged(policy.model):
-        for i in range(0, len(prompts), per_batch):
-            chunk = prompts[i:i + per_batch]
-            batch = sampler(policy.model, chunk, max_new_tokens, policy.eos_ids, policy.pad_id, cfg.temperature,
-                            cfg.top_p, generator or policy.generator, n, progress=progress)
-            results += [(ids, policy.tokenizer.decode(ids, skip_special_tokens=True)) for ids in batch]
-            if progress is not None:
-                progress.add(len(batch), sum(map(len, batch)))
-    return results
-
-
-def fast_decoding(model, cfg):
-    config = model.config
-    full_attention = not getattr(config, "use_sliding_window", False) and all(
-        t == "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"]))
-    return (model.device.type == "cuda" and not cfg.eager_decode and full_attention
-            and config._attn_implementation == "sdpa")
-
-
-def fits(policy, prompt, cfg):
-    return len(prompt) <= cfg.max_prompt_tokens and len(prompt) + cfg.max_new_tokens <= policy.context
-
-
-def sample_round(policies, problems, requests, cfg, round_name, n=1):
-    """requests[m] = list of (question index, hint or None), each sampled n times by model m."""
-    traces = []
-    progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
-    for m, policy in enumerate(policies):
-        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
-                   for q, hint in requests[m]]
-        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
-        for i, (ids, text) in enumerate(outputs):
-            (q, hint), prompt = requests[m][i // n], prompts[i // n]
-            gold, kind = problems[q].gold, problems[q].kind
-            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind), hint_shown=hint is not None,
-                                    hint_leaks=hint is not None and is_correct(hint, gold, kind),
-                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
-    progress.close()
-    return traces
-
-
-def score_group(traces, kind, cfg, weights):
-    """Sets R(tau) and its terms for one question's traces (answer kind `kind`)."""
-    phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
-    correct = [t.correct for t in traces]
-    models = [t.model for t in traces]
-    diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
-    complement = complementarity_rewards(phi, correct, models, cfg.dpp_eps) if len(set(models)) > 1 else torch.zeros(len(traces))
-    failed = {m: not any(t.correct for t in traces if t.model == m and t.round == "A") for m in models}
-    rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
-                            [failed[m] for m in models], correct, cfg.rescue_bonus)
-    for i, t in enumerate(traces):
-        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked only
-        t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
-                   "rescue": rescue[i], "format": fmt}
-        t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
-                    + weights["lambda_cm"] * t.terms["cm"] + t.terms["rescue"] + t.terms["format"])
-
-
-def core_step_rollouts(policies, problems, cfg, rng, weights):
-    """Round A, teachers and hints, round B, rewards and advantages for a batch of questions.
-    Returns one list of traces per question (and the hints shown, for the sample log)."""
-    cold = [[(q, None) for q in range(len(problems))] for _ in policies]
-    groups = [[] for _ in problems]
-    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=cfg.k):
-        groups[q].append(trace)
-    hints = [None] * len(problems)
-    if not cfg.single:
-        requests = [[] for _ in policies]
-        for q, group in enumerate(groups):
-            score_group(group, problems[q].kind, cfg, weights)  # round-A rewards pick the teacher
-            teachers = [t for t in group if t.correct]
-            teacher = max(teachers, key=lambda t: t.reward) if teachers else None  # max keeps the first on ties
-            hint = strip_answer(teacher.text) if teacher else ""
-            if is_bare_answer(hint, problems[q].gold, problems[q].kind):
-                hint = ""  # the stripped trace is just the answer: no hint
-            hints[q] = hint or None
-            for m, policy in enumerate(policies):
-                failed = not any(t.correct for t in group if t.model == m)
-                for _ in range(cfg.k_rescue):
-                    eligible = hint and not cfg.no_rescue and (failed or cfg.hint_to == "all")
-                    shown = bool(eligible) and rng.random() >= cfg.hint_dropout
-                    requests[m].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
-        for q, trace in sample_round(policies, problems, requests, cfg, "B"):
-            groups[q].append(trace)
-    for problem, group in zip(problems, groups):
-        own = [[t for t in group if t.model == m] for m in range(len(policies))]
-        if cfg.single:  # GRPO alone: each model's traces are their own group
-            for traces in own:
-                score_group(traces, problem.kind, cfg, weights)
-                set_advantages(traces, cfg.adv_scale)
-        else:
-            score_group(group, problem.kind, cfg, weights)  # the rewards always see both models
-            for traces in ([group] if cfg.adv_group == "joint" else own):
-                set_advantages(traces, cfg.adv_scale)
-    return groups, hints
-
-
-def hint_for(policy, problem, hint, cfg):
-    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow."""
-    cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
-    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16, policy.context - cfg.max_new_tokens - cold - 16)
-    return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
-
-
-def set_advantages(traces, scale):
-    for t, a in zip(traces, group_advantages([t.reward for t in traces], scale).tolist()):
-        t.advantage = a
-
-
-# -----------------------------------------------------------------------------
-# Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU).
-# Each rank samples its share of every step's questions; token counts and LoRA gradients are summed over
-# ranks, so every rank takes the same AdamW step; rank 0 logs and saves.
+# Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU). Each
+# rank samples its share of every step's questions; token counts and LoRA gradients are summed over ranks, so every
+# rank takes the same AdamW step; rank 0 logs and saves.
 
 def init_distributed():
     """Join the process group that torchrun describes in the environment; returns (rank, world size)."""
@@ -1271,461 +1765,421 @@ def all_reduce_grads(params):
     """Sum the gradients over ranks with one flat all-reduce (a rank without traces contributes zeros)."""
     if dist_info()[1] == 1:
         return
-    flat = all_reduce_sum(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+    flat = all_reduce_sum(torch.cat(grads))
     for p, g in zip(params, flat.split([p.numel() for p in params])):
         p.grad = g.view_as(p).clone()
 
 
-# -----------------------------------------------------------------------------
-# Update
-
-def token_logprobs(model, input_ids, attention_mask, chunk):
-    """log pi(x_{t+1} | x_<=t) in fp32 for every position, and the entropy of pi(. | x_<=t) there (no gradient):
-    both [b, T-1]. The lm_head + log-softmax runs over `chunk` positions at a time under activation
-    checkpointing, so [b, T, V] logits never exist at once; the entropy comes from the same log-softmax."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
-    head = model.get_output_embeddings()
-    targets = input_ids[:, 1:]
-
-    def chunk_logprobs(h, y):
-        logp = torch.log_softmax(head(h).float(), dim=-1)
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, y[..., None]).squeeze(-1), entropy
-
-    pieces = [checkpoint(chunk_logprobs, hidden[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
-              if torch.is_grad_enabled() else chunk_logprobs(hidden[:, s:s + chunk], targets[:, s:s + chunk])
-              for s in range(0, hidden.shape[1], chunk)]
-    return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+def barrier():
+    if dist_info()[1] > 1:
+        torch.distributed.barrier()
 
 
-def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
-    """Sums over tokens of the policy-gradient loss and of the KL estimate.
-
-    loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t),  KL_t = exp(r) - r - 1, r = log pi_ref - log pi
-    (the non-negative k3 estimator). With one update per batch the PPO ratio is 1, so -A log pi has the
-    clipped surrogate's gradient.
-    logp, ref_logp, mask: [b, T]; advantages, weights: [b]. Returns (loss sum, KL sum), scalars."""
-    log_ratio = ref_logp - logp
-    kl = torch.exp(log_ratio) - log_ratio - 1
-    per_token = weights[:, None] * (-advantages[:, None] * logp + beta * kl)
-    return (per_token * mask).sum(), (kl.detach() * mask).sum()
-
-
-def update_policy(policy, traces, cfg, lr):
-    """One AdamW step of one model on its traces: token-level mean loss, micro-batches sorted by length.
-    Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
-    model, device = policy.model, policy.device
-    params = lora_parameters(model)
-    total_tokens = all_reduce_sum(torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)).item()
-    if total_tokens == 0:  # no traces on any rank
-        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0}
-    loss_sum = kl_sum = entropy_sum = 0.0
-    ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
-    for i in range(0, len(ordered), cfg.micro_batch):
-        mb = ordered[i:i + cfg.micro_batch]
-        width = max(len(t.prompt_ids) + len(t.completion_ids) for t in mb)
-        ids = torch.full((len(mb), width), policy.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros_like(ids)
-        mask = torch.zeros((len(mb), width - 1), device=device)  # marks logp positions of completion tokens
-        for row, t in enumerate(mb):
-            seq = t.prompt_ids + t.completion_ids
-            ids[row, :len(seq)] = torch.tensor(seq, device=device)
-            attn[row, :len(seq)] = 1
-            mask[row, len(t.prompt_ids) - 1:len(seq) - 1] = 1
-        adv = torch.tensor([t.advantage for t in mb], device=device)
-        w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in mb], device=device)
-        with torch.no_grad(), lora_disabled(model):
-            ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
-        model.train(not cfg.no_grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
-        logp, entropy = token_logprobs(model, ids, attn, cfg.logprob_chunk)
-        model.eval()
-        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
-        (loss / total_tokens).backward()
-        loss_sum += loss.item()
-        kl_sum += kl.item()
-        entropy_sum += (entropy * mask).sum().item()
-    loss_sum, kl_sum, entropy_sum = all_reduce_sum(torch.tensor([loss_sum, kl_sum, entropy_sum], device=device)).tolist()
-    all_reduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # the norm before clipping
-    skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
-    if not skipped:
-        for group in policy.optimizer.param_groups:
-            group["lr"] = lr
-        policy.optimizer.step()
-    policy.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "entropy": entropy_sum / total_tokens,
-            "grad_norm": grad_norm, "tokens": total_tokens, "skipped": int(skipped)}
-
-
-def learning_rate(cfg, step):
-    """10% linear warm-up, then cosine decay to 0 over cfg.steps."""
-    warmup = max(1, int(0.1 * cfg.steps))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def stream_seed(seed, stream, i=0, rank=0):
+    """The seed of each random stream of a run (i: the model, 1 or 2, or the epoch of the data order). Each rank
+    draws its own hints and samples; the data order and the LoRA init are the same on every rank."""
+    return {"data order": seed * 1_000_003 + i,
+            "lora init": seed + i,
+            "hint dropout": seed + 7919 * rank,
+            "sampler": seed + 100 * i + 10007 * rank,
+            "evaluation": seed + 1_000_003 * i + 7_919 * rank}[stream]
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: cold prompts only (no hints), k samples per model per question, each model from its own stream.
-# Every number is computed from the per-question records, which are written next to it.
+# Logging: one line and one metrics row per step, the sample log, progress lines, JSONL files
 
-def pass_at(n, c, j):
-    """Unbiased Pass@j (Chen et al. 2021) of one question with c correct among n samples: the chance that j of
-    them, drawn without replacement, include a correct one, 1 - C(n - c, j) / C(n, j)."""
-    return 1.0 - math.comb(n - c, j) / math.comb(n, j)
-
-
-def majority_correct(samples):
-    """Whether the majority answer of `samples` (records with 'answer' and 'correct') is correct. Samples without
-    an extracted answer do not vote; no vote at all is wrong. A tie goes to the tied answer that comes first (the
-    samples are exchangeable, so this is a random tie-break)."""
-    answers = [s["answer"] for s in samples if s["answer"] is not None]
-    if not answers:
-        return False
-    counts = {a: answers.count(a) for a in answers}
-    vote = next(a for a in answers if counts[a] == max(counts.values()))
-    return any(s["correct"] for s in samples if s["answer"] == vote)
+def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
+    """Print the step's line (and cfg.show questions in full); rank 0 appends its metrics and sample rows."""
+    print(format_log(row, cfg.steps), flush=True)
+    names = {m: policy.name for m, policy in enumerate(policies, 1)}
+    watch_for_collapse(row, counters, names)
+    for q in range(min(cfg.show, len(problems))):
+        show_group(problems[q], groups[q], hints[q], names)
+    if dist_info()[0] == 0:
+        append_jsonl(out / "metrics.jsonl", row)
+        if problems:
+            append_jsonl(out / "samples.jsonl", sample_record(step, problems[0], groups[0], hints[0]))
 
 
-def model_metrics(records, m, k):
-    """Model m's numbers: Pass@j for j = 1..k (unbiased), maj@k (self-consistency: the majority answer of its k
-    samples is correct), mean sample length and the fraction of samples that hit the token budget."""
-    samples = [r[f"m{m}"] for r in records]
-    out = {f"pass@{j}_m{m}": sum(pass_at(k, sum(s["correct"] for s in ss), j) for ss in samples) / len(samples)
-           for j in range(1, k + 1)}
-    out[f"maj@{k}_m{m}"] = sum(map(majority_correct, samples)) / len(samples)
-    flat = [s for ss in samples for s in ss]
-    out[f"tokens_m{m}"] = sum(s["tokens"] for s in flat) / len(flat)
-    out[f"truncated_m{m}"] = sum(s["truncated"] for s in flat) / len(flat)
+def step_log(step, cfg, groups, stats, seconds, skipped_problems):
+    """One metrics row: accuracy and length per model and round, rescues, hint leaks, reward terms, per-model loss,
+    KL, advantage and entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
+    traces = [t for g in groups for t in g]
+    row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
+    for m in (1, 2):
+        for rnd in ("A", "B"):
+            own = [t for t in traces if t.model == m and t.round == rnd]
+            row[f"acc_{rnd}_m{m}"] = sum(t.correct for t in own) / len(own) if own else None
+            row[f"len_{rnd}_m{m}"] = sum(len(t.completion_ids) for t in own) / len(own) if own else None
+    row["truncated"] = sum(t.truncated for t in traces) / len(traces)
+    eligible = [t for t in traces if t.round == "B" and t.hint_shown and t.failed_cold]
+    row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
+    row["rescue_rate"] = row["rescued"] / len(eligible) if eligible else None
+    hinted = [t for t in traces if t.hint_shown]
+    row["hints_shown"], row["hints_leaking"] = len(hinted), sum(t.hint_leaks for t in hinted)
+    row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
+    row["reward"] = sum(t.reward for t in traces) / len(traces)
+    row |= reward_weights(cfg, step)  # the weights in force: w_div, lambda_cm
+    for term in ("correct", "div", "cm", "rescue", "format"):
+        row[term] = sum(t.terms[term] for t in traces) / len(traces)
+    for m, s in enumerate(stats, 1):
+        advantages = [t.advantage for t in traces if t.model == m]
+        n = max(1, len(advantages))
+        row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
+                f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"], f"adv_m{m}": sum(advantages) / n,
+                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n, f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
+    row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
+    row["skipped_problems"] = skipped_problems
+    row["rollout_s"], row["update_s"] = seconds
+    row["seconds"] = sum(seconds)
+    row["tok_per_s"] = sum(len(t.completion_ids) for t in traces) / max(seconds[0], 1e-9)  # sampled / rollout time
+    return row
+
+
+def format_log(row, steps):
+    def acc(key):
+        return "-" if row[key] is None else f"{row[key]:.2f}"
+    return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/"
+            f"{acc('acc_B_m2')} | rescue {row['rescued']}/{row['eligible']} leak {row['hints_leaking']}/"
+            f"{row['hints_shown']} const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f} "
+            f"div {row['div']:.2f}x{row['w_div']:g} cm {row['cm']:.2f}x{row['lambda_cm']:g} resc {row['rescue']:.3f} "
+            f"fmt {row['format']:.2f} | A<0 {row['neg_adv_m1']:.2f}/{row['neg_adv_m2']:.2f} H {row['entropy_m1']:.2f}/"
+            f"{row['entropy_m2']:.2f} loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/"
+            f"{row['kl_m2']:.4f} | trunc {row['truncated']:.2f} | {row['tok_per_s']:.0f} tok/s | "
+            f"{row['rollout_s']:.1f}+{row['update_s']:.1f}s")
+
+
+def watch_for_collapse(row, counters, names, patience=3, few=0.1):
+    """Warn when, for `patience` steps in a row, at most a `few` of a model's traces had a positive advantage while
+    its KL to the base model rose: it is pushed away from its own samples (README: the weaker partner)."""
+    for m, name in names.items():
+        kl, i = row[f"kl_m{m}"], m - 1
+        if row[f"pos_adv_m{m}"] > few:
+            counters["pushed_away"][i], counters["kl_before"][i] = 0, kl
+            continue
+        counters["pushed_away"][i] += 1
+        steps = counters["pushed_away"][i]
+        if steps % patience == 0 and kl > counters["kl_before"][i]:
+            print(f"warning: {name}: for {steps} steps at most {few:.0%} of its traces had a positive advantage "
+                  f"({row[f'neg_adv_m{m}']:.0%} negative now) while its KL to the base rose "
+                  f"{counters['kl_before'][i]:.4f} -> {kl:.4f}: it is being pushed away from its own samples "
+                  f"(README: the weaker partner; try --adv-group model --adv-scale none)", flush=True)
+
+
+def show_group(problem, group, hint, names):
+    """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""
+    print(f"  Q: {problem.question!r}  gold {problem.gold}")
+    for rnd in ("A", "B"):
+        if rnd == "B" and hint:
+            print(f"    hint (teacher's trace, answer stripped): {hint[:70]!r}")
+        for t in (t for t in group if t.round == rnd):
+            tag = f"{t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
+            rescued = "  RESCUED" if t.terms.get("rescue") else ""
+            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  A {t.advantage:+.2f}  "
+                  f"{t.text.strip()[:70]!r}{rescued}")
+
+
+def sample_record(step, problem, group, hint):
+    return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold, "hint": hint,
+            "traces": [{"model": t.model, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
+                        "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]}
+
+
+class Progress:
+    """How far a long sampling phase is: rows done / total, tokens per second and the time left, at most once a
+    second on a terminal (one updating line) and every 10 s otherwise. A phase shorter than that prints nothing,
+    unless `always` (then its closing line is printed)."""
+
+    def __init__(self, label, total, always=False):
+        self.label, self.total, self.always = label, total, always
+        self.tty = sys.stdout.isatty()
+        self.every = 1.0 if self.tty else 10.0
+        self.start = self.last = time.time()
+        self.rows = self.tokens = 0  # of the batches done
+        self.shown = False
+
+    def due(self):
+        return time.time() - self.last >= self.every
+
+    def add(self, rows, tokens):
+        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
+
+    def show(self, rows=0, tokens=0, closing=False):
+        """rows, tokens: those done so far in the batch being sampled."""
+        self.last, self.shown = time.time(), True
+        done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
+        left = "done" if closing else f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
+        line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
+                f"{elapsed:.0f}s, {left}")
+        print(f"\r{line}\033[K" if self.tty else line, end="\n" if closing or not self.tty else "", flush=True)
+
+    def close(self):
+        if self.shown or self.always:
+            self.show(closing=True)
+
+
+def read_jsonl(path, lenient=False):
+    """Rows of a JSONL file. Strict for data (a bad line is a UsageError naming file and line); lenient for a run's
+    own logs (a missing file has no rows, a line torn by a crash mid-write is dropped)."""
+    if lenient and not Path(path).exists():
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 JSONL") from None
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            if lenient:
+                continue
+            raise UsageError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if row is not None and not isinstance(row, dict) and not lenient:
+            raise UsageError(f"{path}:{lineno}: expected a JSON object")
+        rows += [row] if row is not None else []
+    return rows
+
+
+def write_jsonl(path, rows):
+    """A JSONL file written to a temporary name and renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+def main(argv=None):
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        code = run(cfg, given)
+        barrier()  # under torchrun: every rank is done before any leaves
+        return code
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (loading, evaluation), or a second one
+        print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def interrupt(signum, frame):
+    """SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def run(cfg, given=frozenset()):
+    """The whole job for one config; `given` names the flags set on the command line (--resume and --demo keep them)."""
+    if cfg.resume:
+        cfg = resume_config(cfg, given)
+    elif cfg.demo:
+        cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
+    validate(cfg)
+    rank, world = start_processes(cfg)
+    out = output_folder(cfg)
+    barrier()  # every rank has checked the output folder before rank 0 creates it
+    local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch.cuda.is_available() else ""
+    devices = [resolve_device(cfg.device1 or local), resolve_device(cfg.device2 or cfg.device1 or local)]
+    train_set, test_set = demo_data(cfg, out) if cfg.demo else load_data(cfg)
+    check_models(cfg)
+    cfg = adapters_config(cfg) if cfg.adapters else cfg
+    policies = [load_policy(m, path, dev, cfg) for m, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
+    if cfg.adapters:
+        load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
+    test_set = evaluable(policies, test_set, cfg)
+    if cfg.eval_only and not test_set:
+        raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
+                         f"{cfg.eval_max_new_tokens})")
+    if not cfg.eval_only and not any(fits(policies, p, cfg) for p in train_set):
+        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens {cfg.max_prompt_tokens}, "
+                         f"or prompt + --max-new-tokens {cfg.max_new_tokens} over the model context")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    print(f"run folder: {out}")
+    if cfg.eval_only:
+        run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
+    else:
+        code, finished = train(cfg, policies, train_set, test_set, out)
+        if not finished:
+            return code
+        run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
+        print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
+        if cfg.demo:
+            print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
+            print_rows(comparison_rows([out]))
+    if cfg.export and rank == 0:
+        for m, policy in enumerate(policies, 1):
+            export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
+    return 0
+
+
+def build_parser(with_defaults=True):
+    """The command line of Config. with_defaults=False: parsing returns only the flags actually given."""
+    parser = argparse.ArgumentParser(description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
+        default = f.default if with_defaults else argparse.SUPPRESS
+        extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=default, help=text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=default, help=text, **extra)
+    return parser
+
+
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
+def validate(cfg):
+    """Reject impossible settings before anything is loaded or written."""
+    checks = [
+        (cfg.k >= 1, "--k must be >= 1"),
+        (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
+        (0 <= cfg.hint_dropout <= 1, "--hint-dropout must be in [0, 1]"),
+        (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"),
+        (cfg.temperature >= 0, "--temperature must be >= 0"),
+        (cfg.steps >= 1, "--steps must be >= 1"),
+        (cfg.lr > 0, "--lr must be > 0"),
+        (cfg.lora_rank >= 1, "--lora-rank must be >= 1"),
+        (cfg.max_new_tokens >= 1 and cfg.eval_max_new_tokens >= 1, "token budgets must be >= 1"),
+        (cfg.hint_tokens >= 1, "--hint-tokens must be >= 1"),
+        (cfg.batch_questions >= 1 and cfg.train_n >= 1, "--batch-questions and --train-n must be >= 1"),
+        (cfg.eval_k >= 1 and cfg.eval_n >= 0 and cfg.eval_every >= 0,
+         "--eval-k must be >= 1, --eval-n and --eval-every >= 0"),
+        (cfg.gen_batch >= 1 and cfg.micro_batch >= 1 and cfg.logprob_chunk >= 1, "batch sizes must be >= 1"),
+        (cfg.save_every >= 1 and cfg.keep >= 1, "--save-every and --keep must be >= 1"),
+        (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
+        (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
+        (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
+         f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
+         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
+        (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
+    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(), f"--model{m} '{name}' does not exist")
+         for m, name in ((1, cfg.model1), (2, cfg.model2))]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def looks_like_path(name):
+    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def start_processes(cfg):
+    """(rank, world size): joins torchrun's process group; ranks other than 0 print nothing (errors still show)."""
+    rank, world = init_distributed()
+    if world > 1:
+        if cfg.demo or cfg.device1 or cfg.device2:
+            raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 and --device2")
+        if cfg.batch_questions < world:
+            raise UsageError(f"--batch-questions {cfg.batch_questions} is smaller than the {world} processes")
+        if rank:
+            sys.stdout = open(os.devnull, "w")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    return rank, world
+
+
+def output_folder(cfg):
+    """The run folder; an existing non-empty one is refused unless resuming."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    name = "demo" if cfg.demo else Path(cfg.data).stem + ("-eval" if cfg.eval_only else "")
+    out = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it with --resume {out}")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder '{out}' cannot be created: '{parent}' is not a writable folder")
     return out
 
 
-def team_metrics(records, j):
-    """Team numbers over the first j samples of each model.
-
-    Team Pass@j: any of the 2j candidates is correct (the paper's oracle metric: it needs the gold to pick).
-    Team vote@j: the majority answer of the 2j candidates, taken in turn m1, m2, m1, m2, ..., is correct (a
-    deployable team answer). p_12: both models solve the question. Joint failure: both fail. Correlated failure:
-    joint failure - the product of the two failure rates (> 0: the models fail together more than chance)."""
-    n = len(records)
-    solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
-    joint = sum(not a and not b for a, b in zip(solved1, solved2)) / n
-    votes = [majority_correct([s for pair in zip(r["m1"][:j], r["m2"][:j]) for s in pair]) for r in records]
-    return {f"team_pass@{j}": sum(a or b for a, b in zip(solved1, solved2)) / n,
-            f"team_vote@{j}": sum(votes) / n,
-            f"p_12@{j}": sum(a and b for a, b in zip(solved1, solved2)) / n,
-            f"joint_failure@{j}": joint,
-            f"correlated_failure@{j}": joint - (1 - sum(solved1) / n) * (1 - sum(solved2) / n)}
+def resolve_device(name):
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' asked for, but CUDA is not available")
+    return torch.device(name)
 
 
-def eval_metrics(records, k):
-    """Every number of an evaluation, from its per-question records. With k even, the team over the first k/2
-    samples of each model is reported too: k candidates, the budget of one model's Pass@k and maj@k."""
-    metrics = {"questions": len(records), "k": k}
-    for m in (1, 2):
-        metrics |= model_metrics(records, m, k)
-    metrics |= team_metrics(records, k)
-    if k % 2 == 0:
-        metrics |= team_metrics(records, k // 2)
-    return metrics
+def load_policy(m, path, device, cfg):
+    """Model m and its tokenizer through from_pretrained, LoRA added, AdamW on the adapter only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: straight from the cache, no retries
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
+    except Exception as e:
+        where, why = "folder" if Path(path).is_dir() else "model id", str(e).splitlines()[0][:200] if str(e) else ""
+        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {why}); offline? copy the model to a "
+                         f"local folder and pass --model{m} /path/to/folder") from None
+    model.eval()  # no dropout: rollout and update likelihoods coincide
+    if not cfg.no_grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+    torch.manual_seed(stream_seed(cfg.seed, "lora init", m))
+    add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    eos = {tokenizer.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "sampler", m, dist_info()[0]))
+    return Policy(Path(path).name if Path(path).is_dir() else path, model, tokenizer, device, eos - {None}, pad,
+                  getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
 
 
-def eval_stream(cfg, m, device):
-    """Model m's evaluation sampling stream: its own (the two models never share random draws), one per rank, and
-    the same at every evaluation of a run, so that evaluations before and after training are paired."""
-    return torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * m + 7_919 * dist_info()[0])
+def as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def evaluable(policies, problems, cfg):
-    """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
-    usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind)) + cfg.eval_max_new_tokens
-                                         <= pol.context for pol in policies)]
-    if len(usable) < len(problems):
-        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the model context")
-    return usable
+def check_models(cfg):
+    """Before loading anything, fail within seconds on a hub id that is neither in the local cache nor reachable
+    (a missing folder is caught by validate)."""
+    from huggingface_hub import try_to_load_from_cache
+    for m, name in enumerate((cfg.model1, cfg.model2), 1):
+        if not Path(name).expanduser().is_dir() and not isinstance(try_to_load_from_cache(name, "config.json"), str) \
+                and not hub_reachable():
+            raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the Hugging Face hub "
+                             f"cannot be reached (offline?); download it elsewhere and pass --model{m} /path/to/folder")
 
 
-def sample_result(ids, text, problem, eos_ids, budget):
-    """One evaluation sample's record: extracted answer, correctness, token count, truncation, text."""
-    answer = extract_answer(text, problem.kind)
-    return {"answer": answer, "correct": answer is not None and answer == normalize_gold(problem.gold, problem.kind),
-            "tokens": len(ids), "truncated": hit_budget(ids, budget, eos_ids), "text": text}
-
-
-def evaluate(policies, usable, cfg, tag):
-    """Cold prompt only, eval_k samples per model per question. Prints the table; returns (metrics, records), one
-    record per question: id, question, gold, and per model ('m1', 'm2') every sample's extracted answer,
-    correctness, token count, whether it hit the token budget, and text."""
-    if not usable:
-        print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
-        return {}, []
-    rank, world = dist_info()
-    mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
-    start = time.time()
-    records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
-    progress = Progress(f"{tag}: evaluating", len(policies) * len(mine) * cfg.eval_k, always=True)
-    for m, pol in enumerate(policies, 1):
-        prompts = [build_prompt(pol.tokenizer, p.question, p.kind) for _, p in mine]
-        outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, eval_stream(cfg, m, pol.device), progress)
-        for q, (r, (_, p)) in enumerate(zip(records, mine)):
-            r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
-                          for ids, text in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
-    progress.close()
-    records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
-    metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
-    print_table(tag, metrics, [p.name for p in policies])
-    return metrics, records
-
-
-def print_table(tag, m, names):
-    """The evaluation as one block: each model's Pass@j and maj@k, the team, and (k even) the team at an equal
-    budget of k candidates beside each model's best-of-k and self-consistency."""
-    k = m["k"]
-    print(f"\n{tag}: {m['questions']} questions, {k} samples per model")
-    print(f"  {'':<28}" + "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1)) + f"{f'maj@{k}':>8}{'truncated':>10}")
-    for i, name in enumerate(names, 1):
-        print(f"  {name[-28:]:<28}" + "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
-              + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
-    print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote {m[f'team_vote@{k}']:.3f} | "
-          f"p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure {m[f'joint_failure@{k}']:.3f} | "
-          f"correlated failure {m[f'correlated_failure@{k}']:+.3f}")
-    if k % 2 == 0:
-        h = k // 2
-        print(f"  at an equal budget of {k} candidates:")
-        print(f"    {f'team, {h} + {h} samples':<26} Team Pass@{h} {m[f'team_pass@{h}']:.3f}   team vote {m[f'team_vote@{h}']:.3f}"
-              f"   p_12 {m[f'p_12@{h}']:.3f}")
-        for i, name in enumerate(names, 1):
-            print(f"    {name[-26:]:<26} best-of-{k} (Pass@{k}) {m[f'pass@{k}_m{i}']:.3f}   self-consistency (maj@{k}) "
-                  f"{m[f'maj@{k}_m{i}']:.3f}")
-    print()
-
-
-COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
-            ("Pass@k m2", "pass@{k}_m2"), ("maj@k m1", "maj@{k}_m1"), ("maj@k m2", "maj@{k}_m2"),
-            ("Team Pass@k", "team_pass@{k}"), ("team vote@k", "team_vote@{k}"), ("p_12@k", "p_12@{k}"),
-            ("joint failure@k", "joint_failure@{k}"), ("correlated failure@k", "correlated_failure@{k}"),
-            ("Team Pass@k/2", "team_pass@{h}"), ("team vote@k/2", "team_vote@{h}")]
-
-
-def compare_runs(folders):
-    """--compare: the evaluations of several run folders side by side (before -> after training, or the single
-    evaluation of an --eval-only run), then the flags that differ between the runs."""
-    runs = []
-    for folder in map(Path, folders):
-        if not (folder / "config.json").is_file():
-            raise UsageError(f"'{folder}' is not a run folder (no config.json)")
-        evals = [json.loads((folder / f"{name}.json").read_text()) for name in ("eval_before", "eval_after", "eval")
-                 if (folder / f"{name}.json").is_file()]
-        runs.append((folder, json.loads((folder / "config.json").read_text()), [e for e in evals if e]))
-    width = max(26, *(len(folder.name) + 2 for folder, _, _ in runs))
-    rows = [("", [folder.name for folder, _, _ in runs]),
-            ("k, questions", [f"{evals[0]['k']}, {evals[0]['questions']}" if evals else "-" for _, _, evals in runs])]
-    rows += [(label, [compared_cell(evals, key) for _, _, evals in runs]) for label, key in COMPARED]
-    ignored = {"out", "resume", "compare"} | RESUME_OVERRIDES
-    differing = sorted(k for k in set().union(*(config for _, config, _ in runs)) - ignored
-                       if len({json.dumps(shown_value(config.get(k), folder)) for folder, config, _ in runs}) > 1)
-    if len(runs) > 1:
-        rows += [("flags that differ:", ["" if differing else "none"] * len(runs))]
-        rows += [(f"  {flag_name(k)}", [str(shown_value(config.get(k), folder)) for folder, config, _ in runs]) for k in differing]
-    for label, cells in rows:
-        print((f"{label:<22}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
-
-
-def compared_cell(evals, key):
-    """'before -> after (change)' of one metric of a run, its single value (--eval-only), or '-'."""
-    k = evals[0]["k"] if evals else 0
-    key = key.format(k=k, h=k // 2)
-    values = [e[key] for e in evals if key in e]
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{values[0]:.3f} -> {values[-1]:.3f} ({values[-1] - values[0]:+.3f})"
-
-
-def shown_value(value, folder):
-    """A config value for --compare; a path inside the run's own folder (the demo's models) reads RUN/..."""
-    if isinstance(value, str) and value and Path(value).resolve().is_relative_to(folder.resolve()):
-        return "RUN/" + Path(value).resolve().relative_to(folder.resolve()).as_posix()
-    return value
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints (written to a temporary folder and renamed into place: a kill never leaves a broken one)
-
-def optimizer_tensors(optimizer):
-    """AdamW state as flat safetensors entries + its param groups as JSON metadata."""
-    state = optimizer.state_dict()
-    tensors = {f"{pid}.{key}": value.detach().cpu().contiguous()
-               for pid, slots in state["state"].items() for key, value in slots.items()}
-    return tensors, {"param_groups": json.dumps(state["param_groups"])}
-
-
-def load_optimizer(optimizer, path):
-    tensors = load_file(str(path))
-    state = {}
-    for key, value in tensors.items():
-        pid, slot = key.split(".", 1)
-        state.setdefault(int(pid), {})[slot] = value
-    with open(path, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["__metadata__"]["param_groups"])})
-
-
-def rng_tensors(policies):
-    """This process's RNG states: torch CPU, each model's sampler, CUDA."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    for m, policy in enumerate(policies, 1):
-        tensors[f"sampler_{m}"] = policy.generator.get_state().cpu()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = state
-    return tensors
-
-
-def check_in_sync(policies):
-    """Data-parallel guard: every rank must hold the same adapters (they take identical steps)."""
-    sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model)) for pol in policies])
-    if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums for a, b in zip(sums[0], other)):
-        raise TrainingError(f"adapters differ across ranks (checksums {sums}): stopping")
-
-
-def save_checkpoint(out, step, policies, cfg, rng, counters):
-    """checkpoints/step_NNNNNN/: adapters, optimizer states, RNG states (of every rank), step, data position,
-    config. Every rank takes part; rank 0 writes."""
-    check_in_sync(policies)
-    rngs = all_gather((rng_tensors(policies), rng.getstate()))
-    if dist_info()[0] != 0:
-        return None
-    root = out / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
-    if final.exists():
-        return final
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for m, policy in enumerate(policies, 1):
-        save_lora(policy.model, tmp / f"adapter_{m}", getattr(cfg, f"model{m}"))
-        tensors, meta = optimizer_tensors(policy.optimizer)
-        save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
-    save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
-              str(tmp / "rng.safetensors"))
-    state = {"step": step, "data_position": step * cfg.batch_questions, "world_size": len(rngs),
-             "python_rng": [py for _, py in rngs], "counters": counters, "config": asdict(cfg)}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    os.replace(tmp, final)
-    write_curves(out)
-    for old in checkpoints(out)[:-cfg.keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def checkpoints(run_dir):
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.is_dir() else []
-
-
-def find_checkpoint(path):
-    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
-    path = Path(path)
-    if (path / "state.json").exists():
-        return path
-    found = checkpoints(path)
-    if not found:
-        raise UsageError(f"no checkpoint in '{path}' (expected {path}/checkpoints/step_*/state.json)")
-    return found[-1]
-
-
-def load_checkpoint(folder, policies, rng, with_optimizer=True):
-    """Restore adapters (and optimizer and RNG states when resuming); returns the saved state dict."""
-    state = json.loads((folder / "state.json").read_text())
-    for m, policy in enumerate(policies, 1):
-        load_lora(policy.model, folder / f"adapter_{m}")
-        if with_optimizer:
-            load_optimizer(policy.optimizer, folder / f"optimizer_{m}.safetensors")
-    if with_optimizer:
-        rank, world = dist_info()
-        if state["world_size"] != world:
-            raise UsageError(f"{folder} was written by {state['world_size']} process(es); resume it with as many "
-                             f"(torchrun --nproc_per_node {state['world_size']})")
-        rngs = load_file(str(folder / "rng.safetensors"))
-        mine = {k.split(".", 1)[1]: v for k, v in rngs.items() if k.startswith(f"rank{rank}.")}
-        torch.set_rng_state(mine["torch_cpu"])
-        for m, policy in enumerate(policies, 1):
-            policy.generator.set_state(mine[f"sampler_{m}"])  # generator states live on the CPU, CUDA ones too
-        cuda = [mine[k] for k in sorted((k for k in mine if k.startswith("cuda_")), key=lambda k: int(k[5:]))]  # device order
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
-        version, internal, gauss = state["python_rng"][rank]
-        rng.setstate((version, tuple(internal), gauss))
-    return state
-
-
-# -----------------------------------------------------------------------------
-# Curves: RUN/curves.svg, the run's learning curves and evaluations as one picture any browser opens
-
-PANELS = [  # title, metrics keys (evals.jsonl keys for the last panel; {k}: the evaluation's k)
-    ("reward and its terms (unweighted)", ["reward", "correct", "div", "cm", "rescue", "format"]),
-    ("training accuracy, round A (cold) and B", ["acc_A_m1", "acc_A_m2", "acc_B_m1", "acc_B_m2"]),
-    ("rescue rate and hint leak", ["rescue_rate", "hint_leak"]),
-    ("KL to the base model", ["kl_m1", "kl_m2"]),
-    ("entropy per token", ["entropy_m1", "entropy_m2"]),
-    ("traces with a negative advantage", ["neg_adv_m1", "neg_adv_m2"]),
-    ("truncated samples", ["truncated"]),
-    ("gradient norm before clipping", ["grad_norm_m1", "grad_norm_m2"]),
-    ("evaluation (before, during, after)", ["team_pass@{k}", "pass@1_m1", "pass@1_m2", "p_12@{k}", "team_vote@{k}"]),
-]
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-
-
-def write_curves(out):
-    """RUN/curves.svg from metrics.jsonl and evals.jsonl: one small line chart per panel of PANELS, every curve
-    named in its legend. A plain SVG file: no dependency, opens in any browser."""
-    metrics, evals = read_jsonl_rows(out / "metrics.jsonl"), read_jsonl_rows(out / "evals.jsonl")
-    k = evals[0]["k"] if evals else 0
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    width, height, cols, top = 380, 230, 3, 30
-    parts = [f'<text x="10" y="18" font-size="13">{html_escape(out.name)}: m1 = {html_escape(config.get("model1"))}, '
-             f'm2 = {html_escape(config.get("model2"))} (step {metrics[-1]["step"] if metrics else 0})</text>']
-    for i, (title, keys) in enumerate(PANELS):
-        rows = evals if i == len(PANELS) - 1 else metrics
-        keys = [key.format(k=k) for key in keys]
-        x0, y0 = (i % cols) * width + 50, (i // cols) * height + 30 + top
-        parts.append(svg_panel(title, keys, rows, x0, y0, width - 70, height - 90))
-    return (out / "curves.svg").write_text(
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" height="{-(-len(PANELS) // cols) * height + top}" '
-        f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
-
-
-def svg_panel(title, keys, rows, x0, y0, w, h):
-    """One chart: axes, a polyline per key over the rows' steps, the step and value range, a legend."""
-    points = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))] for key in keys}
-    xs = [x for pts in points.values() for x, _ in pts] or [0, 1]
-    ys = [y for pts in points.values() for _, y in pts] or [0, 1]
-    xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
-    def sx(x): return x0 + (x - xlo) / (xhi - xlo) * w
-    def sy(y): return y0 + h - (y - ylo) / (yhi - ylo) * h
-    svg = [f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{html_escape(title)}</text>',
-           f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
-           f'<text x="{x0 - 4}" y="{y0 + 4}" text-anchor="end">{yhi:.3g}</text>',
-           f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{ylo:.3g}</text>',
-           f'<text x="{x0}" y="{y0 + h + 14}">{xlo}</text>',
-           f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {xhi}</text>']
-    for j, (key, pts) in enumerate(points.items()):
-        color = COLORS[j % len(COLORS)]
-        if pts:
-            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-            svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts if len(pts) < 12]
-        lx, ly = x0 + (j % 3) * (w // 3), y0 + h + 30 + (j // 3) * 14
-        svg.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{color}"/>'
-                   f'<text x="{lx + 14}" y="{ly - 4}">{html_escape(key)}</text>')
-    return "".join(svg)
-
-
-def html_escape(text):
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+@functools.cache
+def hub_reachable(timeout=3.0):
+    """Whether the Hugging Face hub answers (False at once under HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 # -----------------------------------------------------------------------------
@@ -1862,513 +2316,20 @@ DEMO_SETTINGS = dict(steps=30, batch_questions=32, max_new_tokens=20, eval_max_n
                      train_n=200, device1="cpu", device2="cpu", no_grad_checkpoint=True)
 
 
-# -----------------------------------------------------------------------------
-# Main
-
-def barrier():
-    if dist_info()[1] > 1:
-        torch.distributed.barrier()
 
 
-def write_json(path, obj):
-    """Rank 0 writes; the other ranks of a torchrun job do not."""
-    if dist_info()[0] == 0:
-        path.write_text(json.dumps(obj, indent=1))
-
-
-def read_jsonl_rows(path):
-    """The rows of one of the run's own JSONL logs; a line torn by a crash mid-write is dropped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def write_jsonl_rows(path, rows):
-    """A JSONL file written to a temporary name and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def keep_logged_steps(out, step):
-    """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): those steps run again."""
-    for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
-        if (out / name).exists():
-            write_jsonl_rows(out / name, [row for row in read_jsonl_rows(out / name) if row["step"] <= step])
-
-
-def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
-    """evaluate(), then write out/NAME.json and the per-question records out/NAME_samples.jsonl (rank 0); an
-    evaluation during training (at `step`) is also appended to out/evals.jsonl, the run's evaluation curve."""
-    metrics, records = evaluate(policies, test_set, cfg, tag)
-    if dist_info()[0] == 0:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        write_json(out / f"{name}.json", metrics)
-        write_jsonl_rows(out / f"{name}_samples.jsonl", records)
-        if step is not None:
-            with open(out / "evals.jsonl", "a") as f:
-                f.write(json.dumps({"step": step} | metrics) + "\n")
-    return metrics
-
-
-def resolve_device(name):
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device '{name}' asked for, but CUDA is not available")
-    return torch.device(name)
-
-
-def load_policy(index, path, device, cfg):
-    """Model + tokenizer through from_pretrained, LoRA added, AdamW on the adapter only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: straight from the cache, no retries
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
-    except Exception as e:
-        where = "folder" if Path(path).is_dir() else "model id"
-        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                         f"offline? copy the model to a local folder and pass --model{index} /path/to/folder") from None
-    model.eval()  # no dropout: rollout and update likelihoods coincide
-    if not cfg.no_grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-    torch.manual_seed(cfg.seed + index)
-    add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    eos = {tokenizer.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generator = torch.Generator(device=device)
-    generator.manual_seed(cfg.seed + 100 * index + 10007 * dist_info()[0])
-    return Policy(Path(path).name if Path(path).is_dir() else path, model, tokenizer, device, eos - {None}, pad,
-                  getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
-
-
-def as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def output_folder(cfg):
-    """The run folder; an existing non-empty one is refused unless resuming."""
-    if cfg.resume:
-        return Path(cfg.resume)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = "demo" if cfg.demo else Path(cfg.data).stem + ("-eval" if cfg.eval_only else "")
-    out = Path(cfg.out or f"runs/{name}-{stamp}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it with --resume {out}")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder '{out}' cannot be created: '{parent}' is not a writable folder")
-    return out
-
-
-def adapters_config(cfg):
-    """--adapters: the LoRA rank, alpha and targets are the checkpoint's own; a warning when it was trained on
-    other models (a different name, or model 1 and model 2 swapped)."""
-    saved = Config(**json.loads((find_checkpoint(cfg.adapters) / "state.json").read_text())["config"])
-    for m in (1, 2):
-        trained, given = getattr(saved, f"model{m}"), getattr(cfg, f"model{m}")
-        if Path(trained).name != Path(given).name:
-            print(f"warning: adapter {m} of {cfg.adapters} was trained on '{trained}', not on --model{m} '{given}'")
-    return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha, lora_targets=saved.lora_targets)
-
-
-def check_models(cfg):
-    """Before loading anything, fail within seconds on a model that cannot be had: a hub id that is neither in the
-    local cache nor reachable (a missing folder is caught by validate)."""
-    from huggingface_hub import try_to_load_from_cache
-    for m, name in enumerate((cfg.model1, cfg.model2), 1):
-        if not Path(name).expanduser().is_dir() and not isinstance(try_to_load_from_cache(name, "config.json"), str) \
-                and not hub_reachable():
-            raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the Hugging Face hub "
-                             f"cannot be reached (offline?); download it elsewhere and pass --model{m} /path/to/folder")
-
-
-@functools.cache
-def hub_reachable(timeout=3.0):
-    """Whether the Hugging Face hub answers (False at once under HF_HUB_OFFLINE=1)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-# what a resumed run may change: how it executes, not what it computes
-RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
-                    "eager_decode", "compile_decode", "device1", "device2", "save_every", "keep", "show"}
-
-
-def resume_config(cfg, given):
-    """The saved config of the run being resumed (its newest checkpoint's, or its config.json when it stopped before
-    its first checkpoint). The RESUME_OVERRIDES flags among those given on the command line (`given`: their names)
-    replace their saved values; any other given flag that differs is refused."""
-    found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
-    if not found and not config_file.is_file():
-        raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
-    saved = Config(**(json.loads((found[-1] / "state.json").read_text())["config"] if found else
-                      json.loads(config_file.read_text())))
-    changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
-    if "steps" in changed:
-        raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span the run's "
-                         f"{saved.steps} steps. To train longer, start a new run from its adapters: "
-                         f"python core.py --adapters {cfg.resume} --steps N (with the run's other flags)")
-    if changed:
-        raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} would "
-                         f"change; only {', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))} may differ")
-    return replace(saved, resume=cfg.resume, **{k: getattr(cfg, k) for k in given & RESUME_OVERRIDES})
-
-
-def step_log(step, cfg, groups, stats, seconds, skipped_problems):
-    """One metrics row per step: per-model accuracy per round, rescue rate, reward terms, loss, KL, advantage and
-    entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
-    traces = [t for g in groups for t in g]
-    row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
-    for m in (0, 1):
-        for rnd in ("A", "B"):
-            own = [t for t in traces if t.model == m and t.round == rnd]
-            row[f"acc_{rnd}_m{m + 1}"] = sum(t.correct for t in own) / len(own) if own else None
-            row[f"len_{rnd}_m{m + 1}"] = sum(len(t.completion_ids) for t in own) / len(own) if own else None
-    row["truncated"] = sum(t.truncated for t in traces) / len(traces)
-    eligible = [t for g in groups for t in g if t.round == "B" and t.hint_shown
-                and not any(u.correct for u in g if u.model == t.model and u.round == "A")]
-    row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
-    row["rescue_rate"] = row["rescued"] / len(eligible) if eligible else None
-    hinted = [t for t in traces if t.hint_shown]
-    row["hints_shown"], row["hints_leaking"] = len(hinted), sum(t.hint_leaks for t in hinted)
-    row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
-    row["reward"] = sum(t.reward for t in traces) / len(traces)
-    row |= reward_weights(cfg, step)  # the weights in force: w_div, lambda_cm
-    for term in ("correct", "div", "cm", "rescue", "format"):
-        row[term] = sum(t.terms[term] for t in traces) / len(traces)
-    for m, s in enumerate(stats, 1):
-        advantages = [t.advantage for t in traces if t.model == m - 1]
-        row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"], f"grad_norm_m{m}": s["grad_norm"],
-                f"nonfinite_m{m}": s["skipped"],
-                f"adv_m{m}": sum(advantages) / max(1, len(advantages)),
-                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / max(1, len(advantages)),
-                f"pos_adv_m{m}": sum(a > 0 for a in advantages) / max(1, len(advantages))}
-    row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
-    row["skipped_problems"] = skipped_problems
-    row["rollout_s"], row["update_s"] = seconds
-    row["seconds"] = sum(seconds)
-    row["tok_per_s"] = sum(len(t.completion_ids) for t in traces) / max(seconds[0], 1e-9)  # sampled tokens / rollout time
-    return row
-
-
-def format_log(row, steps):
-    def acc(key):
-        return "-" if row[key] is None else f"{row[key]:.2f}"
-    return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/{acc('acc_B_m2')}"
-            f" | rescue {row['rescued']}/{row['eligible']} leak {row['hints_leaking']}/{row['hints_shown']}"
-            f" const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f} div {row['div']:.2f}x{row['w_div']:g}"
-            f" cm {row['cm']:.2f}x{row['lambda_cm']:g} resc {row['rescue']:.3f} fmt {row['format']:.2f}"
-            f" | A<0 {row['neg_adv_m1']:.2f}/{row['neg_adv_m2']:.2f} H {row['entropy_m1']:.2f}/{row['entropy_m2']:.2f}"
-            f" loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/{row['kl_m2']:.4f}"
-            f" | trunc {row['truncated']:.2f} | {row['tok_per_s']:.0f} tok/s | {row['rollout_s']:.1f}+{row['update_s']:.1f}s")
-
-
-def watch_for_collapse(row, counters, names, patience=3, few=0.1):
-    """Warn when, for `patience` steps in a row, at most a `few` of a model's traces had a positive advantage while its
-    KL to the base model rose: its updates push it away from its own samples and almost nothing pulls it anywhere
-    (README: the weaker partner). counters['pushed_away'][m] counts those steps, counters['kl_before'][m] holds the
-    KL of the step before them."""
-    for m, name in enumerate(names):
-        kl = row[f"kl_m{m + 1}"]
-        if row[f"pos_adv_m{m + 1}"] > few:
-            counters["pushed_away"][m], counters["kl_before"][m] = 0, kl
-            continue
-        counters["pushed_away"][m] += 1
-        steps = counters["pushed_away"][m]
-        if steps % patience == 0 and kl > counters["kl_before"][m]:
-            print(f"warning: {name}: for {steps} steps at most {few:.0%} of its traces had a positive advantage "
-                  f"({row[f'neg_adv_m{m + 1}']:.0%} negative now) while its KL to the base rose {counters['kl_before'][m]:.4f} "
-                  f"-> {kl:.4f}: it is being pushed away from its own samples (README: the weaker partner; try "
-                  f"--adv-group model --adv-scale none)", flush=True)
-
-
-def show_group(problem, group, hint, names):
-    """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""
-    print(f"  Q: {problem.question!r}  gold {problem.gold}")
-    for rnd in ("A", "B"):
-        if rnd == "B" and hint:
-            print(f"    hint (teacher's trace, answer stripped): {hint[:70]!r}")
-        for t in (t for t in group if t.round == rnd):
-            tag = f"{t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
-            rescued = "  RESCUED" if t.terms.get("rescue") else ""
-            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  A {t.advantage:+.2f}  "
-                  f"{t.text.strip()[:70]!r}{rescued}")
-
-
-def sample_record(step, problem, group, hint):
-    return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold, "hint": hint,
-            "traces": [{"model": t.model + 1, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
-                        "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]}
-
-
-class Progress:
-    """How far a long sampling phase is: rows done / total, tokens per second and the time left, refreshed at most
-    once a second on a terminal (one updating line) and every 10 s otherwise (plain lines, so logs stay readable).
-    A phase shorter than that prints nothing, unless `always` (then its closing line is printed)."""
-
-    def __init__(self, label, total, always=False):
-        self.label, self.total, self.always = label, total, always
-        self.tty = sys.stdout.isatty()
-        self.every = 1.0 if self.tty else 10.0
-        self.start = self.last = time.time()
-        self.rows = self.tokens = 0  # of the batches done
-        self.shown = False
-
-    def due(self):
-        return time.time() - self.last >= self.every
-
-    def add(self, rows, tokens):
-        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
-
-    def show(self, rows=0, tokens=0, closing=False):
-        """rows, tokens: those done so far in the batch being sampled."""
-        self.last, self.shown = time.time(), True
-        done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
-        left = "done" if closing else f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
-        line = f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | {elapsed:.0f}s, {left}"
-        print(f"\r{line}\033[K" if self.tty else line, end="\n" if closing or not self.tty else "", flush=True)
-
-    def close(self):
-        if self.shown or self.always:
-            self.show(closing=True)
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM (what timeout, SLURM and Kubernetes send) sets a flag; the training loop finishes
-    its step, checkpoints and exits 130. A second signal aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-              flush=True)
-
-
-def interrupt(signum, frame):
-    """SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C."""
-    raise KeyboardInterrupt
-
-
-def train_step(step, cfg, policies, train_set, rng, counters, stats):
-    """One CORE step: rollouts (rounds A and B), rewards, one update per model. Under torchrun this rank takes
-    its share of the step's questions. Each model's update stats are appended to `stats` as soon as it has
-    stepped. Returns (metrics row over all ranks, this rank's questions, groups, hints), or None when every
-    question of the step was too long."""
-    t0 = time.time()
-    rank, world = dist_info()
-    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)][rank::world]
-    usable = [p for p in batch if all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)]
-    groups, hints = core_step_rollouts(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
-    t1 = time.time()
-    for m, policy in enumerate(policies):  # every rank updates, with or without traces: the gradients are summed
-        stats.append(update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, learning_rate(cfg, step)))
-        counters["nonfinite_in_a_row"][m] = counters["nonfinite_in_a_row"][m] + 1 if stats[m]["skipped"] else 0
-        if stats[m]["skipped"]:
-            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update skipped")
-    shards = all_gather((groups, len(batch) - len(usable)))
-    all_groups, skipped = [g for shard, _ in shards for g in shard], sum(n for _, n in shards)
-    counters["skipped_problems"] += skipped
-    if skipped:
-        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
-              f"or the model context ({counters['skipped_problems']} so far)")
-    if not all_groups:
-        return None
-    return step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped), usable, groups, hints
-
-
-def train(cfg, policies, train_set, test_set, out):
-    """The training loop; returns (exit code, whether all cfg.steps are done)."""
-    rank = dist_info()[0]
-    rng = random.Random(cfg.seed + 7919 * rank)  # hint dropout: each rank its own stream
-    counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "kl_before": [0.0, 0.0]}
-    start = 0
-    if cfg.resume and checkpoints(out):
-        folder = find_checkpoint(out)
-        state = load_checkpoint(folder, policies, rng)
-        start, counters = state["step"], state["counters"]
-        if rank == 0:
-            keep_logged_steps(out, start)
-        print(f"resumed from {folder} at step {start}")
-    else:
-        if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
-            print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
-            if rank == 0:
-                keep_logged_steps(out, -1)
-        if not cfg.no_eval_before:
-            run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
-    stop = StopRequest()
-    previous_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    names = [p.name for p in policies]
-    step, stats = start, []
-    try:
-        logs = [out / "metrics.jsonl", out / "samples.jsonl"] if rank == 0 else [os.devnull, os.devnull]  # rank 0 logs
-        with open(logs[0], "a") as metrics_file, open(logs[1], "a") as samples_file:
-            for step in range(start, cfg.steps):
-                stats = []
-                result = train_step(step, cfg, policies, train_set, rng, counters, stats)
-                if result:
-                    row, usable, groups, hints = result
-                    print(format_log(row, cfg.steps), flush=True)
-                    watch_for_collapse(row, counters, names)
-                    for q in range(min(cfg.show, len(usable))):
-                        show_group(usable[q], groups[q], hints[q], names)
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                    if usable:
-                        samples_file.write(json.dumps(sample_record(step, usable[0], groups[0], hints[0])) + "\n")
-                        samples_file.flush()
-                done = step + 1
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one: eval_after
-                    run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
-                stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
-                if max(counters["nonfinite_in_a_row"]) >= 3:
-                    save_checkpoint(out, done, policies, cfg, rng, counters)
-                    raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
-                                        f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
-                if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
-                    save_checkpoint(out, done, policies, cfg, rng, counters)
-                if stop.requested:
-                    print(f"stopped after step {done}; continue with: python core.py --resume {out}")
-                    return 130, False
-                if done - start == cfg.stop_after and done < cfg.steps:
-                    print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: python core.py --resume {out}")
-                    return 0, False
-    except torch.OutOfMemoryError:
-        if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
-            save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with smaller "
-                            f"batches: python core.py --resume {out} --gen-batch {max(1, cfg.gen_batch // 2)} "
-                            f"--micro-batch {max(1, cfg.micro_batch // 2)}") from None
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-    return 0, True
-
-
-def run(cfg, given=frozenset()):
-    """The whole job for one config; `given` names the flags set on the command line (--resume and --demo keep them)."""
-    if cfg.compare:
-        compare_runs(cfg.compare)
-        return 0
-    if cfg.resume:
-        cfg = resume_config(cfg, given)
-    elif cfg.demo:
-        cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
-    validate(cfg)
-    rank, world = init_distributed()
-    if world > 1:
-        if cfg.demo or cfg.device1 or cfg.device2:
-            raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 and --device2")
-        if cfg.batch_questions < world:
-            raise UsageError(f"--batch-questions {cfg.batch_questions} is smaller than the {world} processes")
-        if rank:
-            sys.stdout = open(os.devnull, "w")  # rank 0 prints; errors still reach stderr
-    out = output_folder(cfg)
-    barrier()  # every rank has checked the output folder before rank 0 creates it
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch.cuda.is_available() else ""
-    devices = [resolve_device(cfg.device1 or local), resolve_device(cfg.device2 or cfg.device1 or local)]
-    if cfg.demo:
-        train_set, test_set = arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
-        if not cfg.resume:  # a resumed demo reloads the models its config names
-            out.mkdir(parents=True, exist_ok=True)
-            print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; advantages: "
-                  f"--adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
-            try:
-                cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
-            except BaseException:  # stopped while building: leave no half-made run folder behind
-                shutil.rmtree(out, ignore_errors=True)
-                raise
-    else:
-        train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
-        single_file = cfg.data in ("aime24", "aime25", "gpqa")
-        test_set = load_problems(cfg.data, "all" if cfg.eval_only and single_file else "test", cfg.data_dir, cfg.seed)
-        test_set = test_set[:cfg.eval_n] if cfg.eval_n else test_set
-        random.Random(cfg.seed).shuffle(train_set)
-        train_set = train_set[:cfg.train_n]
-    check_models(cfg)
-    if cfg.adapters:
-        cfg = adapters_config(cfg)
-    policies = [load_policy(i, path, dev, cfg) for i, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
-    if cfg.adapters:
-        load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
-    test_set = evaluable(policies, test_set, cfg)
-    if cfg.eval_only and not test_set:
-        raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
-                         f"{cfg.eval_max_new_tokens})")
-    if not cfg.eval_only and not any(all(fits(pol, build_prompt(pol.tokenizer, p.question, p.kind), cfg) for pol in policies)
-                                     for p in train_set):
-        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens {cfg.max_prompt_tokens}, "
-                         f"or prompt + --max-new-tokens {cfg.max_new_tokens} over the model context")
-    if rank == 0:
+def demo_data(cfg, out):
+    """The demo's training and test questions; a new demo first builds its two models in out/models."""
+    if not cfg.resume:  # a resumed demo reloads the models its config names
         out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(cfg))
-    print(f"run folder: {out}")
-    if cfg.eval_only:
-        run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
-        if cfg.export and rank == 0:
-            for m, policy in enumerate(policies, 1):
-                export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
-        return 0
-    code, finished = train(cfg, policies, train_set, test_set, out)
-    if finished:
-        run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
-        if rank == 0:
-            write_curves(out)
-            print(f"curves: {out / 'curves.svg'} (open it in a browser)")
-        if cfg.demo:
-            print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
-            compare_runs([out])
-        if cfg.export and rank == 0:
-            for m, policy in enumerate(policies, 1):
-                export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
-    return code
-
-
-def main(argv=None):
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        code = run(cfg, given)
-        barrier()  # under torchrun: every rank is done before any leaves
-        return code
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (loading, evaluation), or a second one
-        print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; advantages: "
+              f"--adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
+        try:
+            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+        except BaseException:  # stopped while building: leave no half-made run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
 
 
 if __name__ == "__main__":

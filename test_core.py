@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import core
+from tools import compare, curves
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
@@ -627,7 +628,7 @@ def test_fast_decoding_is_the_gpu_default_only():
     model = types.SimpleNamespace(device=torch.device("cpu"), config=types.SimpleNamespace(_attn_implementation="sdpa"))
     assert not core.fast_decoding(model, cfg)
     model.device = torch.device("cuda")
-    assert core.fast_decoding(model, cfg) and not core.fast_decoding(model, core.Config(eager_decode=True))
+    assert core.fast_decoding(model, cfg) and not core.fast_decoding(model, core.Config(decoder="reference"))
     model.config.use_sliding_window = True
     assert not core.fast_decoding(model, cfg)
 
@@ -760,9 +761,9 @@ class FakePolicy:
 def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
     tokenizer = core.demo_tokenizer()
     problem = core.Problem("p", "What is 2 + 2 ?", "4", "number")
-    scripts = {0: iter(["2 + 2 = 5 . \\boxed{5}", "2 + 2 = 3 . \\boxed{3}", "2 + 2 = 4 . \\boxed{4}"]),
-               1: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
-    seen = {0: [], 1: []}
+    scripts = {1: iter(["2 + 2 = 5 . \\boxed{5}", "2 + 2 = 3 . \\boxed{3}", "2 + 2 = 4 . \\boxed{4}"]),
+               2: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
+    seen = {1: [], 2: []}
 
     def fake_generate(policy, prompts, max_new_tokens, cfg, n=1, **_):
         m = policy.index
@@ -770,12 +771,12 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
         return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
 
     monkeypatch.setattr(core, "generate", fake_generate)
-    policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
+    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
     cfg = core.Config(hint_dropout=0.0)
-    groups, hints = core.core_step_rollouts(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
+    groups, hints = core.core_step(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
     group = groups[0]
-    assert [(t.model, t.round) for t in group] == [(0, "A"), (0, "A"), (1, "A"), (1, "A"), (0, "B"), (1, "B")]
-    assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[0][-1] and "Hint:" not in seen[1][-1]
+    assert [(t.model, t.round) for t in group] == [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (1, "B"), (2, "B")]
+    assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[1][-1] and "Hint:" not in seen[2][-1]
     rescued = group[4]
     assert rescued.hint_shown and rescued.correct and rescued.terms["rescue"] == 0.15
     assert group[5].terms["rescue"] == 0 and not group[5].hint_shown
@@ -784,21 +785,21 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
 
 
 def protocol_step(monkeypatch, problems, scripts, cfg):
-    """core_step_rollouts on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
+    """core_step on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
     tokenizer = core.demo_tokenizer()
     scripts = {m: iter(texts) for m, texts in scripts.items()}
     monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
                         [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
-    policies = [FakePolicy(m, tokenizer) for m in (0, 1)]
-    return core.core_step_rollouts(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
+    return core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
 
 
 def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkeypatch):
     problems = [core.Problem("a", "Janet's ducks lay 16 eggs. How many?", "16", "number"),
                 core.Problem("b", "What is 8 + 8 ?", "16", "number")]
     wrong = "I think \\boxed{3}"
-    scripts = {0: [wrong] * 4 + [wrong] * 2,
-               1: ["Janet's ducks lay 16 eggs per day. \\boxed{16}", wrong, "$16$. \\boxed{16}", wrong, wrong, wrong]}
+    scripts = {1: [wrong] * 4 + [wrong] * 2,
+               2: ["Janet's ducks lay 16 eggs per day. \\boxed{16}", wrong, "$16$. \\boxed{16}", wrong, wrong, wrong]}
     groups, hints = protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0))
     assert hints == ["Janet's ducks lay 16 eggs per day.", None]
     assert [t.hint_shown for t in groups[0] if t.round == "B"] == [True, False]
@@ -808,8 +809,8 @@ def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkey
 def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
     problems = [core.Problem("a", "What is 9 * 2 ?", "18", "number"), core.Problem("b", "What is 9 + 9 ?", "18", "number")]
     wrong = "I think \\boxed{3}"
-    scripts = {0: [wrong] * 4 + [wrong] * 2,  # model 1 fails both questions: it is shown both hints
-               1: ["9 * 2 = 18, so \\boxed{18}", wrong, "Add nine to nine. \\boxed{18}", wrong, wrong, wrong]}
+    scripts = {1: [wrong] * 4 + [wrong] * 2,  # model 1 fails both questions: it is shown both hints
+               2: ["9 * 2 = 18, so \\boxed{18}", wrong, "Add nine to nine. \\boxed{18}", wrong, wrong, wrong]}
     cfg = core.Config(hint_dropout=0.0)
     groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
     assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
@@ -821,7 +822,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
 
 def test_format_bonus_is_paid_for_an_explicit_answer_only():
     cfg = core.Config()
-    traces = [core.Trace(0, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(0, "A", [], [], "9 * 2 = 18", True)]
+    traces = [core.Trace(1, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(1, "A", [], [], "9 * 2 = 18", True)]
     core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
     assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
 
@@ -829,23 +830,23 @@ def test_format_bonus_is_paid_for_an_explicit_answer_only():
 def test_advantage_groups_of_a_weaker_partner(monkeypatch):
     """Model 1 is right and model 2 wrong on both questions; on the first a hint rescues model 2."""
     problems = [core.Problem("a", "What is 2 + 2 ?", "4", "number"), core.Problem("b", "What is 1 + 2 ?", "3", "number")]
-    scripts = {0: ["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "1 + 2 = 3 . \\boxed{3}", "1 + 2 = 3 . so \\boxed{3}",
+    scripts = {1: ["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "1 + 2 = 3 . \\boxed{3}", "1 + 2 = 3 . so \\boxed{3}",
                    "2 + 2 = 4 . \\boxed{4}", "1 + 2 = 3 . \\boxed{3}"],
-               1: ["\\boxed{5}", "\\boxed{6}", "\\boxed{5}", "\\boxed{6}", "2 + 2 = 4 . \\boxed{4}", "\\boxed{7}"]}
+               2: ["\\boxed{5}", "\\boxed{6}", "\\boxed{5}", "\\boxed{6}", "2 + 2 = 4 . \\boxed{4}", "\\boxed{7}"]}
     runs = {g: protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0, adv_group=g))[0]
             for g in ("joint", "model")}
     assert [[t.reward for t in g] for g in runs["joint"]] == [[t.reward for t in g] for g in runs["model"]]  # same R
     for adv_group, groups in runs.items():
-        rescued = next(t for t in groups[0] if t.model == 1 and t.round == "B")
+        rescued = next(t for t in groups[0] if t.model == 2 and t.round == "B")
         assert rescued.correct and rescued.hint_shown and rescued.terms["rescue"] == 0.15 and rescued.advantage > 0
-        cold = [t.advantage for t in groups[0] if t.model == 1 and t.round == "A"]
-        all_wrong = [t.advantage for t in groups[1] if t.model == 1]  # model 2 fails the second question in both rounds
+        cold = [t.advantage for t in groups[0] if t.model == 2 and t.round == "A"]
+        all_wrong = [t.advantage for t in groups[1] if t.model == 2]  # model 2 fails the second question in both rounds
         assert all(a < 0 for a in cold)  # below the rescued trace (joint: below model 1's too)
         if adv_group == "joint":  # the paper: the partner's right answers set the baseline, every wrong trace goes down
             assert all(a < 0 for a in all_wrong)
         else:  # each model against its own traces: nothing to learn from an all-wrong group
             assert all_wrong == [0.0, 0.0, 0.0]
-            assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (0, 1))
+            assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
 
 
 def test_hint_cap_in_receiver_tokens():
@@ -900,7 +901,7 @@ def test_policy_gradient_raises_reward(tmp_path):
     for step in range(30):
         outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)
         rewards = [sum(t < half for t in o) / len(o) for o in outs]
-        traces = [core.Trace(0, "A", prompt, o, "", False) for o in outs]
+        traces = [core.Trace(1, "A", prompt, o, "", False) for o in outs]
         for t, a in zip(traces, core.group_advantages(rewards).tolist()):
             t.advantage = a
         core.update_policy(policy, traces, cfg, cfg.lr)
@@ -914,7 +915,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models):
         cfg = core.Config(lora_rank=4, beta_kl=0.04, no_grad_checkpoint=not flag, micro_batch=2)
         policy = make_policy(tiny_models[1], cfg)
         prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-        traces = [core.Trace(0, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+        traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
                   for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", 0.7)])]
         with torch.no_grad():  # move B off zero so that every LoRA parameter gets a gradient
             for p in core.lora_parameters(policy.model):
@@ -937,7 +938,7 @@ def test_bfloat16_weights_train_float32_adapters(tiny_models):
     layer = next(iter(core.lora_layers(policy.model).values()))
     assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    traces = [core.Trace(0, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+    traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
               for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", -0.5)])]
     stats = core.update_policy(policy, traces, cfg, cfg.lr)
     assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9
@@ -954,7 +955,7 @@ def test_non_finite_update_is_skipped(tiny_models):
     policy = make_policy(tiny_models[0], cfg)
     before = {k: v.clone() for k, v in core.lora_state(policy.model).items()}
     prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    trace = core.Trace(0, "A", prompt, [5, 6, 7], "", False, advantage=float("nan"))
+    trace = core.Trace(1, "A", prompt, [5, 6, 7], "", False, advantage=float("nan"))
     stats = core.update_policy(policy, [trace], cfg, cfg.lr)
     assert stats["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in core.lora_state(policy.model).items())
@@ -1077,6 +1078,7 @@ def test_end_to_end_core_steps(warm_pair, tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapters.items())  # the update happened
     for key in ("time", "lr", "w_div", "lambda_cm", "len_A_m1", "len_B_m2", "truncated", "grad_norm_m1", "rollout_s", "update_s"):
         assert key in rows[0]
+    curves.write_curves(out)  # tools/curves.py RUN
     assert (out / "curves.svg").exists()
 
 
@@ -1109,14 +1111,14 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     sample = json.loads(open(tmp_path / "single" / "samples.jsonl").readline())
     assert {t["round"] for t in sample["traces"]} == {"A"}
     capsys.readouterr()
-    assert core.main(["--compare", str(tmp_path / "core"), str(tmp_path / "single")]) == 0
+    assert compare.main([str(tmp_path / "core"), str(tmp_path / "single")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["core", "single"]
     before, after = (json.loads((tmp_path / "single" / f"eval_{t}.json").read_text())["team_pass@2"] for t in ("before", "after"))
     assert f"{before:.3f} -> {after:.3f}" in next(line for line in lines if line.startswith("Team Pass@k "))
     differing = [line.split() for line in lines[lines.index("flags that differ:") + 1:]]
     assert differing == [["--single", "False", "True"]]
-    assert core.main(["--compare", str(tmp_path / "core"), str(tmp_path)]) == 2  # not a run folder
+    assert compare.main([str(tmp_path / "core"), str(tmp_path)]) == 2  # not a run folder
 
 
 def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
@@ -1155,9 +1157,10 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     assert len(rows) == 8 and any(r["rescued"] for r in rows)
     assert "before training: evaluating: 192/192 rows" in text and "tok/s" in text  # progress
     assert (tmp_path / "demo" / "checkpoints" / "step_000008" / "adapter_2" / "adapter_config.json").exists()
+    curves.write_curves(tmp_path / "demo")  # tools/curves.py RUN
     svg = ElementTree.parse(tmp_path / "demo" / "curves.svg").getroot()  # well-formed, every curve named
     labels = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
-    for _, keys in core.PANELS:
+    for _, keys in curves.PANELS:
         assert {key.format(k=2) for key in keys} <= labels
     assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) >= 20
     evals = [json.loads(line) for line in open(tmp_path / "demo" / "evals.jsonl")]

@@ -4,7 +4,7 @@ Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B s
   0. greedy identity: core.sample_fast's greedy tokens (plain and compiled step) vs generate's, first 32 tokens
      of 8 rows;
   1. rollout speed: core.sample_fast (static cache + CUDA graphs; also with the step through torch.compile, as
-     --compile-decode does) and core.sample (eager) vs transformers' generate (dynamic cache, and static cache
+     --decoder compiled does) and core.sample (eager) vs transformers' generate (dynamic cache, and static cache
      with its automatic compile) at several batch sizes, in tokens/s, as a fraction of the memory-bandwidth
      floor, with peak memory and the warm-up (compile) time;
   2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
@@ -185,7 +185,7 @@ def make_policy(name, model, device, tokenizer):
 def bench_update(name, shape, policy, args, device):
     """One update on 12 traces (4 questions x (K + K')) of prompt_len + new_tokens random tokens."""
     cfg = core.Config(micro_batch=args.micro_batch)
-    traces = [core.Trace(0, "A" if i % 3 else "B", torch.randint(0, shape["vocab_size"], (args.prompt_len,)).tolist(),
+    traces = [core.Trace(1, "A" if i % 3 else "B", torch.randint(0, shape["vocab_size"], (args.prompt_len,)).tolist(),
                          torch.randint(0, shape["vocab_size"], (args.new_tokens,)).tolist(), "", False,
                          advantage=random.Random(i).gauss(0, 1)) for i in range(12)]
     core.update_policy(policy, traces[:2], cfg, cfg.lr)  # warm-up
@@ -201,18 +201,17 @@ def bench_update(name, shape, policy, args, device):
 
 def bench_core_step(policies, args, device):
     """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens."""
-    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2,
-                      compile_decode=args.compile_decode)
+    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2, decoder=args.decoder)
     sentence = "Consider the following numbers carefully."
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
     counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
     step = lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, [])  # noqa: E731
-    _, warmup = timed(step, device)  # the first step also compiles, with --compile-decode
+    _, warmup = timed(step, device)  # the first step also compiles, with --decoder compiled
     reset_peak(device)
     result, seconds = timed(step, device)
-    sampler = ("core.sample_fast" + (" (compiled)" if args.compile_decode else "")
+    sampler = ("core.sample_fast" + (" (compiled)" if args.decoder == "compiled" else "")
                if core.fast_decoding(policies[0].model, cfg) else "core.sample")
     row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
            "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"], "sampler": sampler,
@@ -236,7 +235,7 @@ def main():
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (the CORE step needs both models)")
-    parser.add_argument("--compile-decode", action="store_true", help="the CORE step with --compile-decode")
+    parser.add_argument("--decoder", default="graphs", choices=("graphs", "compiled"), help="the CORE step's --decoder")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_results.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,52 @@
+"""Several runs' evaluations side by side, then the flags that differ between the runs:
+
+    python tools/compare.py RUN [RUN ...]
+
+Each cell is before -> after (change) for a training run, or the one evaluation of an --eval-only run.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import core  # noqa: E402
+
+
+def compare(folders):
+    """The table of core.comparison_rows, then the config flags whose values differ (execution flags aside)."""
+    for folder in map(Path, folders):
+        if not (folder / "config.json").is_file():
+            raise core.UsageError(f"'{folder}' is not a run folder (no config.json)")
+    configs = [json.loads((Path(f) / "config.json").read_text()) for f in folders]
+    shown = [{k: shown_value(v, Path(f)) for k, v in config.items()} for f, config in zip(folders, configs)]
+    ignored = {"out", "resume"} | core.RESUME_OVERRIDES
+    differing = sorted(k for k in set().union(*shown) - ignored if len({json.dumps(s.get(k)) for s in shown}) > 1)
+    rows = core.comparison_rows(folders)
+    if len(folders) > 1:
+        rows += [("flags that differ:", ["" if differing else "none"] * len(folders))]
+        rows += [(f"  {core.flag_name(k)}", [str(s.get(k)) for s in shown]) for k in differing]
+    core.print_rows(rows)
+
+
+def shown_value(value, folder):
+    """A config value; a path inside the run's own folder (the demo's models) reads RUN/..."""
+    if isinstance(value, str) and value and Path(value).resolve().is_relative_to(folder.resolve()):
+        return "RUN/" + Path(value).resolve().relative_to(folder.resolve()).as_posix()
+    return value
+
+
+def main(argv=None):
+    folders = sys.argv[1:] if argv is None else argv
+    if not folders:
+        print("usage: python tools/compare.py RUN [RUN ...]", file=sys.stderr)
+        return 2
+    try:
+        compare(folders)
+    except core.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
