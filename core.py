@@ -5,31 +5,29 @@ Two small LLMs learn together with reinforcement learning. For every training qu
 
   Round A (cold)    each model samples K solutions from the plain prompt; each is checked against the gold
                     answer: correctness c in {0, 1}.
-  Teacher and hint  the highest-reward correct round-A trace is the teacher; every explicit final-answer
-                    statement is stripped from it and the rest (at most 1536 of the receiver's tokens) is the hint.
-  Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample is shown the hint
+  Teacher and hint  the highest-reward correct round-A trace is the teacher; its final-answer statements are
+                    stripped and the rest (at most 1536 of the receiver's tokens) is the hint.
+  Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample sees the hint
                     with probability 1 - hint_dropout; everyone else resamples cold.
   Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus,
-                    the diversity terms being determinant gains of hashed n-gram features over correct traces.
+                    the diversity terms being determinant gains of n-gram features over correct traces.
   Update            A = (R - mean) / (std + 1e-4) over all traces of the question (both models, both rounds);
                     each model's LoRA adapter takes one AdamW step on the token-level mean of -A log pi(token)
                     (round-B traces weighted 0.8) + beta * KL(pi || base).
 
 The headline metric is Team Pass@k: a test question is solved if any of the 2 x k cold samples (k per model,
-no hints) is correct. Each evaluation also reports Pass@j, majority votes, p_12 and correlated failure.
+no hints) is correct.
 
-Run:
-  python core.py --demo                           # the whole pipeline on CPU with two tiny models, < 1 minute
-  python core.py --data gsm8k --steps 500         # the paper's Qwen2.5-3B + Qwen3-4B pair on one GPU
+  python core.py --demo                       # the whole pipeline on CPU with two tiny models, < 1 minute
+  python core.py --data gsm8k --steps 500     # the paper's Qwen2.5-3B + Qwen3-4B pair on one GPU
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
-Where it departs from the paper (README, "Known deviations"): a real determinant gain for DPP-lite and
-complementarity, a format bonus, epsilon 1e-4, cold-prompt evaluation with unbiased Pass@j, and two optional
-advantage groupings for a weaker partner (--adv-group model, --adv-scale none).
+Departures from the paper (README, "Known deviations"): a real determinant gain for DPP-lite and
+complementarity, a format bonus, epsilon 1e-4, unbiased Pass@j, optional per-model advantages.
 
-Read top-down: Config; the CORE step; rewards; the update; the training loop. Then the building blocks: LoRA,
-rollouts (prompts and the reference sampler), the GPU sampler, answers, data, evaluation, checkpoints,
-distributed, logging; the command line; the demo as an appendix.
+Read top-down: Config; the CORE step; rewards; the update; the training loop. Then the building blocks:
+LoRA, rollouts, the GPU sampler, answers, data, evaluation, checkpoints, distributed, logging; the command
+line; the demo as an appendix. Tooling a run does not need lives in tools/ (curves, run comparison).
 """
 
 import argparse
@@ -67,7 +65,7 @@ class UsageError(Exception):
 
 
 class TrainingError(Exception):
-    """A run that cannot go on (non-finite updates, out of memory): one line, exit code 1, checkpoints kept."""
+    """A run that cannot go on (non-finite updates, out of memory): one line, exit 1, checkpoints kept."""
 
 
 # -----------------------------------------------------------------------------
@@ -84,8 +82,8 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 @dataclass
 class Config:
     # what to run
-    data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder")
-    data_dir: str = arg("", "folder holding <dataset>/<split>.jsonl (or gpqa/dataset.zip); else a cache is used")
+    data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder")
+    data_dir: str = arg("", "folder with <dataset>/<split>.jsonl (or gpqa/dataset.zip); else the cache")
     model1: str = arg("Qwen/Qwen2.5-3B-Instruct", "first model: Hugging Face id or local folder")
     model2: str = arg("Qwen/Qwen3-4B-Instruct-2507", "second model: Hugging Face id or local folder")
     out: str = arg("", "output folder (default runs/<data>-<timestamp>); must be new or empty")
@@ -109,16 +107,15 @@ class Config:
     max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
     max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
     gen_batch: int = arg(64, "rows per sampling batch")
-    decoder: str = arg("graphs", "sampler on a GPU: static cache + CUDA graphs, the same compiled with torch.compile, "
-                                 "or the plain reference loop (always used on CPU)",
-                       choices=("graphs", "compiled", "reference"))
+    decoder: str = arg("graphs", "GPU sampler: CUDA graphs, graphs of a torch.compile'd step, or the "
+                                 "reference loop (the CPU's)", choices=("graphs", "compiled", "reference"))
     # reward
     w_correct: float = arg(1.0, "weight w1 of correctness c")
     w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
     div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)")
     lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)")
-    rescue_bonus: float = arg(0.15, "bonus for a correct round-B trace of a model that failed cold and saw a hint")
-    w_format: float = arg(0.1, "bonus for an explicit final answer (boxed, or after 'answer is' / 'answer:' / '####')")
+    rescue_bonus: float = arg(0.15, "bonus: a correct round-B trace of a model that failed cold, hint shown")
+    w_format: float = arg(0.1, "bonus for an explicit final answer (boxed, or after 'answer is/:' or '####')")
     dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I")
     ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel")
     # update
@@ -132,28 +129,28 @@ class Config:
     round_b_weight: float = arg(0.8, "loss weight of round-B traces")
     adv_group: str = arg("joint", "advantage baseline: all traces of the question (joint, the paper) or each "
                                   "model's own (model)", choices=("joint", "model"))
-    adv_scale: str = arg("std", "advantage scale: divide by the group's std (std, the paper) or keep reward units "
-                                "(none, Dr. GRPO)", choices=("std", "none"))
+    adv_scale: str = arg("std", "advantage scale: the group's std (std, the paper) or reward units (none, "
+                                "Dr. GRPO)", choices=("std", "none"))
     batch_questions: int = arg(4, "training questions per step")
     train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
     micro_batch: int = arg(8, "sequences per forward pass in the update")
-    no_grad_checkpoint: bool = arg(False, "keep decoder activations instead of recomputing them (faster, more memory)")
+    no_grad_checkpoint: bool = arg(False, "keep activations, do not recompute them (faster, more memory)")
     logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
     # evaluation
     eval_n: int = arg(0, "test questions to evaluate (0 = all)")
     eval_k: int = arg(2, "samples per model per test question (the k of Pass@k)")
     eval_max_new_tokens: int = arg(4096, "token budget per evaluation sample")
     no_eval_before: bool = arg(False, "skip the evaluation before training")
-    eval_every: int = arg(0, "also evaluate every this many steps, into evals.jsonl (0 = before and after only)")
+    eval_every: int = arg(0, "also evaluate every this many steps, into evals.jsonl (0: never)")
     # bookkeeping
     save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)")
     keep: int = arg(3, "checkpoints kept on disk")
-    stop_after: int = arg(0, "stop (with a checkpoint) after this many steps of this invocation; 0 = run to the end")
+    stop_after: int = arg(0, "stop (with a checkpoint) after this many steps of this invocation (0: never)")
     show: int = arg(0, "questions per step whose rounds, hints and rewards are printed in full")
     seed: int = arg(42, "seed for data order, LoRA init, hint dropout and sampling")
     device1: str = arg("", "device of model 1 (default cuda if available, else cpu)")
     device2: str = arg("", "device of model 2 (default: same rule as --device1)")
-    dtype: str = arg("auto", "model weights' dtype (auto: bfloat16 on CUDA, float32 on CPU; LoRA stays float32)",
+    dtype: str = arg("auto", "model weights' dtype (auto: bfloat16 on CUDA, else float32; LoRA is float32)",
                      choices=("auto", "bfloat16", "float32"))
 
 
@@ -192,8 +189,8 @@ class Policy:
 
 
 def core_step(policies, problems, cfg, rng, weights):
-    """Rollouts, rewards and advantages of one step. Returns one group of traces per question (both models, both
-    rounds) and the hint of each question (None: no hint)."""
+    """Rollouts, rewards and advantages of one step. Returns one group of traces per question (both models,
+    both rounds) and each question's hint (None: no hint)."""
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
@@ -264,8 +261,8 @@ def score_and_advantages(group, kind, cfg, weights):
 # Rewards: pure functions of one question's traces
 
 def score_group(traces, kind, cfg, weights):
-    """Sets R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format, and its terms, on one
-    question's traces (answer kind `kind`; weights: reward_weights of the step)."""
+    """Sets R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format and its terms on
+    one question's traces (weights: the step's reward_weights)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
     correct = [t.correct for t in traces]
     models = [t.model for t in traces]
@@ -275,7 +272,7 @@ def score_group(traces, kind, cfg, weights):
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
     for i, t in enumerate(traces):
-        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked only
+        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked
         t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
                    "rescue": rescue[i], "format": fmt}
         t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
@@ -293,8 +290,8 @@ def ngram_features(text, dim):
 
 
 def dpp_gains(phi, eps=1e-3):
-    """DPP marginal gain of each row, det(K) / det(K without row i) = 1 / (K^-1)_ii with K = phi phi^T + eps I.
-    phi: [n, d] L2-normalised rows -> [n] in [0, 1]: ~1 for a trace orthogonal to the others, ~0 for a duplicate."""
+    """DPP marginal gain of each row: det(K) / det(K without row i) = 1 / (K^-1)_ii, K = phi phi^T + eps I.
+    phi: [n, d] L2-normalised rows -> [n] in [0, 1]: ~1 for a trace orthogonal to the rest, ~0 for a copy."""
     phi = torch.as_tensor(phi, dtype=torch.float64)
     if phi.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64)
@@ -303,8 +300,8 @@ def dpp_gains(phi, eps=1e-3):
 
 
 def diversity_rewards(phi, correct, eps=1e-3):
-    """DPP-lite diversity: each correct trace's determinant gain among the question's correct traces (both models,
-    both rounds); wrong traces get 0. phi: [n, d], correct: [n] bool -> [n]."""
+    """DPP-lite diversity: each correct trace's determinant gain among the question's correct traces (both
+    models, both rounds); wrong traces get 0. phi: [n, d], correct: [n] bool -> [n]."""
     out = torch.zeros(len(correct), dtype=torch.float64)
     idx = torch.as_tensor(correct, dtype=torch.bool).nonzero().squeeze(1)
     out[idx] = dpp_gains(phi[idx], eps)
@@ -312,8 +309,8 @@ def diversity_rewards(phi, correct, eps=1e-3):
 
 
 def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
-    """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces only
-    (1 when the partner has none: right where the peer is wrong). phi: [n, d], correct, model_ids: [n] -> [n]."""
+    """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces
+    (1 when it has none: right where the peer is wrong). phi: [n, d], correct, model_ids: [n] -> [n]."""
     out = torch.zeros(len(correct), dtype=torch.float64)
     for i in range(len(correct)):
         if not correct[i]:
@@ -324,15 +321,16 @@ def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
 
 
 def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
-    """Rescue bonus: round B, the hint was shown, the model failed all its round-A samples, the trace is correct.
+    """Rescue bonus: round B, hint shown, the model failed all its round-A samples, the trace is correct.
     All args [n] bool -> [n]."""
-    return [bonus * float(b and h and f and c) for b, h, f, c in zip(round_b, hint_shown, failed_cold, correct)]
+    return [bonus * float(all(flags)) for flags in zip(round_b, hint_shown, failed_cold, correct)]
 
 
 def reward_weights(cfg, step):
     """Diversity 0.2 -> 0.05 and complementarity 0 -> 0.1 at the halfway step (the paper's epoch 2)."""
     late = step >= cfg.steps // 2
-    return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0), "lambda_cm": cfg.lambda_cm if late else 0.0}
+    return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0),
+            "lambda_cm": cfg.lambda_cm if late else 0.0}
 
 
 def group_advantages(rewards, scale="std"):
@@ -354,10 +352,9 @@ def set_advantages(traces, scale):
 # The update: token log-probabilities, the loss, one AdamW step per model
 
 def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
-    """Sums over tokens of the policy-gradient loss and of the KL estimate:
-    loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t), KL_t = exp(r) - r - 1 with r = log pi_ref - log pi
-    (k3, non-negative). One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's gradient.
-    logp, ref_logp, mask: [b, T]; advantages, weights: [b]. Returns (loss sum, KL sum), scalars."""
+    """Token sums of loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t) and of KL_t = exp(r) - r - 1,
+    r = log pi_ref - log pi (k3). One update per batch: the PPO ratio is 1, so -A log pi has the clipped
+    surrogate's gradient. logp, ref_logp, mask: [b, T]; advantages, weights: [b] -> two scalars."""
     log_ratio = ref_logp - logp
     kl = torch.exp(log_ratio) - log_ratio - 1
     per_token = weights[:, None] * (-advantages[:, None] * logp + beta * kl)
@@ -365,10 +362,10 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
 
 
 def token_logprobs(model, input_ids, attention_mask, chunk):
-    """log pi(x_{t+1} | x_<=t) in fp32 and the entropy of pi(. | x_<=t) (no gradient), both [b, T-1]. The lm_head
-    and log-softmax run `chunk` positions at a time under activation checkpointing: [b, T, V] never exists."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    """log pi(x_{t+1} | x_<=t) in fp32 and the entropy of pi(. | x_<=t) (no gradient), both [b, T-1]. The
+    lm_head and log-softmax run `chunk` positions at a time, checkpointed: [b, T, V] never exists."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
 
@@ -389,7 +386,8 @@ def update_policy(policy, traces, cfg, lr):
     Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
     model, device = policy.model, policy.device
     params = lora_parameters(model)
-    total_tokens = all_reduce_sum(torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)).item()
+    total_tokens = float(sum(len(t.completion_ids) for t in traces))
+    total_tokens = all_reduce_sum(torch.tensor(total_tokens, device=device)).item()
     if total_tokens == 0:  # no traces on any rank
         return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0}
     sums = [0.0, 0.0, 0.0]  # loss, KL, entropy
@@ -398,7 +396,7 @@ def update_policy(policy, traces, cfg, lr):
         ids, attn, mask, adv, w = micro_batch(ordered[i:i + cfg.micro_batch], policy, cfg)
         with torch.no_grad(), lora_disabled(model):
             ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
-        model.train(not cfg.no_grad_checkpoint)  # train mode only enables checkpointing: Qwen's dropout rates are 0
+        model.train(not cfg.no_grad_checkpoint)  # train mode: checkpointing on (Qwen has no dropout)
         logp, entropy = token_logprobs(model, ids, attn, cfg.logprob_chunk)
         model.eval()
         loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
@@ -413,13 +411,13 @@ def update_policy(policy, traces, cfg, lr):
             group["lr"] = lr
         policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "entropy": entropy_sum / total_tokens,
-            "grad_norm": grad_norm, "tokens": total_tokens, "skipped": int(skipped)}
+    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "grad_norm": grad_norm,
+            "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped)}
 
 
 def micro_batch(traces, policy, cfg):
     """Right-padded prompt + completion ids [b, T], attention mask [b, T], the mask of the log-prob positions
-    that predict completion tokens [b, T-1], advantages [b] and loss weights [b] (round B: cfg.round_b_weight)."""
+    that predict completion tokens [b, T-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
     device = policy.device
     width = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
     ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
@@ -448,28 +446,30 @@ def learning_rate(cfg, step):
 # The training loop
 
 def train_step(step, cfg, policies, train_set, rng, counters, stats):
-    """One CORE step and one update per model; under torchrun this rank takes its share of the questions. Each
-    model's update stats are appended to `stats` as soon as it has stepped. Returns (metrics row over all ranks,
+    """One CORE step and one update per model; under torchrun this rank takes its share of the questions.
+    Each model's update stats go to `stats` as soon as it has stepped. Returns (metrics row over all ranks,
     this rank's questions, groups, hints), or None when every question of the step was too long."""
     t0 = time.time()
     rank, world = dist_info()
-    batch = [train_set[i] for i in training_order(len(train_set), step, cfg.batch_questions, cfg.seed)][rank::world]
+    order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
+    batch = [train_set[i] for i in order][rank::world]
     usable = [p for p in batch if fits(policies, p, cfg)]
     groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
     t1 = time.time()
-    for m, policy in enumerate(policies, 1):  # every rank updates, with or without traces: gradients are summed
+    for m, policy in enumerate(policies, 1):  # every rank updates, with traces or not: gradients are summed
         traces = [t for g in groups for t in g if t.model == m]
         stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
         skipped = stats[-1]["skipped"]
         counters["nonfinite_in_a_row"][m - 1] = counters["nonfinite_in_a_row"][m - 1] + 1 if skipped else 0
         if skipped:
-            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update skipped")
+            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: "
+                  f"update skipped")
     shards = all_gather((groups, len(batch) - len(usable)))
     all_groups, skipped = [g for shard, _ in shards for g in shard], sum(n for _, n in shards)
     counters["skipped_problems"] += skipped
     if skipped:
-        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than --max-prompt-tokens "
-              f"or the model context ({counters['skipped_problems']} so far)")
+        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than "
+              f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
     return step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped), usable, groups, hints
@@ -493,11 +493,11 @@ def train(cfg, policies, train_set, test_set, out):
             if code is not None:
                 return code, False
     except torch.OutOfMemoryError:
-        if not stats and step > start:  # no model updated yet in the failed step: the state is that of step `step`
+        if not stats and step > start:  # no model has updated in the failed step: the state is step `step`'s
             save_checkpoint(out, step, policies, cfg, rng, counters)
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with smaller "
-                            f"batches: python core.py --resume {out} --gen-batch {max(1, cfg.gen_batch // 2)} "
-                            f"--micro-batch {max(1, cfg.micro_batch // 2)}") from None
+        halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
+        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
+                            f"smaller batches: python core.py --resume {out} {halve}") from None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -505,7 +505,7 @@ def train(cfg, policies, train_set, test_set, out):
 
 
 def start_or_resume(cfg, policies, test_set, out, rng):
-    """(first step, counters): a resumed run's newest checkpoint, else step 0 after the evaluation before training."""
+    """(first step, counters): a resumed run's newest checkpoint, else step 0 after the first evaluation."""
     rank = dist_info()[0]
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
@@ -520,12 +520,12 @@ def start_or_resume(cfg, policies, test_set, out, rng):
             keep_logged_steps(out, -1)
     if not cfg.no_eval_before:
         run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
-    return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "kl_before": [0.0, 0.0]}
+    return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
+               "kl_before": [0.0, 0.0]}
 
 
 def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
-    """After step `done`: the evaluation curve, checkpoints, and whether to stop (returns an exit code) or go on
-    (returns None)."""
+    """After step `done`: the evaluation curve, checkpoints, and an exit code to stop with (None: go on)."""
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
         run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
     stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
@@ -539,13 +539,14 @@ def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
         print(f"stopped after step {done}; continue with: python core.py --resume {out}")
         return 130
     if done - start == cfg.stop_after and done < cfg.steps:
-        print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: python core.py --resume {out}")
+        print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: "
+              f"python core.py --resume {out}")
         return 0
     return None
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM (what timeout, SLURM and Kubernetes send) sets a flag; the training loop finishes
+    """SIGINT (Ctrl-C) or SIGTERM (sent by timeout, SLURM, Kubernetes) sets a flag; the training loop finishes
     its step, checkpoints and exits 130. A second signal aborts at once."""
 
     def __init__(self):
@@ -555,16 +556,16 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)",
-              flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
+              f"to abort)", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # LoRA, by hand: the trainable policy pi_theta; with the adapters off, the reference policy pi_ref
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random, B is zero, so training starts exactly
-    at the base model. A and B are kept in fp32 (the master copy) and cast to the input's dtype."""
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random and B zero, so training starts at
+    the base model. A and B stay in fp32 (the master copy) and are cast to the input's dtype."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -584,7 +585,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """Fold B A into the base weight (W += scale B A); unmerge() restores W exactly."""
+        """W += scale B A; unmerge() restores W exactly."""
         if self.merged_from is None:
             self.merged_from = self.base.weight.data.clone()
             self.base.weight.data += (self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
@@ -597,7 +598,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha, targets=LORA_TARGETS):
-    """Freeze the model and wrap every nn.Linear whose name ends in one of `targets`; returns wrapped names."""
+    """Freeze the model, wrap each nn.Linear whose name ends in one of `targets`; returns their names."""
     targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -637,8 +638,8 @@ def lora_disabled(model):
 
 @contextlib.contextmanager
 def lora_merged(model):
-    """Every adapter folded into its base weight (a rollout: no adapter matmuls per decode step); the base
-    weights are restored bit for bit afterwards. Costs one copy of the wrapped weights."""
+    """Every adapter folded into its base weight (a rollout: no adapter matmuls per decode step), the base
+    weights restored bit for bit afterwards."""
     layers = lora_layers(model).values()
     for layer in layers:
         layer.merge()
@@ -650,7 +651,7 @@ def lora_merged(model):
 
 
 def lora_state(model):
-    """The adapter tensors under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in], lora_B [out, r]."""
+    """The adapters under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in], lora_B [out, r]."""
     state = {}
     for name, layer in lora_layers(model).items():
         state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
@@ -659,13 +660,14 @@ def lora_state(model):
 
 
 def lora_config(model, base_model):
-    """PEFT's adapter_config.json (what PeftModel.from_pretrained, transformers' load_adapter and vLLM read)."""
-    layers = list(lora_layers(model).values())
-    rank = layers[0].lora_A.shape[0]
+    """PEFT's adapter_config.json (read by PeftModel.from_pretrained, transformers' load_adapter and vLLM)."""
+    layers = lora_layers(model)
+    rank = next(iter(layers.values())).lora_A.shape[0]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-            "lora_alpha": layers[0].scale * rank, "target_modules": sorted({n.split(".")[-1] for n in lora_layers(model)}),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None}
+            "lora_alpha": next(iter(layers.values())).scale * rank,
+            "target_modules": sorted({n.split(".")[-1] for n in layers}), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None}
 
 
 def save_lora(model, folder, base_model):
@@ -676,13 +678,13 @@ def save_lora(model, folder, base_model):
 
 
 def load_lora(model, folder):
-    """Adapters saved by save_lora into a model with LoRA layers of the same rank, alpha and targets."""
+    """Adapters saved by save_lora, into a model with LoRA layers of the same rank, alpha and targets."""
     state = load_file(str(Path(folder) / "adapter_model.safetensors"))
     saved = json.loads((Path(folder) / "adapter_config.json").read_text())
     expected, config = lora_state(model), lora_config(model, None)
     if (set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state)
             or (saved["r"], saved["lora_alpha"]) != (config["r"], config["lora_alpha"])):
-        raise UsageError(f"{folder}: adapter does not fit this model (different modules, rank, alpha or shapes)")
+        raise UsageError(f"{folder}: adapter does not fit this model (other modules, rank, alpha or shapes)")
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
@@ -716,14 +718,14 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', optional 'Hint:', the step-by-step cue and the answer format."""
+    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format."""
     content = f"Question: {question}\n"
     if hint:
         content += f"Hint:\n{hint}\n"
     content += f"Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
     if getattr(tokenizer, "chat_template", None):
-        content = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                tokenize=False)
+        content = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                add_generation_prompt=True)
     return tokenizer(content, add_special_tokens=False)["input_ids"]
 
 
@@ -736,7 +738,8 @@ def cap_hint(hint, tokenizer, max_tokens):
 def hint_for(policy, problem, hint, cfg):
     """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow."""
     cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
-    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16, policy.context - cfg.max_new_tokens - cold - 16)
+    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16,
+               policy.context - cfg.max_new_tokens - cold - 16)
     return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
 
 
@@ -753,28 +756,31 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
     traces = []
     progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
     for m, (policy, asks) in enumerate(zip(policies, requests), 1):
-        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint) for q, hint in asks]
+        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
+                   for q, hint in asks]
         outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
         for i, (ids, text) in enumerate(outputs):
             (q, hint), prompt = asks[i // n], prompts[i // n]
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
-                                    hint_shown=hint is not None, hint_leaks=hint is not None and is_correct(hint, gold, kind),
+                                    hint_shown=hint is not None,
+                                    hint_leaks=hint is not None and is_correct(hint, gold, kind),
                                     truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
     progress.close()
     return traces
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
-    """n completions per prompt, about cfg.gen_batch rows at a time, with the LoRA merged into the weights, from
+    """n completions per prompt, about cfg.gen_batch rows at a time, the LoRA merged into the weights, from
     `generator` (default: the policy's training stream). Returns (ids, text) per row, prompt-major."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     with lora_merged(policy.model):
         sampler = pick_sampler(policy, prompts, cfg)
         for i in range(0, len(prompts), per_batch):
-            batch = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids, policy.pad_id,
-                            cfg.temperature, cfg.top_p, generator or policy.generator, n, progress=progress)
+            batch = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
+                            policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator, n,
+                            progress=progress)
             results += [(ids, policy.tokenizer.decode(ids, skip_special_tokens=True)) for ids in batch]
             if progress is not None:
                 progress.add(len(batch), sum(map(len, batch)))
@@ -784,9 +790,9 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
            progress=None):
-    """KV-cached batched sampling. prompts: token-id lists, each sampled n times. Returns the exact sampled ids of
-    every row, prompt-major (the EOS token included when one was sampled). After the shared prefill, one token per
-    step for every live row; a row stops at an EOS id or its budget and leaves the batch (and the cache)."""
+    """KV-cached batched sampling: prompts (token-id lists) each sampled n times -> the exact sampled ids of
+    every row, prompt-major, EOS included. After the shared prefill, one token per step for every live row;
+    a row stops at an EOS id or its budget and leaves the batch and the cache."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
@@ -814,9 +820,9 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
 
 
 def prefill(model, prompts, pad_id, n):
-    """The left-padded prompts through the model at once (position ids from the mask), then everything repeated n
-    times: the n samples of a prompt share one prefill. Returns the DynamicCache, the next-token logits [rows, V]
-    (fp32), the attention mask [rows, width] and each row's next position [rows]."""
+    """The left-padded prompts through the model at once, then repeated n times (the samples of a prompt share
+    one prefill). Returns the DynamicCache, next-token logits [rows, V] (fp32), the attention mask
+    [rows, width] and each row's next position [rows]."""
     from transformers import DynamicCache
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -841,9 +847,9 @@ def left_pad(prompts, pad_id, device):
 
 
 def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p. The nucleus
-    is found among the `candidates` most likely tokens; only when those hold less than top_p of the mass is the
-    whole vocabulary sorted. Either way the distribution is the exact top-p one."""
+    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p. The
+    nucleus is sought among the `candidates` likeliest tokens, the whole vocabulary sorted only when they hold
+    less than top_p: either way the exact top-p distribution."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -882,7 +888,7 @@ def fast_decoding(model, cfg):
 
 
 def pick_sampler(policy, prompts, cfg):
-    """sample_fast where it can run, else sample. On its first use for a model the fast path checks itself: a few
+    """sample_fast where it can run, else sample. On first use for a model the fast path checks itself: a few
     rows decoded greedily by both samplers must agree, or the run warns once and keeps the reference loop."""
     if not fast_decoding(policy.model, cfg):
         return sample
@@ -892,19 +898,18 @@ def pick_sampler(policy, prompts, cfg):
         policy.fast_agrees = (fast(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0)
                               == sample(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0))
         if not policy.fast_agrees:
-            print(f"warning: {policy.name}: the GPU sampler's greedy tokens differ from the reference loop's; "
-                  f"sampling with the reference loop for the rest of the run", file=sys.stderr, flush=True)
+            print(f"warning: {policy.name}: the GPU sampler's greedy tokens differ from the reference "
+                  f"loop's; sampling with the reference loop from now on", file=sys.stderr, flush=True)
     return fast if policy.fast_agrees else sample
 
 
 @torch.no_grad()
-def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
-                segment=256, cuda_graph=None, compile_backend=None, progress=None):
-    """sample() for the GPU, same arguments and output: the same shared prefill, then decoding on a StaticCache
-    with each step replayed as a CUDA graph (cuda_graph=None: on CUDA; elsewhere the same steps run eagerly);
-    compile_backend (e.g. "inductor") compiles the step first. Finished rows keep decoding (tokens discarded) until
-    the next `segment` boundary, where they are dropped and the cache is rebuilt with room for one more segment.
-    Greedy tokens equal sample()'s; sampled ones too while no row has finished (the same random draws)."""
+def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None,
+                n=1, segment=256, cuda_graph=None, compile_backend=None, progress=None):
+    """sample() for the GPU: the same prefill, then a StaticCache, each step replayed as a CUDA graph
+    (cuda_graph=None: on CUDA) and compiled first with a compile_backend ("inductor"). Finished rows decode on
+    (tokens discarded) to the next `segment` boundary, where they leave and the cache is rebuilt with room for
+    one more segment. Greedy tokens equal sample()'s, sampled ones too while no row has finished."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
@@ -926,7 +931,8 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             cache = static_cache(model, cache, keep, filled, length)
             grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
             grown[..., :filled] = attn[keep]
-            live, logits, finished, attn, positions = live[keep], logits[keep], finished[keep], grown, positions[keep]
+            live, logits, finished, positions = live[keep], logits[keep], finished[keep], positions[keep]
+            attn = grown
             cursor = torch.tensor([filled], device=device)
             step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
         sampled += len(live)
@@ -942,8 +948,8 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
 
 
 def static_cache(model, source, rows, filled, length):
-    """A StaticCache with room for `length` positions holding positions [0, filled) of the given rows of `source`
-    (the prefill's DynamicCache or the previous StaticCache), which it consumes layer by layer."""
+    """A StaticCache with room for `length` positions, holding positions [0, filled) of the given rows of
+    `source` (the prefill's DynamicCache or the previous StaticCache), consumed layer by layer."""
     from transformers import StaticCache
     cache = StaticCache(config=model.config, max_cache_len=length)
     for new, old in zip(cache.layers, source.layers):
@@ -956,9 +962,9 @@ def static_cache(model, source, rows, filled, length):
 
 
 class DecodeStep:
-    """One decode step on fixed buffers, so that CUDA can record it once as a graph and replay it. Buffers, one row
-    per live sample: tokens [rows, 1], position ids [rows, 1], attn [rows, 1, 1, length] (bool: the cache positions
-    each row may see, a ready 4D mask), cursor [1] (the cache position written this step)."""
+    """One decode step on fixed buffers, for CUDA to record once as a graph and replay. One row per live
+    sample: tokens [rows, 1], position ids [rows, 1], attn [rows, 1, 1, length] (bool: the cache positions
+    each row may see), cursor [1] (the cache position written this step)."""
 
     capture_failed = False  # set once a capture fails: every later step runs eagerly
     compile_failed = False  # set once torch.compile fails: every later step runs forward() as written
@@ -966,7 +972,8 @@ class DecodeStep:
     def __init__(self, model, cache, attn, positions, cursor, cuda_graph, compile_backend=None):
         self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
         self.tokens = torch.zeros_like(positions)
-        self.cuda_graph, self.compile_backend, self.graph, self.logits = cuda_graph, compile_backend, None, None
+        self.cuda_graph, self.compile_backend = cuda_graph, compile_backend
+        self.graph = self.logits = None
 
     def forward(self):
         self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
@@ -977,20 +984,20 @@ class DecodeStep:
         return logits
 
     def run(self):
-        """forward(), through torch.compile when a backend is given (dynamic shapes: one graph for every row count
-        and cache length). A failed compile warns once and runs forward() as written from then on."""
+        """forward(), through torch.compile when a backend is given (dynamic shapes: one graph for all row
+        counts and cache lengths). A failed compile warns once and runs forward() as written from then on."""
         if not self.compile_backend or DecodeStep.compile_failed:
             return self.forward()
         try:
             return compiled_decode_forward(self.compile_backend)(self)
         except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before anything ran
             DecodeStep.compile_failed = True
-            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); decoding "
-                  f"uncompiled from now on", file=sys.stderr, flush=True)
+            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); "
+                  f"decoding uncompiled from now on", file=sys.stderr, flush=True)
             return self.forward()
 
     def __call__(self, tokens):
-        """Feed tokens [rows]; returns the next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
+        """Feed tokens [rows]; returns next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
         self.tokens.copy_(tokens[:, None])
         if not self.cuda_graph or DecodeStep.capture_failed:
             return self.run()
@@ -1001,7 +1008,7 @@ class DecodeStep:
             return self.logits
 
     def capture(self):
-        """Run the step for real on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
+        """Run the step on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -1014,8 +1021,8 @@ class DecodeStep:
             self.graph = graph
         except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
             DecodeStep.capture_failed = True
-            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without graphs "
-                  f"from now on", file=sys.stderr, flush=True)
+            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
+                  f"graphs from now on", file=sys.stderr, flush=True)
         return logits
 
 
@@ -1025,7 +1032,7 @@ def compiled_decode_forward(backend):
 
 
 # -----------------------------------------------------------------------------
-# Answers
+# Answers: extraction, normalisation, correctness c(tau), and the answer stripped from a teacher's trace
 
 BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
@@ -1035,8 +1042,7 @@ LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
 
 def boxed_spans(text):
-    """(start, end, content) of every outermost \\boxed{...} with balanced braces (or brace-less '\\boxed 2'),
-    in order."""
+    """(start, end, content) of each outermost \\boxed{...} (balanced braces) or '\\boxed 2', in order."""
     spans, i = [], 0
     while (m := BOXED_RE.search(text, i)):
         if not m.group().endswith("{"):  # \boxed 2: up to the next space or $
@@ -1070,7 +1076,8 @@ def last_marked(text):
 def parse_number(s):
     """First number in s as an exact Fraction ('1,000' -> 1000, '\\frac{1}{2}' and '1/2' -> 1/2), or None."""
     s = s.replace("\u2212", "-").replace("\\!", "").replace("$", "").replace("\\%", "%")
-    frac = re.search(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.search(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.])", s)
+    frac = (re.search(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}", s)
+            or re.search(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.])", s))
     plain = NUMBER_RE.search(s)
     try:
         if frac and (not plain or frac.start() <= plain.start()):
@@ -1088,9 +1095,9 @@ def format_number(value):
 def normalize_math(s):
     """MATH answer string -> canonical form (Hendrycks-style string rules, numbers made exact)."""
     s = s.strip().replace("\n", " ").replace("\u2212", "-")
-    for old, new in [("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""), ("dfrac", "frac"),
-                     ("tfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""), ("\\%", ""), ("%", ""),
-                     ("\\$", ""), ("$", ""), ("\\dollars", "")]:
+    for old, new in [("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""),
+                     ("dfrac", "frac"), ("tfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""),
+                     ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\\dollars", "")]:
         s = s.replace(old, new)
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}$", "", s).strip()  # trailing unit: "5\text{ cm}"
@@ -1109,15 +1116,9 @@ def normalize_math(s):
 
 
 def extract_answer(text, kind, fallback=True):
-    """The final answer of a model output, normalised for comparison; None when there is none.
-
-    number  (GSM8K): last \\boxed{}, then the last '####' / 'answer is' line, then (fallback) the last number.
-    math    (MATH):  last \\boxed{} with balanced braces, LaTeX-normalised.
-    integer (AIME):  like number, must be an integer.
-    choice  (GPQA):  the letter A-D in the last \\boxed{}, or after 'answer is' / 'answer:', or (fallback) a
-                     bare letter as the whole output.
-    fallback=False: an explicit answer only (boxed or marked), what the format bonus pays for.
-    """
+    """The final answer of a model output, normalised for comparison, or None. number and integer: the last
+    \\boxed{}, else the last answer marker's line, else (fallback) the last number; math: the last \\boxed{};
+    choice: a letter A-D boxed, marked or (fallback) alone. fallback=False: explicit answers only."""
     if not isinstance(text, str):
         return None
     boxed = last_boxed(text)
@@ -1158,8 +1159,8 @@ def is_correct(text, gold, kind):
     return answer is not None and answer == normalize_gold(gold, kind)
 
 
-# An explicit final-answer statement: optional emphasis and lead-in ("So the final"), the marker extract_answer
-# reads, then the rest of its sentence (or line); or a bare "Final Answer" heading.
+# A final-answer statement: optional emphasis and lead-in ("So the final"), the marker extract_answer reads,
+# then the rest of its sentence (or line); or a bare "Final Answer" heading.
 ANSWER_STATEMENT_RE = re.compile(
     r"[*_]*(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:(?:the|our|my)\s+)?(?:final\s+)?" + ANSWER_MARK
     + r"[^\n]*?(?:(?<=[.!?])(?=\s)|$)|[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE | re.MULTILINE)
@@ -1167,9 +1168,8 @@ EMPTY_MATH_RE = re.compile(r"\$\s*\$|\\\[\s*\\\]|\\\(\s*\\\)")  # $ $, \[ \], \(
 
 
 def strip_answer(text):
-    """A trace with every explicit final answer removed: boxed spans and every statement extract_answer reads as
-    one ("####", "answer is / : / =", "final answer", markdown emphasis included). Only the statement goes (to the
-    end of its sentence); the reasoning before it on the same line stays."""
+    """The trace without its final answers: boxed spans and each statement extract_answer reads as one, to the
+    end of its sentence; the reasoning before it on the same line stays."""
     if not isinstance(text, str):
         return ""
     pieces, last = [], 0
@@ -1177,15 +1177,15 @@ def strip_answer(text):
         pieces.append(text[last:start])
         last = end
     text = "".join(pieces) + text[last:]
-    text = BOXED_RE.sub("", text)  # unclosed boxes: drop the opener, whatever follows is not an answer span
+    text = BOXED_RE.sub("", text)  # unclosed boxes: the opener goes, what follows is not an answer span
     text = EMPTY_MATH_RE.sub("", ANSWER_STATEMENT_RE.sub("", text))
     text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
 
 def is_bare_answer(text, gold, kind):
-    """Whether a stripped trace is nothing but the gold answer ('18.', '$18$', '(B)'): such a hint would only tell
-    the answer, so none is given. The whole text is compared, never its first number."""
+    """Whether a stripped trace is nothing but the gold answer ('18.', '$18$', '(B)'): no hint is given then.
+    The whole text is compared, never its first number."""
     bare = re.sub(r"^[\s*_(\[]+|[\s*_)\].]+$", "", text)
     if kind == "choice":
         return bare.upper() == normalize_gold(gold, kind)
@@ -1194,10 +1194,8 @@ def is_bare_answer(text, gold, kind):
 
 
 
-
-
 # -----------------------------------------------------------------------------
-# Data
+# Data: six public datasets (downloaded once into a cache) or the user's own JSONL
 
 @dataclass
 class Problem:
@@ -1207,18 +1205,70 @@ class Problem:
     kind: str      # answer kind: number | math | integer | choice
 
 
-# canonical public files; each is downloaded once into the cache, or read from --data-dir/<name>/<file>
-SOURCES = {
-    "gsm8k": {"train.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
-              "test.jsonl": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"},
+GITHUB, HF = "https://raw.githubusercontent.com", "https://huggingface.co/datasets"
+SOURCES = {  # each file is downloaded once into the cache, or read from --data-dir/<name>/<file>
+    "gsm8k": {f"{s}.jsonl": f"{GITHUB}/openai/grade-school-math/master/grade_school_math/data/{s}.jsonl"
+              for s in ("train", "test")},
     "math": {"MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
-    "math500": {"test.jsonl": "https://huggingface.co/datasets/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"},
-    "aime24": {"test.jsonl": "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"},
-    "aime25": {"test.jsonl": "https://huggingface.co/datasets/math-ai/aime25/resolve/main/test.jsonl"},
+    "math500": {"test.jsonl": f"{HF}/HuggingFaceH4/MATH-500/resolve/main/test.jsonl"},
+    "aime24": {"test.jsonl": f"{GITHUB}/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"},
+    "aime25": {"test.jsonl": f"{HF}/math-ai/aime25/resolve/main/test.jsonl"},
     "gpqa": {"dataset.zip": "https://github.com/idavidrein/gpqa/raw/main/dataset.zip"},
 }
 GPQA_PASSWORD = b"deserted-untie-orchid"  # public, from the GPQA README
 CACHE_DIR = Path(os.environ.get("CORE_CACHE", Path.home() / ".cache" / "core"))
+
+
+def load_data(cfg):
+    """(training set, test set): cfg.train_n seeded training questions and the first cfg.eval_n test
+    questions (--eval-only on a single-file dataset: all of it)."""
+    train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
+    single_file = cfg.data in ("aime24", "aime25", "gpqa")
+    test_split = "all" if cfg.eval_only and single_file else "test"
+    test_set = load_problems(cfg.data, test_split, cfg.data_dir, cfg.seed)
+    random.Random(cfg.seed).shuffle(train_set)
+    return train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
+
+
+def load_problems(name, split, data_dir="", seed=42):
+    """Problems of a dataset split ('train', 'test' or 'all'); `name` is a dataset name or a local path."""
+    path = Path(name)
+    if name not in DATASET_NAMES and path.is_dir() and path.name in DATASET_NAMES:  # e.g. shared/data/gsm8k
+        name, data_dir = path.name, str(path.parent)
+    if name in DATASET_NAMES:
+        problems = public_problems(name, split, data_dir, seed)
+    elif path.is_dir():
+        files = {s: path / f"{s}.jsonl" for s in ("train", "test")}
+        if files["train"].exists() and files["test"].exists() and split != "all":
+            problems = jsonl_problems(files[split])
+        else:
+            problems = split_80_20(sum((jsonl_problems(p) for p in sorted(path.glob("*.jsonl"))), []), split)
+    else:
+        problems = split_80_20(jsonl_problems(path), split)
+    if not problems:
+        raise UsageError(f"no usable problems in dataset '{name}' (split {split})")
+    return problems
+
+
+def public_problems(name, split, data_dir, seed):
+    splits = ["train", "test"] if split == "all" else [split]
+    if name == "gsm8k":
+        return sum((jsonl_problems(locate("gsm8k", f"{s}.jsonl", data_dir), "number") for s in splits), [])
+    if name == "gpqa":
+        return split_80_20(gpqa_problems(locate("gpqa", "dataset.zip", data_dir), seed), split)
+    if name in ("aime24", "aime25"):
+        problems = split_80_20(jsonl_problems(locate(name, "test.jsonl", data_dir), "integer"), split)
+        return [replace(p, question=p.question.replace("\x0c", "\\f").replace("\t", "\\t")) for p in problems]
+    problems = []  # math, math500: MATH's train split; the test split of MATH or MATH-500
+    for s in splits:
+        local = Path(data_dir) / (name if s == "test" else "math") / f"{s}.jsonl" if data_dir else None
+        if local and local.exists():
+            problems += jsonl_problems(local, "math")
+        elif s == "test" and name == "math500":
+            problems += jsonl_problems(locate("math500", "test.jsonl", data_dir), "math")
+        else:
+            problems += math_tar_problems(locate("math", "MATH.tar", data_dir), s)
+    return problems
 
 
 def locate(name, filename, data_dir):
@@ -1236,79 +1286,14 @@ def locate(name, filename, data_dir):
     except Exception as e:
         raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {cached} "
                          f"or pass --data-dir DIR with DIR/{name}/{filename}") from None
-    tmp = cached.with_suffix(".part")
-    tmp.write_bytes(payload)
-    os.replace(tmp, cached)
+    cached.with_suffix(".part").write_bytes(payload)
+    os.replace(cached.with_suffix(".part"), cached)
     return cached
 
 
-def gsm8k_gold(solution):
-    """GSM8K gold: the text after the last '####'."""
-    return solution.split("####")[-1].strip().replace(",", "")
-
-
-def math_gold(solution):
-    """MATH gold: the last \\boxed{} of the reference solution."""
-    spans = boxed_spans(solution)
-    return spans[-1][2] if spans else None
-
-
-def row_to_problem(row, kind, pid, where):
-    """One loaded row -> Problem. Accepts GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
-    question = row.get("question") or row.get("problem") or row.get("Question")
-    if "answer" in row and row["answer"] is not None:
-        answer = str(row["answer"])
-        gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
-    elif row.get("solution"):
-        gold = math_gold(row["solution"])
-    else:
-        gold = None
-    if not isinstance(question, str) or not question.strip():
-        raise UsageError(f"{where}: row has no 'question' or 'problem' field")
-    if not gold:
-        raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
-    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
-
-
-def gpqa_problems(zip_path, seed):
-    """GPQA Diamond from the upstream password-protected zip; options shuffled with a fixed seed per row."""
-    with zipfile.ZipFile(zip_path) as z:
-        text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
-    problems = []
-    for row in csv.DictReader(io.StringIO(text)):
-        options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
-        order = list(range(4))
-        random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
-        letters = "ABCD"
-        lines = [f"({letters[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
-        gold = letters[order.index(0)]
-        problems.append(Problem(row["Record ID"], row["Question"].strip() + "\n\n" + "\n".join(lines), gold, "choice"))
-    return problems
-
-
-def math_tar_problems(tar_path, split):
-    """MATH from the original Hendrycks tarball (one JSON file per problem)."""
-    problems = []
-    with tarfile.open(tar_path) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            parts = member.name.split("/")
-            if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
-                row = json.load(tar.extractfile(member))
-                with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold are skipped
-                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
-    return problems
-
-
-def guess_kind(gold):
-    """Answer kind of a generic dataset, from its gold answers."""
-    if re.fullmatch(r"[A-D]", gold.strip()):
-        return "choice"
-    return "number" if parse_number(gold) is not None else "math"
-
-
-def load_jsonl_problems(path, kind=None):
-    """Problems of a JSONL file. kind=None: a user's file, strict (a bad row is an error), kind from the golds;
-    otherwise a known public dataset, whose few rows without a usable gold (e.g. an empty \\boxed{}) are skipped."""
+def jsonl_problems(path, kind=None):
+    """Problems of a JSONL file. kind=None: a user's file, strict (a bad row is an error), its kind guessed
+    from the golds; else a public dataset, whose few rows without a usable gold are skipped."""
     problems, unusable = [], 0
     for lineno, row in enumerate(read_jsonl(path), 1):
         try:
@@ -1321,8 +1306,65 @@ def load_jsonl_problems(path, kind=None):
         print(f"note: {unusable} row(s) of {path} skipped: no question or no gold answer")
     if kind is None:
         kinds = {guess_kind(p.gold) for p in problems}
-        kind = kinds.pop() if len(kinds) == 1 else "math"
-        problems = [replace(p, kind=kind) for p in problems]
+        problems = [replace(p, kind=kinds.pop() if len(kinds) == 1 else "math") for p in problems]
+    return problems
+
+
+def row_to_problem(row, kind, pid, where):
+    """One row -> Problem: GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
+    question = row.get("question") or row.get("problem") or row.get("Question")
+    if "answer" in row and row["answer"] is not None:
+        answer = str(row["answer"])
+        gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
+    else:
+        gold = math_gold(row["solution"]) if row.get("solution") else None
+    if not isinstance(question, str) or not question.strip():
+        raise UsageError(f"{where}: row has no 'question' or 'problem' field")
+    if not gold:
+        raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
+    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
+
+
+def gsm8k_gold(solution):
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def math_gold(solution):
+    spans = boxed_spans(solution)
+    return spans[-1][2] if spans else None
+
+
+def guess_kind(gold):
+    if re.fullmatch(r"[A-D]", gold.strip()):
+        return "choice"
+    return "number" if parse_number(gold) is not None else "math"
+
+
+def gpqa_problems(zip_path, seed):
+    """GPQA Diamond from the upstream password-protected zip; options shuffled with a fixed seed per row."""
+    with zipfile.ZipFile(zip_path) as z:
+        text = z.read("dataset/gpqa_diamond.csv", pwd=GPQA_PASSWORD).decode("utf-8")
+    problems = []
+    for row in csv.DictReader(io.StringIO(text)):
+        options = [row["Correct Answer"]] + [row[f"Incorrect Answer {j}"] for j in (1, 2, 3)]
+        order = list(range(4))
+        random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
+        lines = [f"({'ABCD'[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
+        question = row["Question"].strip() + "\n\n" + "\n".join(lines)
+        problems.append(Problem(row["Record ID"], question, "ABCD"[order.index(0)], "choice"))
+    return problems
+
+
+def math_tar_problems(tar_path, split):
+    """MATH from the original Hendrycks tarball (one JSON file per problem)."""
+    problems = []
+    with tarfile.open(tar_path) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            parts = member.name.split("/")
+            if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
+                with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold
+                    row = json.load(tar.extractfile(member))
+                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
     return problems
 
 
@@ -1332,46 +1374,8 @@ def split_80_20(problems, split):
     return {"train": problems[:cut], "test": problems[cut:], "all": problems}[split]
 
 
-def load_problems(name, split, data_dir="", seed=42):
-    """Problems of a dataset split ('train', 'test' or 'all'). `name` is a dataset name or a local path."""
-    path = Path(name)
-    if name not in DATASET_NAMES:
-        if path.is_dir() and path.name in DATASET_NAMES:  # e.g. ../shared/data/gsm8k
-            return load_problems(path.name, split, str(path.parent), seed)
-        if path.is_dir():
-            files = {s: path / f"{s}.jsonl" for s in ("train", "test")}
-            if files["train"].exists() and files["test"].exists() and split != "all":
-                problems = load_jsonl_problems(files[split])
-            else:
-                problems = split_80_20(sum((load_jsonl_problems(p) for p in sorted(path.glob("*.jsonl"))), []), split)
-        else:
-            problems = split_80_20(load_jsonl_problems(path), split)
-    elif name == "gpqa":
-        problems = split_80_20(gpqa_problems(locate("gpqa", "dataset.zip", data_dir), seed), split)
-    elif name == "gsm8k":
-        problems = sum((load_jsonl_problems(locate("gsm8k", f"{s}.jsonl", data_dir), "number")
-                        for s in (["train", "test"] if split == "all" else [split])), [])
-    elif name in ("math", "math500"):
-        test_name, splits = ("math500" if name == "math500" else "math"), (["train", "test"] if split == "all" else [split])
-        problems = []
-        for s in splits:
-            local = Path(data_dir) / ("math" if s == "train" else test_name) / f"{s}.jsonl" if data_dir else None
-            if local and local.exists():
-                problems += load_jsonl_problems(local, "math")
-            elif s == "test" and name == "math500":
-                problems += load_jsonl_problems(locate("math500", "test.jsonl", data_dir), "math")
-            else:
-                problems += math_tar_problems(locate("math", "MATH.tar", data_dir), s)
-    else:  # aime24, aime25: one file
-        problems = split_80_20(load_jsonl_problems(locate(name, "test.jsonl", data_dir), "integer"), split)
-        problems = [replace(p, question=p.question.replace("\x0c", "\\f").replace("\t", "\\t")) for p in problems]
-    if not problems:
-        raise UsageError(f"no usable problems in dataset '{name}' (split {split})")
-    return problems
-
-
 def training_order(n, step, batch, seed):
-    """Indices of the questions for `step`: epochs of seeded shuffles, so the order follows from step alone."""
+    """Indices of the questions of `step`: epochs of seeded shuffles, so the order follows from step alone."""
     start = step * batch
     indices = []
     while len(indices) < batch:
@@ -1382,23 +1386,12 @@ def training_order(n, step, batch, seed):
     return indices
 
 
-
-def load_data(cfg):
-    """(training set, test set): cfg.train_n seeded training questions and the first cfg.eval_n test questions
-    (--eval-only on a single-file dataset: all of it)."""
-    train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
-    single_file = cfg.data in ("aime24", "aime25", "gpqa")
-    test_set = load_problems(cfg.data, "all" if cfg.eval_only and single_file else "test", cfg.data_dir, cfg.seed)
-    random.Random(cfg.seed).shuffle(train_set)
-    return train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
-
-
 # -----------------------------------------------------------------------------
-# Evaluation: cold prompts only, k samples per model and question, each model from its own stream; every number
-# is computed from the per-question records written next to it
+# Evaluation: cold prompts only, k samples per model and question, each model from its own stream; every
+# number is computed from the per-question records written next to it
 
 def evaluate(policies, usable, cfg, tag):
-    """Prints the table; returns (metrics, records), one record per question: id, question, gold and, per model
+    """Prints the table; returns (metrics, records), a record per question: id, question, gold and, per model
     ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text."""
     if not usable:
         print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
@@ -1424,8 +1417,9 @@ def evaluate(policies, usable, cfg, tag):
 
 def sample_result(ids, text, problem, eos_ids, budget):
     answer = extract_answer(text, problem.kind)
-    return {"answer": answer, "correct": answer is not None and answer == normalize_gold(problem.gold, problem.kind),
-            "tokens": len(ids), "truncated": hit_budget(ids, budget, eos_ids), "text": text}
+    correct = answer is not None and answer == normalize_gold(problem.gold, problem.kind)
+    return {"answer": answer, "correct": correct, "tokens": len(ids),
+            "truncated": hit_budget(ids, budget, eos_ids), "text": text}
 
 
 def eval_metrics(records, k):
@@ -1441,7 +1435,7 @@ def eval_metrics(records, k):
 
 
 def pass_at(n, c, j):
-    """Unbiased Pass@j (Chen et al. 2021) of a question with c correct among n samples: 1 - C(n-c, j) / C(n, j)."""
+    """Unbiased Pass@j (Chen et al. 2021), c correct among n samples: 1 - C(n - c, j) / C(n, j)."""
     return 1.0 - math.comb(n - c, j) / math.comb(n, j)
 
 
@@ -1459,8 +1453,8 @@ def majority_correct(samples):
 def model_metrics(records, m, k):
     """Model m: Pass@j for j = 1..k, maj@k (self-consistency), mean sample length, fraction truncated."""
     samples = [r[f"m{m}"] for r in records]
-    out = {f"pass@{j}_m{m}": sum(pass_at(k, sum(s["correct"] for s in ss), j) for ss in samples) / len(samples)
-           for j in range(1, k + 1)}
+    correct = [sum(s["correct"] for s in ss) for ss in samples]
+    out = {f"pass@{j}_m{m}": sum(pass_at(k, c, j) for c in correct) / len(samples) for j in range(1, k + 1)}
     out[f"maj@{k}_m{m}"] = sum(map(majority_correct, samples)) / len(samples)
     flat = [s for ss in samples for s in ss]
     out[f"tokens_m{m}"] = sum(s["tokens"] for s in flat) / len(flat)
@@ -1470,8 +1464,8 @@ def model_metrics(records, m, k):
 
 def team_metrics(records, j):
     """The team over the first j samples of each model. Team Pass@j: any of the 2j is correct (the paper's
-    oracle). Team vote@j: their majority answer, taken m1, m2, m1, m2, ..., is correct. p_12: both models solve
-    it. Joint failure: both fail. Correlated failure: joint failure - the product of the two failure rates."""
+    oracle). Team vote@j: their majority answer, taken m1, m2, m1, m2, ..., is correct. p_12: both models
+    solve it. Joint failure: both fail. Correlated failure: joint failure - the product of failure rates."""
     n = len(records)
     solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
     joint = sum(not a and not b for a, b in zip(solved1, solved2)) / n
@@ -1488,7 +1482,8 @@ def evaluable(policies, problems, cfg):
     usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind))
                                          + cfg.eval_max_new_tokens <= pol.context for pol in policies)]
     if len(usable) < len(problems):
-        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the model context")
+        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the "
+              f"model context")
     return usable
 
 
@@ -1506,17 +1501,18 @@ def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
 
 
 def print_table(tag, m, names):
-    """The evaluation as one block: Pass@j and maj@k per model, the team, and (k even) the team at an equal budget
-    of k candidates beside each model's best-of-k and self-consistency."""
+    """The evaluation as one block: Pass@j and maj@k per model, the team, and (k even) the team at an equal
+    budget of k candidates beside each model's best-of-k and self-consistency."""
     k = m["k"]
     print(f"\n{tag}: {m['questions']} questions, {k} samples per model")
-    print(f"  {'':<28}" + "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1)) + f"{f'maj@{k}':>8}{'truncated':>10}")
+    header = "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1))
+    print(f"  {'':<28}{header}{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):
         print(f"  {name[-28:]:<28}" + "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
               + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
-    print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote {m[f'team_vote@{k}']:.3f} | "
-          f"p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure {m[f'joint_failure@{k}']:.3f} | "
-          f"correlated failure {m[f'correlated_failure@{k}']:+.3f}")
+    print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote "
+          f"{m[f'team_vote@{k}']:.3f} | p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure "
+          f"{m[f'joint_failure@{k}']:.3f} | correlated failure {m[f'correlated_failure@{k}']:+.3f}")
     if k % 2 == 0:
         h = k // 2
         print(f"  at an equal budget of {k} candidates:")
@@ -1536,13 +1532,12 @@ COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1"
 
 
 def comparison_rows(folders):
-    """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only run's
-    single value. The demo ends with its own; tools/compare.py puts several runs side by side."""
-    runs = [[json.loads((Path(f) / f"{name}.json").read_text()) for name in ("eval_before", "eval_after", "eval")
-             if (Path(f) / f"{name}.json").is_file()] for f in folders]
-    runs = [[e for e in evals if e] for evals in runs]
+    """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only
+    run's single value. The demo ends with its own; tools/compare.py puts several runs side by side."""
+    files = [[Path(f) / f"{name}.json" for name in ("eval_before", "eval_after", "eval")] for f in folders]
+    runs = [[e for e in (json.loads(p.read_text()) for p in paths if p.is_file()) if e] for paths in files]
     rows = [("", [Path(f).name for f in folders]),
-            ("k, questions", [f"{evals[0]['k']}, {evals[0]['questions']}" if evals else "-" for evals in runs])]
+            ("k, questions", [f"{e[0]['k']}, {e[0]['questions']}" if e else "-" for e in runs])]
     return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in COMPARED]
 
 
@@ -1563,11 +1558,11 @@ def print_rows(rows):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints and resume: written to a temporary folder and renamed into place, so a kill never leaves a broken one
+# Checkpoints and resume: each written to a temporary folder and renamed into place (a kill leaves no half)
 
 def save_checkpoint(out, step, policies, cfg, rng, counters):
-    """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step, data
-    position, counters, config. Every rank takes part; rank 0 writes."""
+    """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step,
+    data position, counters, config. Every rank takes part; rank 0 writes."""
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), rng.getstate()))
     if dist_info()[0] != 0:
@@ -1634,7 +1629,8 @@ def load_optimizer(optimizer, path):
         state.setdefault(int(pid), {})[slot] = value
     with open(path, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(header["__metadata__"]["param_groups"])})
+    groups = json.loads(header["__metadata__"]["param_groups"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_tensors(policies):
@@ -1650,8 +1646,10 @@ def rng_tensors(policies):
 
 def check_in_sync(policies):
     """Data-parallel guard: every rank must hold the same adapters (they take identical steps)."""
-    sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model)) for pol in policies])
-    if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums for a, b in zip(sums[0], other)):
+    sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model))
+                       for pol in policies])
+    if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums
+           for a, b in zip(sums[0], other)):
         raise TrainingError(f"adapters differ across ranks (checksums {sums}): stopping")
 
 
@@ -1673,7 +1671,7 @@ def find_checkpoint(path):
 
 
 def saved_config(path):
-    """The Config saved in a checkpoint's state.json or a run's config.json (older runs' decoder flags read too)."""
+    """The Config in a checkpoint's state.json or a run's config.json (older runs' decoder flags read too)."""
     saved = json.loads(Path(path).read_text())
     saved = saved.get("config", saved)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "compiled")):
@@ -1682,15 +1680,16 @@ def saved_config(path):
 
 
 def keep_logged_steps(out, step):
-    """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): those steps run again."""
+    """On resume, drop the log rows of steps after `step` (the checkpoint resumed from): they run again."""
     for name in ("metrics.jsonl", "samples.jsonl", "evals.jsonl"):
         if (out / name).exists():
-            write_jsonl(out / name, [row for row in read_jsonl(out / name, lenient=True) if row["step"] <= step])
+            rows = read_jsonl(out / name, lenient=True)
+            write_jsonl(out / name, [row for row in rows if row["step"] <= step])
 
 
 # what a resumed run may change: how it executes, not what it computes
-RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint", "decoder",
-                    "device1", "device2", "save_every", "keep", "show"}
+RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
+                    "decoder", "device1", "device2", "save_every", "keep", "show"}
 
 
 def resume_config(cfg, given):
@@ -1703,12 +1702,13 @@ def resume_config(cfg, given):
     saved = saved_config(found[-1] / "state.json" if found else config_file)
     changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
     if "steps" in changed:
-        raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span the run's "
-                         f"{saved.steps} steps. To train longer, start a new run from its adapters: "
-                         f"python core.py --adapters {cfg.resume} --steps N (with the run's other flags)")
+        raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span "
+                         f"the run's {saved.steps} steps. To train longer, start a new run from its adapters:"
+                         f" python core.py --adapters {cfg.resume} --steps N (with the run's other flags)")
     if changed:
-        raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} would "
-                         f"change; only {', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))} may differ")
+        allowed = ', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))
+        raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} "
+                         f"would change; only {allowed} may differ")
     return replace(saved, resume=cfg.resume, **{k: getattr(cfg, k) for k in given & RESUME_OVERRIDES})
 
 
@@ -1719,14 +1719,16 @@ def adapters_config(cfg):
     for m in (1, 2):
         trained, given = getattr(saved, f"model{m}"), getattr(cfg, f"model{m}")
         if Path(trained).name != Path(given).name:
-            print(f"warning: adapter {m} of {cfg.adapters} was trained on '{trained}', not on --model{m} '{given}'")
-    return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha, lora_targets=saved.lora_targets)
+            print(f"warning: adapter {m} of {cfg.adapters} was trained on '{trained}', not on --model{m} "
+                  f"'{given}'")
+    return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha,
+                   lora_targets=saved.lora_targets)
 
 
 # -----------------------------------------------------------------------------
-# Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU). Each
-# rank samples its share of every step's questions; token counts and LoRA gradients are summed over ranks, so every
-# rank takes the same AdamW step; rank 0 logs and saves.
+# Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU).
+# Each rank samples its share of every step's questions; token counts and LoRA gradients are summed over
+# ranks, so every rank takes the same AdamW step; rank 0 logs and saves.
 
 def init_distributed():
     """Join the process group that torchrun describes in the environment; returns (rank, world size)."""
@@ -1777,7 +1779,7 @@ def barrier():
 
 
 def stream_seed(seed, stream, i=0, rank=0):
-    """The seed of each random stream of a run (i: the model, 1 or 2, or the epoch of the data order). Each rank
+    """The seed of each random stream of a run (i: the model, 1 or 2, or the data order's epoch). Each rank
     draws its own hints and samples; the data order and the LoRA init are the same on every rank."""
     return {"data order": seed * 1_000_003 + i,
             "lora init": seed + i,
@@ -1803,8 +1805,8 @@ def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
 
 
 def step_log(step, cfg, groups, stats, seconds, skipped_problems):
-    """One metrics row: accuracy and length per model and round, rescues, hint leaks, reward terms, per-model loss,
-    KL, advantage and entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
+    """One metrics row: accuracy and length per model and round, rescues, hint leaks, reward terms, per-model
+    loss, KL, advantage and entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
     traces = [t for g in groups for t in g]
     row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
     for m in (1, 2):
@@ -1827,32 +1829,34 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         advantages = [t.advantage for t in traces if t.model == m]
         n = max(1, len(advantages))
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
-                f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"], f"adv_m{m}": sum(advantages) / n,
-                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n, f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
+                f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
+                f"adv_m{m}": sum(advantages) / n, f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
+                f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
     row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
     row["skipped_problems"] = skipped_problems
     row["rollout_s"], row["update_s"] = seconds
     row["seconds"] = sum(seconds)
-    row["tok_per_s"] = sum(len(t.completion_ids) for t in traces) / max(seconds[0], 1e-9)  # sampled / rollout time
+    row["tok_per_s"] = sum(len(t.completion_ids) for t in traces) / max(seconds[0], 1e-9)  # while sampling
     return row
 
 
 def format_log(row, steps):
     def acc(key):
         return "-" if row[key] is None else f"{row[key]:.2f}"
-    return (f"step {row['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/"
-            f"{acc('acc_B_m2')} | rescue {row['rescued']}/{row['eligible']} leak {row['hints_leaking']}/"
-            f"{row['hints_shown']} const {row['constant_groups']} | R {row['reward']:.3f} c {row['correct']:.2f} "
-            f"div {row['div']:.2f}x{row['w_div']:g} cm {row['cm']:.2f}x{row['lambda_cm']:g} resc {row['rescue']:.3f} "
-            f"fmt {row['format']:.2f} | A<0 {row['neg_adv_m1']:.2f}/{row['neg_adv_m2']:.2f} H {row['entropy_m1']:.2f}/"
-            f"{row['entropy_m2']:.2f} loss {row['loss_m1']:+.4f}/{row['loss_m2']:+.4f} kl {row['kl_m1']:.4f}/"
-            f"{row['kl_m2']:.4f} | trunc {row['truncated']:.2f} | {row['tok_per_s']:.0f} tok/s | "
-            f"{row['rollout_s']:.1f}+{row['update_s']:.1f}s")
+    r = row
+    return (f"step {r['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/"
+            f"{acc('acc_B_m2')} | rescue {r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/"
+            f"{r['hints_shown']} const {r['constant_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} "
+            f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
+            f"fmt {r['format']:.2f} | A<0 {r['neg_adv_m1']:.2f}/{r['neg_adv_m2']:.2f} "
+            f"H {r['entropy_m1']:.2f}/{r['entropy_m2']:.2f} loss {r['loss_m1']:+.4f}/{r['loss_m2']:+.4f} "
+            f"kl {r['kl_m1']:.4f}/{r['kl_m2']:.4f} | trunc {r['truncated']:.2f} | {r['tok_per_s']:.0f} tok/s "
+            f"| {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
 def watch_for_collapse(row, counters, names, patience=3, few=0.1):
-    """Warn when, for `patience` steps in a row, at most a `few` of a model's traces had a positive advantage while
-    its KL to the base model rose: it is pushed away from its own samples (README: the weaker partner)."""
+    """Warn when, for `patience` steps in a row, at most a `few` of a model's traces had a positive advantage
+    while its KL to the base rose: it is pushed away from its own samples (README: the weaker partner)."""
     for m, name in names.items():
         kl, i = row[f"kl_m{m}"], m - 1
         if row[f"pos_adv_m{m}"] > few:
@@ -1861,8 +1865,8 @@ def watch_for_collapse(row, counters, names, patience=3, few=0.1):
         counters["pushed_away"][i] += 1
         steps = counters["pushed_away"][i]
         if steps % patience == 0 and kl > counters["kl_before"][i]:
-            print(f"warning: {name}: for {steps} steps at most {few:.0%} of its traces had a positive advantage "
-                  f"({row[f'neg_adv_m{m}']:.0%} negative now) while its KL to the base rose "
+            print(f"warning: {name}: for {steps} steps at most {few:.0%} of its traces had a positive "
+                  f"advantage ({row[f'neg_adv_m{m}']:.0%} negative now) while its KL to the base rose "
                   f"{counters['kl_before'][i]:.4f} -> {kl:.4f}: it is being pushed away from its own samples "
                   f"(README: the weaker partner; try --adv-group model --adv-scale none)", flush=True)
 
@@ -1876,20 +1880,20 @@ def show_group(problem, group, hint, names):
         for t in (t for t in group if t.round == rnd):
             tag = f"{t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
             rescued = "  RESCUED" if t.terms.get("rescue") else ""
-            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  A {t.advantage:+.2f}  "
-                  f"{t.text.strip()[:70]!r}{rescued}")
+            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  "
+                  f"A {t.advantage:+.2f}  {t.text.strip()[:70]!r}{rescued}")
 
 
 def sample_record(step, problem, group, hint):
-    return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold, "hint": hint,
-            "traces": [{"model": t.model, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
-                        "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]}
+    traces = [{"model": t.model, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
+               "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]
+    return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold,
+            "hint": hint, "traces": traces}
 
 
 class Progress:
-    """How far a long sampling phase is: rows done / total, tokens per second and the time left, at most once a
-    second on a terminal (one updating line) and every 10 s otherwise. A phase shorter than that prints nothing,
-    unless `always` (then its closing line is printed)."""
+    """How far a long sampling phase is: rows done / total, tokens per second and the time left, once a second
+    on a terminal (one updating line), every 10 s otherwise. A shorter phase is silent, unless `always`."""
 
     def __init__(self, label, total, always=False):
         self.label, self.total, self.always = label, total, always
@@ -1909,10 +1913,11 @@ class Progress:
         """rows, tokens: those done so far in the batch being sampled."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
-        left = "done" if closing else f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
+        left = f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
         line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
-                f"{elapsed:.0f}s, {left}")
-        print(f"\r{line}\033[K" if self.tty else line, end="\n" if closing or not self.tty else "", flush=True)
+                f"{elapsed:.0f}s, {'done' if closing else left}")
+        end = "\n" if closing or not self.tty else ""
+        print(f"\r{line}\033[K" if self.tty else line, end=end, flush=True)
 
     def close(self):
         if self.shown or self.always:
@@ -1920,8 +1925,8 @@ class Progress:
 
 
 def read_jsonl(path, lenient=False):
-    """Rows of a JSONL file. Strict for data (a bad line is a UsageError naming file and line); lenient for a run's
-    own logs (a missing file has no rows, a line torn by a crash mid-write is dropped)."""
+    """Rows of a JSONL file: strict for data (a bad line is a UsageError naming file and line), lenient for a
+    run's own logs (a missing file has no rows, a line torn by a crash mid-write is dropped)."""
     if lenient and not Path(path).exists():
         return []
     try:
@@ -1960,7 +1965,7 @@ def append_jsonl(path, row):
 def main(argv=None):
     cfg = Config(**vars(build_parser().parse_args(argv)))
     given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C
     try:
         code = run(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
@@ -1971,7 +1976,7 @@ def main(argv=None):
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop (loading, evaluation), or a second one
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop, or a second one inside it
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
     finally:
@@ -1980,13 +1985,9 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def interrupt(signum, frame):
-    """SIGTERM outside the training loop (loading, evaluation): stop like Ctrl-C."""
-    raise KeyboardInterrupt
-
-
 def run(cfg, given=frozenset()):
-    """The whole job for one config; `given` names the flags set on the command line (--resume and --demo keep them)."""
+    """The whole job for one config; `given` names the flags set on the command line (they win on --resume
+    and --demo)."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
     elif cfg.demo:
@@ -2000,16 +2001,18 @@ def run(cfg, given=frozenset()):
     train_set, test_set = demo_data(cfg, out) if cfg.demo else load_data(cfg)
     check_models(cfg)
     cfg = adapters_config(cfg) if cfg.adapters else cfg
-    policies = [load_policy(m, path, dev, cfg) for m, (path, dev) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
+    policies = [load_policy(m, path, device, cfg)
+                for m, (path, device) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
     test_set = evaluable(policies, test_set, cfg)
     if cfg.eval_only and not test_set:
-        raise UsageError(f"every test problem is longer than the model context (prompt + --eval-max-new-tokens "
-                         f"{cfg.eval_max_new_tokens})")
+        raise UsageError(f"every test problem is longer than the model context (prompt + "
+                         f"--eval-max-new-tokens {cfg.eval_max_new_tokens})")
     if not cfg.eval_only and not any(fits(policies, p, cfg) for p in train_set):
-        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens {cfg.max_prompt_tokens}, "
-                         f"or prompt + --max-new-tokens {cfg.max_new_tokens} over the model context")
+        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
+                         f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
+                         f"the model context")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -2033,7 +2036,8 @@ def run(cfg, given=frozenset()):
 
 def build_parser(with_defaults=True):
     """The command line of Config. with_defaults=False: parsing returns only the flags actually given."""
-    parser = argparse.ArgumentParser(description="CORE: two LLMs trained together by cross teaching (arXiv 2601.21600).",
+    description = "CORE: two LLMs trained together by cross teaching (arXiv 2601.21600)."
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
         flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
@@ -2072,26 +2076,27 @@ def validate(cfg):
         (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
         (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
-         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a path to a JSONL file or folder"),
+         f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
-    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(), f"--model{m} '{name}' does not exist")
-         for m, name in ((1, cfg.model1), (2, cfg.model2))]
+    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(),
+          f"--model{m} '{name}' does not exist") for m, name in ((1, cfg.model1), (2, cfg.model2))]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
 
 
 def looks_like_path(name):
-    """A local path rather than a hub id ('org/name'): absolute, relative with ./ ../ ~, or more than one '/'."""
+    """A local path, not a hub id ('org/name'): absolute, relative (./ ../ ~), or with more than one '/'."""
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def start_processes(cfg):
-    """(rank, world size): joins torchrun's process group; ranks other than 0 print nothing (errors still show)."""
+    """(rank, world size): joins torchrun's process group; only rank 0 prints (errors show on every rank)."""
     rank, world = init_distributed()
     if world > 1:
         if cfg.demo or cfg.device1 or cfg.device2:
-            raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 and --device2")
+            raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 "
+                             "and --device2")
         if cfg.batch_questions < world:
             raise UsageError(f"--batch-questions {cfg.batch_questions} is smaller than the {world} processes")
         if rank:
@@ -2108,7 +2113,8 @@ def output_folder(cfg):
     name = "demo" if cfg.demo else Path(cfg.data).stem + ("-eval" if cfg.eval_only else "")
     out = Path(cfg.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it with --resume {out}")
+        raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it "
+                         f"with --resume {out}")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -2130,16 +2136,16 @@ def load_policy(m, path, device, cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: straight from the cache, no retries
+    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: from the cache, no retries
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
     except Exception as e:
-        where, why = "folder" if Path(path).is_dir() else "model id", str(e).splitlines()[0][:200] if str(e) else ""
-        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {why}); offline? copy the model to a "
-                         f"local folder and pass --model{m} /path/to/folder") from None
+        where, why = "folder" if Path(path).is_dir() else "model id", (str(e).splitlines() or [""])[0][:200]
+        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {why}); offline? copy the model "
+                         f"to a local folder and pass --model{m} /path/to/folder") from None
     model.eval()  # no dropout: rollout and update likelihoods coincide
-    if not cfg.no_grad_checkpoint:  # transformers checkpoints layers only in train mode: update_policy switches
+    if not cfg.no_grad_checkpoint:  # layers are checkpointed in train mode only: update_policy switches
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
@@ -2147,26 +2153,27 @@ def load_policy(m, path, device, cfg):
     torch.manual_seed(stream_seed(cfg.seed, "lora init", m))
     add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    eos = {tokenizer.eos_token_id} | set(as_list(getattr(model.generation_config, "eos_token_id", None)))
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, (list, tuple)) else [eos])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "sampler", m, dist_info()[0]))
-    return Policy(Path(path).name if Path(path).is_dir() else path, model, tokenizer, device, eos - {None}, pad,
+    generator = torch.Generator(device=device)
+    generator.manual_seed(stream_seed(cfg.seed, "sampler", m, dist_info()[0]))
+    name = Path(path).name if Path(path).is_dir() else path
+    return Policy(name, model, tokenizer, device, eos - {None}, pad,
                   getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
 
 
-def as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def check_models(cfg):
-    """Before loading anything, fail within seconds on a hub id that is neither in the local cache nor reachable
+    """Before loading anything, fail within seconds on a hub id neither in the local cache nor reachable
     (a missing folder is caught by validate)."""
     from huggingface_hub import try_to_load_from_cache
     for m, name in enumerate((cfg.model1, cfg.model2), 1):
-        if not Path(name).expanduser().is_dir() and not isinstance(try_to_load_from_cache(name, "config.json"), str) \
-                and not hub_reachable():
-            raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the Hugging Face hub "
-                             f"cannot be reached (offline?); download it elsewhere and pass --model{m} /path/to/folder")
+        if Path(name).expanduser().is_dir() or isinstance(try_to_load_from_cache(name, "config.json"), str):
+            continue
+        if not hub_reachable():
+            raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the "
+                             f"Hugging Face hub cannot be reached (offline?); download it elsewhere and pass "
+                             f"--model{m} /path/to/folder")
 
 
 @functools.cache
@@ -2183,15 +2190,38 @@ def hub_reachable(timeout=3.0):
 
 
 # -----------------------------------------------------------------------------
-# Demo: two tiny models (Qwen2 and Qwen3 architectures), a tiny tokenizer, generated arithmetic
+# Appendix, the demo: two tiny models (Qwen2 and Qwen3 architectures), a tiny tokenizer, generated arithmetic
 
-DEMO_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The demo's settings (a flag given on the command line wins). Its advantages are each model's own, in reward
+# units: with the paper's joint normalisation one of the two tiny models collapses on some seeds (README).
+DEMO_SETTINGS = dict(steps=30, batch_questions=32, max_new_tokens=20, eval_max_new_tokens=20, eval_n=400,
+                     lr=2e-3, lora_rank=8, lora_alpha=16.0, adv_group="model", adv_scale="none",
+                     micro_batch=96, show=1, save_every=10, train_n=200, device1="cpu", device2="cpu",
+                     no_grad_checkpoint=True)
+DEMO_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                      "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 DEMO_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def demo_data(cfg, out):
+    """The demo's training and test questions; a new demo first builds its two models in out/models."""
+    if not cfg.resume:  # a resumed demo reloads the models its config names
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; "
+              f"advantages: --adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
+        try:
+            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+        except BaseException:  # stopped while building: leave no half-made run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+    return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
 
 
 def arithmetic_problems(n, seed):
-    """'What is a + b ?' with single-digit a, b; answers are numbers."""
+    """'What is a + b ?' with a, b in 0-4."""
     rng = random.Random(seed)
     problems = []
     for i in range(n):
@@ -2205,92 +2235,9 @@ def arithmetic_solution(problem):
     return f"{a} + {b} = {problem.gold} . \\boxed{{{problem.gold}}}"
 
 
-QWEN_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-
-def demo_tokenizer():
-    """A tiny byte-level BPE trained on the demo's texts, with Qwen's normaliser, split regex and decoder (so
-    transformers' Qwen2Tokenizer rebuilds exactly the same tokenizer from the saved files), plus a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    core = Tokenizer(models.BPE())
-    core.normalizer = normalizers.NFC()
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    core.decoder = decoders.ByteLevel()
-    problems = arithmetic_problems(200, 0)
-    corpus = ([f"user\nQuestion: {p.question}\nHint:\n{strip_answer(arithmetic_solution(p))}\nLet's solve this step by "
-               f"step. {FORMAT_INSTRUCTION['number']}\nassistant\n" for p in problems]
-              + [arithmetic_solution(p) for p in problems])
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=DEMO_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=["<|im_start|>"])
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_model(arch, tokenizer, seed, hidden=64, layers=2):
-    """A randomly initialised Qwen2 or Qwen3 causal LM small enough for a CPU."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    config = Qwen2Config(**shape) if arch == "qwen2" else Qwen3Config(head_dim=hidden // 4, **shape)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).float()
-
-
-def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=32, max_steps=600, check_every=10):
-    """Supervised training on worked solutions (half the prompts carry a hint) until the model's sampled accuracy
-    (T = 0.7, 4 samples of each of the 25 demo questions) reaches `target`, so that every seed starts from about
-    the same skill: right often enough for teachers, hints and rescues, wrong often enough to leave room to learn.
-    Returns (steps taken, accuracy reached)."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    checks = [Problem(f"check-{a}-{b}", f"What is {a} + {b} ?", str(a + b), "number") for a in range(5) for b in range(5)]
-    prompts = [build_prompt(tokenizer, p.question, p.kind) for p in checks]
-    generator = torch.Generator().manual_seed(seed)
-
-    @functools.cache
-    def example(question, gold, hinted):  # (prompt + solution + EOS token ids, where the solution starts)
-        p = Problem("", question, gold, "number")
-        solution = arithmetic_solution(p)
-        prompt = build_prompt(tokenizer, question, "number", strip_answer(solution) if hinted else None)
-        return prompt + tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], len(prompt)
-
-    accuracy = 0.0
-    for step in range(1, max_steps + 1):
-        model.train()
-        seqs, starts = zip(*(example(p.question, p.gold, rng.random() < 0.5)
-                             for p in (rng.choice(problems) for _ in range(batch))))
-        width = max(map(len, seqs))
-        ids = torch.full((batch, width), tokenizer.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        for row, (seq, start) in enumerate(zip(seqs, starts)):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            labels[row, start:len(seq)] = torch.tensor(seq[start:])
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if step % check_every == 0:
-            model.eval()
-            outs = sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, 0.7, 0.9, generator, n=4)
-            accuracy = sum(is_correct(tokenizer.decode(ids, skip_special_tokens=True), checks[i // 4].gold, "number")
-                           for i, ids in enumerate(outs)) / len(outs)
-            if accuracy >= target:
-                break
-    model.eval()
-    return step, accuracy
-
-
 def build_demo_models(folder, seed, targets=(0.45, 0.45)):
-    """Two tiny models saved with save_pretrained, then warmed up to the target accuracies with the tokenizer as it
-    loads back from disk, so the demo uses them exactly like any downloaded checkpoint."""
+    """Two tiny models saved with save_pretrained, then warmed up to the target accuracies with the tokenizer
+    as it loads back from disk: the demo uses them exactly like any downloaded checkpoint."""
     from transformers import AutoTokenizer
     problems = arithmetic_problems(500, seed + 7)
     paths = []
@@ -2302,34 +2249,91 @@ def build_demo_models(folder, seed, targets=(0.45, 0.45)):
         model.save_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         steps, accuracy = supervised_warmup(model, tokenizer, problems, target, seed)
-        print(f"demo: tiny-{arch} warmed up for {steps} supervised steps: it answers {accuracy:.0%} of sampled questions right")
+        print(f"demo: tiny-{arch} warmed up for {steps} supervised steps: it answers {accuracy:.0%} of "
+              f"sampled questions right")
         model.save_pretrained(path)
         paths.append(str(path))
     return paths
 
 
-# The demo's settings (a flag given on the command line wins). Its advantages are each model's own, in reward units
-# (--adv-group model --adv-scale none): with the paper's joint normalisation one of the two tiny models collapses
-# on some seeds (README: the weaker partner; bench/demo_seeds.py measures both).
-DEMO_SETTINGS = dict(steps=30, batch_questions=32, max_new_tokens=20, eval_max_new_tokens=20, eval_n=400, lr=2e-3,
-                     lora_rank=8, lora_alpha=16.0, adv_group="model", adv_scale="none", micro_batch=96, show=1, save_every=10,
-                     train_n=200, device1="cpu", device2="cpu", no_grad_checkpoint=True)
+def demo_tokenizer():
+    """A tiny byte-level BPE trained on the demo's texts, with Qwen's normaliser, split regex and decoder (so
+    transformers' Qwen2Tokenizer rebuilds the same tokenizer from the saved files), plus a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    problems = arithmetic_problems(200, 0)
+    corpus = ([f"user\nQuestion: {p.question}\nHint:\n{strip_answer(arithmetic_solution(p))}\nLet's solve "
+               f"this step by step. {FORMAT_INSTRUCTION['number']}\nassistant\n" for p in problems]
+              + [arithmetic_solution(p) for p in problems])
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=DEMO_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    return tokenizer
 
 
+def tiny_model(arch, tokenizer, seed, hidden=64, layers=2):
+    """A randomly initialised Qwen2 or Qwen3 causal LM small enough for a CPU."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    shape = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(**shape) if arch == "qwen2" else Qwen3Config(head_dim=hidden // 4, **shape)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float()
 
 
-def demo_data(cfg, out):
-    """The demo's training and test questions; a new demo first builds its two models in out/models."""
-    if not cfg.resume:  # a resumed demo reloads the models its config names
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; advantages: "
-              f"--adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
-        try:
-            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
-        except BaseException:  # stopped while building: leave no half-made run folder behind
-            shutil.rmtree(out, ignore_errors=True)
-            raise
-    return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
+def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=32, max_steps=600):
+    """Supervised training on worked solutions (half the prompts hinted) until the sampled accuracy (T = 0.7,
+    4 samples of each of the 25 questions) reaches `target`: every seed starts from about the same skill,
+    right often enough for teachers and rescues, wrong often enough to learn. Returns (steps, accuracy)."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    checks = [Problem("", f"What is {a} + {b} ?", str(a + b), "number") for a in range(5) for b in range(5)]
+    prompts = [build_prompt(tokenizer, p.question, p.kind) for p in checks]
+    generator = torch.Generator().manual_seed(seed)
+
+    @functools.cache
+    def example(question, gold, hinted):  # (prompt + solution + EOS token ids, where the solution starts)
+        solution = arithmetic_solution(Problem("", question, gold, "number"))
+        prompt = build_prompt(tokenizer, question, "number", strip_answer(solution) if hinted else None)
+        ids = prompt + tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ids, len(prompt)
+
+    accuracy = 0.0
+    for step in range(1, max_steps + 1):
+        model.train()
+        seqs, starts = zip(*(example(p.question, p.gold, rng.random() < 0.5)
+                             for p in (rng.choice(problems) for _ in range(batch))))
+        ids = torch.full((batch, max(map(len, seqs))), tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)
+        for row, (seq, start) in enumerate(zip(seqs, starts)):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, start:len(seq)] = torch.tensor(seq[start:])
+        attention = (labels != -100) | (ids != tokenizer.pad_token_id)
+        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 10 == 0:
+            model.eval()
+            outs = sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, 0.7, 0.9,
+                          generator, n=4)
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outs]
+            right = [is_correct(t, checks[i // 4].gold, "number") for i, t in enumerate(texts)]
+            accuracy = sum(right) / len(outs)
+            if accuracy >= target:
+                break
+    model.eval()
+    return step, accuracy
 
 
 if __name__ == "__main__":

@@ -633,6 +633,32 @@ def test_fast_decoding_is_the_gpu_default_only():
     assert not core.fast_decoding(model, cfg)
 
 
+@pytest.mark.parametrize("diverges", [False, True])
+def test_the_fast_path_checks_itself_against_the_reference_loop(tiny_models, monkeypatch, capsys, diverges):
+    """On its first use for a model (CUDA faked: the fast path runs its steps eagerly here), greedy rows of both
+    samplers are compared. Agreeing: no warning, the fast path samples. Diverging (one token changed): one warning,
+    and this and every later rollout come from the reference loop."""
+    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8)
+    policy = make_policy(tiny_models[1], cfg)
+    lively(policy.model)
+    prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?", "Hi"])
+    reference = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)
+    calls, real_fast = [], core.sample_fast
+
+    def fast(*args, **kwargs):
+        calls.append(1)
+        rows = real_fast(*args, **kwargs)
+        return [[row[0] + 1] + row[1:] for row in rows] if diverges else rows
+
+    monkeypatch.setattr(core, "sample_fast", fast)
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
+    for _ in range(2):
+        assert [ids for ids, _ in core.generate(policy, prompts, 8, cfg)] == reference
+    warnings = capsys.readouterr().err.count("differ from the reference loop's")
+    assert (warnings, policy.fast_agrees) == ((1, False) if diverges else (0, True))
+    assert len(calls) == (1 if diverges else 3)  # the check, then (agreeing) both rollouts
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_sampler_greedy_equals_the_reference(tiny_models):
     model, tokenizer = loaded(tiny_models[0])
