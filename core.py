@@ -166,7 +166,7 @@ class Trace:
     text: str                 # decoded completion
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
-    hint_leaks: bool = False  # ... and extract_answer (last-number fallback included) reads the gold from it
+    hint_leaks: bool = False  # ... and the gold can be read from it (gold_visible)
     truncated: bool = False   # hit the token budget without an end-of-sequence token
     failed_cold: bool = False  # its model got every round-A sample of this question wrong
     reward: float = 0.0       # R(tau)
@@ -521,7 +521,7 @@ def start_or_resume(cfg, policies, test_set, out, rng):
     if not cfg.no_eval_before:
         run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
     return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
-               "kl_before": [0.0, 0.0]}
+               "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
 
 
 def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
@@ -764,7 +764,7 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
                                     hint_shown=hint is not None,
-                                    hint_leaks=hint is not None and is_correct(hint, gold, kind),
+                                    hint_leaks=hint is not None and gold_visible(hint, problems[q]),
                                     truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
     progress.close()
     return traces
@@ -1036,8 +1036,10 @@ def compiled_decode_forward(backend):
 
 BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
-ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=))"  # "####", "answer is/:/=", "**Answer**:"
-ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"\s*:?\s*([^\n]*)", re.IGNORECASE)
+# an answer marker ("####", "answer is/:/=", "**Answer**:"), then its value: the rest of this line, or of the
+# next non-blank line when the marker ends its line
+ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=))\s*:?\s*"
+ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"([^\n]*)", re.IGNORECASE)
 LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
 
@@ -1159,11 +1161,12 @@ def is_correct(text, gold, kind):
     return answer is not None and answer == normalize_gold(gold, kind)
 
 
-# A final-answer statement: optional emphasis and lead-in ("So the final"), the marker extract_answer reads,
-# then the rest of its sentence (or line); or a bare "Final Answer" heading.
+# A final-answer statement: optional emphasis and lead-in ("So the final"), the marker and value that
+# extract_answer reads, through the end of the sentence holding the value's first digit or letter (or line).
 ANSWER_STATEMENT_RE = re.compile(
     r"[*_]*(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:(?:the|our|my)\s+)?(?:final\s+)?" + ANSWER_MARK
-    + r"[^\n]*?(?:(?<=[.!?])(?=\s)|$)|[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE | re.MULTILINE)
+    + r"(?:[^\n]*?(?:\d|(?-i:\b[A-D]\b))[^\n]*?(?:(?<=[.!?])(?=\s)|$)|[^\n]*$)", re.IGNORECASE | re.MULTILINE)
+FINAL_HEADING_RE = re.compile(r"[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE)  # "**Final Answer**"
 EMPTY_MATH_RE = re.compile(r"\$\s*\$|\\\[\s*\\\]|\\\(\s*\\\)")  # $ $, \[ \], \( \) left by a removed box
 
 
@@ -1178,7 +1181,7 @@ def strip_answer(text):
         last = end
     text = "".join(pieces) + text[last:]
     text = BOXED_RE.sub("", text)  # unclosed boxes: the opener goes, what follows is not an answer span
-    text = EMPTY_MATH_RE.sub("", ANSWER_STATEMENT_RE.sub("", text))
+    text = EMPTY_MATH_RE.sub("", FINAL_HEADING_RE.sub("", ANSWER_STATEMENT_RE.sub("", text)))
     text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
@@ -1190,6 +1193,25 @@ def is_bare_answer(text, gold, kind):
     if kind == "choice":
         return bare.upper() == normalize_gold(gold, kind)
     return bare != "" and normalize_math(bare) == normalize_math(gold)
+
+
+VALUE_RE = re.compile(r"\\[dt]?frac\{-?\d+\}\{-?\d+\}|-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def gold_visible(text, problem):
+    """The hint leak: whether a reader who knows what to look for reads the gold in `text`. A number (and a
+    numeric MATH answer) appears as a number; another MATH answer appears in the normalised text; the correct
+    option is named by its letter ("(B)", "option B", "answer: B") or its text."""
+    gold = normalize_gold(problem.gold, problem.kind)
+    if problem.kind == "choice":
+        option = re.search(rf"^\({gold}\)\s*(.+?)\s*$", problem.question, re.MULTILINE)
+        named = rf"\({gold}\)|(?i:option|choice|answer)\s*(?:is\s*)?:?\s*\(?{gold}\b"
+        return bool(re.search(named, text) or option and re.search(
+            rf"(?<!\w){re.escape(option.group(1))}(?!\w)", text, re.IGNORECASE))
+    if problem.kind != "math" or re.fullmatch(r"-?\d+(?:/\d+)?", gold):
+        value = parse_number(gold)
+        return value is not None and any(parse_number(v) == value for v in VALUE_RE.findall(text))
+    return gold in normalize_math(text)
 
 
 
@@ -1440,14 +1462,14 @@ def pass_at(n, c, j):
 
 
 def majority_correct(samples):
-    """Whether the majority answer of `samples` is correct. Samples without an answer do not vote; no vote is
-    wrong. A tie goes to the tied answer that comes first (one model's samples are exchangeable)."""
+    """How often the majority answer of `samples` is correct: 1 or 0, and for a tie the fraction of the tied
+    answers that are correct (a random tie-break's expected accuracy: no sample's order or model is favoured).
+    Samples without an answer do not vote; no vote is wrong."""
     answers = [s["answer"] for s in samples if s["answer"] is not None]
-    if not answers:
-        return False
     counts = {a: answers.count(a) for a in answers}
-    vote = next(a for a in answers if counts[a] == max(counts.values()))
-    return any(s["correct"] for s in samples if s["answer"] == vote)
+    tied = [a for a, c in counts.items() if c == max(counts.values())]
+    right = {s["answer"] for s in samples if s["correct"]}
+    return sum(a in right for a in tied) / len(tied) if tied else 0.0
 
 
 def model_metrics(records, m, k):
@@ -1464,7 +1486,7 @@ def model_metrics(records, m, k):
 
 def team_metrics(records, j):
     """The team over the first j samples of each model. Team Pass@j: any of the 2j is correct (the paper's
-    oracle). Team vote@j: their majority answer, taken m1, m2, m1, m2, ..., is correct. p_12: both models
+    oracle). Team vote@j: their majority answer is correct (ties: majority_correct). p_12: both models
     solve it. Joint failure: both fail. Correlated failure: joint failure - the product of failure rates."""
     n = len(records)
     solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
@@ -1795,7 +1817,7 @@ def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
     """Print the step's line (and cfg.show questions in full); rank 0 appends its metrics and sample rows."""
     print(format_log(row, cfg.steps), flush=True)
     names = {m: policy.name for m, policy in enumerate(policies, 1)}
-    watch_for_collapse(row, counters, names)
+    watch_for_collapse(row, counters, names, cfg)
     for q in range(min(cfg.show, len(problems))):
         show_group(problems[q], groups[q], hints[q], names)
     if dist_info()[0] == 0:
@@ -1827,11 +1849,13 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         row[term] = sum(t.terms[term] for t in traces) / len(traces)
     for m, s in enumerate(stats, 1):
         advantages = [t.advantage for t in traces if t.model == m]
+        by_round = {r: [t.advantage for t in traces if t.model == m and t.round == r] for r in ("A", "B")}
         n = max(1, len(advantages))
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
                 f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
-                f"adv_m{m}": sum(advantages) / n, f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
+                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
+        row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
     row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
     row["skipped_problems"] = skipped_problems
     row["rollout_s"], row["update_s"] = seconds
@@ -1854,21 +1878,25 @@ def format_log(row, steps):
             f"| {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
-def watch_for_collapse(row, counters, names, patience=3, few=0.1):
-    """Warn when, for `patience` steps in a row, at most a `few` of a model's traces had a positive advantage
-    while its KL to the base rose: it is pushed away from its own samples (README: the weaker partner)."""
+def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
+    """Warn when, for `patience` steps in a row, `most` or more of a model's traces had a negative advantage
+    while its KL to the base or its entropy rose over those steps: its updates push it away from its own
+    samples (README: the weaker partner). Traces at zero advantage push nothing: they do not count."""
+    flags = (("--adv-group model", cfg.adv_group == "model"), ("--adv-scale none", cfg.adv_scale == "none"))
+    options = [flag for flag, in_force in flags if not in_force]
+    advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
+    start = counters.setdefault("entropy_before", [0.0, 0.0])
     for m, name in names.items():
-        kl, i = row[f"kl_m{m}"], m - 1
-        if row[f"pos_adv_m{m}"] > few:
-            counters["pushed_away"][i], counters["kl_before"][i] = 0, kl
-            continue
-        counters["pushed_away"][i] += 1
-        steps = counters["pushed_away"][i]
-        if steps % patience == 0 and kl > counters["kl_before"][i]:
-            print(f"warning: {name}: for {steps} steps at most {few:.0%} of its traces had a positive "
-                  f"advantage ({row[f'neg_adv_m{m}']:.0%} negative now) while its KL to the base rose "
-                  f"{counters['kl_before'][i]:.4f} -> {kl:.4f}: it is being pushed away from its own samples "
-                  f"(README: the weaker partner; try --adv-group model --adv-scale none)", flush=True)
+        i, kl, entropy, negative = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"neg_adv_m{m}"]
+        streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if negative >= most else 0
+        if streak % patience == 1:  # a window starts: where its KL and entropy were
+            counters["kl_before"][i], start[i] = kl, entropy
+        if streak and streak % patience == 0 and (kl > counters["kl_before"][i] or entropy > start[i]):
+            print(f"warning: {name}: for {streak} steps {most:.0%} or more of its traces had a negative "
+                  f"advantage ({negative:.0%} now) while its KL to the base went "
+                  f"{counters['kl_before'][i]:.4f} -> {kl:.4f} and its entropy {start[i]:.2f} -> "
+                  f"{entropy:.2f}: it is pushed away from its own samples (README: the weaker partner; "
+                  f"{advice})", flush=True)
 
 
 def show_group(problem, group, hint, names):
@@ -2166,10 +2194,12 @@ def load_policy(m, path, device, cfg):
 def check_models(cfg):
     """Before loading anything, fail within seconds on a hub id neither in the local cache nor reachable
     (a missing folder is caught by validate)."""
-    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import cached_file
     for m, name in enumerate((cfg.model1, cfg.model2), 1):
-        if Path(name).expanduser().is_dir() or isinstance(try_to_load_from_cache(name, "config.json"), str):
-            continue
+        with contextlib.suppress(Exception):  # not a valid hub id, or not cached: the hub must answer
+            if Path(name).expanduser().is_dir() or cached_file(
+                    name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False):
+                continue
         if not hub_reachable():
             raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the "
                              f"Hugging Face hub cannot be reached (offline?); download it elsewhere and pass "

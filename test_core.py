@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -284,6 +285,61 @@ def test_explicit_answers_and_the_last_number_fallback():
     assert core.extract_answer("so the answer is 9", "number", fallback=False) == "9"
     assert core.extract_answer("**Answer**: 9", "number", fallback=False) == "9"
     assert core.extract_answer("C", "choice") == "C" and core.extract_answer("C", "choice", fallback=False) is None
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("9 * 2 = 18 eggs.\nThe answer is:\n18", "9 * 2 = 18 eggs."),  # the value on the next line
+    ("Twice 9 is 18 eggs.\nFinal answer:\n\n$18$", "Twice 9 is 18 eggs."),
+    ("Nine twice. The answer is approx. 18 eggs", "Nine twice."),  # an abbreviation inside the statement
+])
+def test_strip_answer_removes_what_the_checker_reads_across_lines_and_abbreviations(text, kept):
+    assert core.extract_answer(text, "number", fallback=False) == "18"
+    assert core.strip_answer(text) == kept
+
+
+STATEMENTS = ["The answer is {v}", "the answer is: {v}", "Answer: {v}", "Answer = {v}", "**Answer**: {v}",
+              "**Answer:** {v}", "#### {v}", "So the final answer is {v}", "Therefore, our answer is {v}",
+              "The answer is approx. {v}", "The answer is:\n{v}", "Final answer:\n\n{v}", "answer is\n\n {v}",
+              "The answer is \\boxed{{{v}}}", "Answer: $\\boxed{{{v}}}$", "The answer is $ {v} $"]
+
+
+@pytest.mark.parametrize("kind, values", [("number", ["37", "1,234", "-7", "0.5", "$37$", "\\$37"]),
+                                          ("choice", ["C", "(C)", "\\text{C}"])])
+def test_every_answer_statement_the_checker_reads_is_stripped_whole(kind, values):
+    """Property: for every marker form extract_answer reads, its value on the same line or the next, and what
+    may follow it, the checker reads the value from the trace and nothing of it is left after stripping."""
+    gold = {"number": None, "choice": "C"}[kind]
+    problem = core.Problem("p", "Which?\n\n(A) one\n(B) two\n(C) cats\n(D) four", "C", "choice")
+    for statement, value, before, after in itertools.product(
+            STATEMENTS, values, ["", "Twice nine is more than ten. ", "We add them up.\n"],
+            ["", ".", " eggs.", ". Check: 2 + 2 = 4", "\nDone."]):
+        text = before + statement.format(v=value) + after
+        expected = gold or core.extract_answer(f"\\boxed{{{value}}}", kind)
+        assert core.extract_answer(text, kind, fallback=False) == expected, text
+        stripped = core.strip_answer(text)
+        assert core.extract_answer(stripped, kind, fallback=False) is None, (text, stripped)
+        if kind == "number":
+            assert not core.gold_visible(stripped, core.Problem("p", "q", expected, "number")), (text, stripped)
+        else:
+            assert not core.gold_visible(stripped, problem) and not re.search(rf"\b{gold}\b", stripped), text
+
+
+def test_hint_leak_reads_the_gold_the_way_a_reader_would_for_every_kind():
+    math = core.Problem("m", "Solve 2x = 1.", "\\frac12", "math")
+    hint = core.strip_answer("We divide by 2. So $x=\\frac{1}{2}$, i.e. $\\boxed{\\frac12}$.")
+    assert hint == "We divide by 2. So $x=\\frac{1}{2}$, i.e. ." and core.gold_visible(hint, math)
+    assert not core.is_correct(hint, math.gold, "math")  # the checker alone sees nothing (boxes only)
+    assert not core.gold_visible("We divide by 2.", math)
+    sqrt = core.Problem("s", "q", "\\frac{\\sqrt{3}}{2}", "math")
+    assert core.gold_visible("so the height is \\frac{\\sqrt3}{2} units", sqrt)
+    assert not core.gold_visible("so the height is \\frac{\\sqrt2}{2} units", sqrt)
+    gpqa = core.Problem("g", "Which gas?\n\n(A) Neon\n(B) Argon\n(C) Xenon\n(D) Radon", "B", "choice")
+    hint = core.strip_answer("Noble gases... the correct option is B. The answer is \\boxed{B}.")
+    assert hint == "Noble gases... the correct option is B." and core.gold_visible(hint, gpqa)
+    assert core.gold_visible("It must be argon, the third noble gas.", gpqa)  # the option's text
+    assert not core.gold_visible("It must be a noble gas. A quick check: B-type stars.", gpqa)
+    gsm = core.Problem("n", "q", "18", "number")
+    assert core.gold_visible("9 * 2 = 18 eggs", gsm) and not core.gold_visible("9 * 2 eggs", gsm)
 
 
 @needs_shared
@@ -1025,17 +1081,81 @@ def test_unbiased_pass_at_j_equals_enumerating_every_subset():
                 assert math.isclose(core.pass_at(n, c, j), sum(map(any, subsets)) / len(subsets))
 
 
-def test_majority_votes_and_their_tie_rule():
+def test_majority_votes_credit_a_tie_with_its_expected_accuracy():
     def vote(*answers, gold="4"):
         return core.majority_correct([{"answer": a, "correct": a == gold} for a in answers])
-    assert vote("4", "5", "4") and not vote("5", "5", "4")
-    assert vote("4", "5") and not vote("5", "4")  # a tie goes to the answer given first
-    assert vote(None, None, "4", "5", "4") and not vote(None, None)  # no answer, no vote
-    # the team vote takes the candidates in turn m1, m2, m1, m2: here model 2's first answer breaks the tie
-    records = records_of([[False, False]], [[True, False]], [["3", "5"]], [["4", "3"]])
-    assert core.team_metrics(records, 2)["team_vote@2"] == 0.0  # '3' twice beats '4' and '5'
-    records = records_of([[False, True]], [[True, False]], [["3", "4"]], [["4", "5"]])
-    assert core.team_metrics(records, 2)["team_vote@2"] == 1.0  # '4' twice
+    assert vote("4", "5", "4") == 1.0 and vote("5", "5", "4") == 0.0
+    assert vote("4", "5") == vote("5", "4") == 0.5  # a tie: the fraction of the tied answers that are right
+    assert vote("4", "5", "6") == vote("6", "5", "4") == pytest.approx(1 / 3)
+    assert vote(None, None, "4", "5", "4") == 1.0 and vote(None, None) == 0.0  # no answer, no vote
+    # the team vote at 1 + 1 samples: m1 says 5, m2 says 4 (right): a tie, in whichever order the models come
+    for first, second in ((["5"], ["4"]), (["4"], ["5"])):
+        records = records_of([[a == "4" for a in first]], [[a == "4" for a in second]], [first], [second])
+        assert core.team_metrics(records, 1)["team_vote@1"] == 0.5
+
+
+def swapped(records):
+    return [r | {"m1": r["m2"], "m2": r["m1"]} for r in records]
+
+
+def random_records(rng, n=60, k=4):
+    """Evaluation records of two models that often disagree: answers drawn from a few candidates, gold '1'."""
+    def samples(skill):
+        answers = [rng.choice(["1"] * skill + ["2", "3", None]) for _ in range(k)]
+        return [{"answer": a, "correct": a == "1", "tokens": 5, "truncated": False, "text": ""} for a in answers]
+    return [{"id": str(i), "m1": samples(1), "m2": samples(4)} for i in range(n)]
+
+
+def test_swapping_the_models_changes_no_team_number():
+    rng = random.Random(0)
+    for _ in range(20):
+        records = random_records(rng)
+        a, b = core.eval_metrics(records, 4), core.eval_metrics(swapped(records), 4)
+        for key, value in a.items():
+            mirror = key.replace("_m1", "_mX").replace("_m2", "_m1").replace("_mX", "_m2")
+            assert b[mirror] == pytest.approx(value, abs=1e-12), key
+
+
+def brute_force_metrics(records, k):
+    """Every evaluation number written out independently: Pass@j by enumerating the j-subsets of each model's
+    samples, votes by counting answers (a tie credits the fraction of the tied answers that are right), and
+    the team numbers by counting questions."""
+    def vote(samples):
+        counts = {}
+        for s in samples:
+            if s["answer"] is not None:
+                counts[s["answer"]] = counts.get(s["answer"], 0) + 1
+        top = [a for a, c in counts.items() if c == max(counts.values(), default=0)]
+        right = {s["answer"] for s in samples if s["correct"]}
+        return sum(a in right for a in top) / len(top) if top else 0.0
+
+    n, out = len(records), {"questions": len(records), "k": k}
+    for m in ("m1", "m2"):
+        for j in range(1, k + 1):
+            out[f"pass@{j}_{m}"] = sum(sum(map(any, itertools.combinations([s["correct"] for s in r[m]], j)))
+                                       / math.comb(k, j) for r in records) / n
+        out[f"maj@{k}_{m}"] = sum(vote(r[m]) for r in records) / n
+        out[f"tokens_{m}"] = sum(s["tokens"] for r in records for s in r[m]) / (n * k)
+        out[f"truncated_{m}"] = sum(s["truncated"] for r in records for s in r[m]) / (n * k)
+    for j in sorted({k, k // 2} - {0}) if k % 2 == 0 else [k]:
+        one = [any(s["correct"] for s in r["m1"][:j]) for r in records]
+        two = [any(s["correct"] for s in r["m2"][:j]) for r in records]
+        both_fail = sum(not a and not b for a, b in zip(one, two)) / n
+        out |= {f"team_pass@{j}": sum(a or b for a, b in zip(one, two)) / n,
+                f"team_vote@{j}": sum(vote(r["m1"][:j] + r["m2"][:j]) for r in records) / n,
+                f"p_12@{j}": sum(a and b for a, b in zip(one, two)) / n, f"joint_failure@{j}": both_fail,
+                f"correlated_failure@{j}": both_fail - (1 - sum(one) / n) * (1 - sum(two) / n)}
+    return out
+
+
+def test_evaluation_numbers_equal_a_brute_force_computation():
+    rng = random.Random(1)
+    for k in (1, 2, 3, 4):
+        records = random_records(rng, k=k)
+        expected = brute_force_metrics(records, k)
+        got = core.eval_metrics(records, k)
+        assert got.keys() == expected.keys()
+        assert all(got[key] == pytest.approx(expected[key], abs=1e-12) for key in got), k
 
 
 def test_identical_models_sample_independently_and_evaluations_repeat_exactly(warm_pair):
@@ -1063,7 +1183,8 @@ def test_eval_only_prints_the_budget_block_and_its_records_reproduce_every_numbe
     saved = json.loads((out / "eval.json").read_text())
     records = [json.loads(line) for line in open(out / "eval_samples.jsonl")]
     assert len(records) == saved["questions"] == 8 and all(len(r["m1"]) == len(r["m2"]) == 4 for r in records)
-    assert core.eval_metrics(records, 4) == {k: v for k, v in saved.items() if k != "seconds"}
+    expected = brute_force_metrics(records, 4)
+    assert all(saved[key] == pytest.approx(value, abs=1e-12) for key, value in expected.items())
     # a few numbers by hand, straight from the records
     first_two = [any(s["correct"] for s in r["m1"][:2] + r["m2"][:2]) for r in records]
     assert saved["team_pass@2"] == sum(first_two) / 8
@@ -1198,7 +1319,8 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
 
 def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_away(warm_pair, tmp_path, capsys):
     """Model 2 barely writes a right answer. Without hints (--no-rescue) and with the paper's joint advantages,
-    nearly all its traces are pushed down, the log says so and warns; with --adv-group model they are not."""
+    most of its traces are pushed down while its KL rises: the log says so and warns; with --adv-group model
+    they are not."""
     data = arithmetic_file(tmp_path, n=24)
     base = ["--no-eval-before", "--eval-n", "1", "--batch-questions", "8", "--lr", "2e-3", "--max-new-tokens", "20"]
     runs = {}
@@ -1208,13 +1330,45 @@ def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_awa
         assert core.main(flags) == 0
         runs[adv_group] = ([json.loads(line) for line in open(out / "metrics.jsonl")], capsys.readouterr().out)
     rows, text = runs["joint"]
-    assert all(r["pos_adv_m2"] <= 0.1 for r in rows) and sum(r["neg_adv_m2"] for r in rows) / 4 >= 0.7
-    assert all(r["neg_adv_m1"] < 0.5 and r["entropy_m2"] > 0 for r in rows)
+    assert all(r["neg_adv_m2"] >= 0.75 for r in rows[:3]) and all(r["neg_adv_m1"] < 0.5 for r in rows)
     assert f"A<0 {rows[0]['neg_adv_m1']:.2f}/{rows[0]['neg_adv_m2']:.2f} H " in text
     warning = [line for line in text.splitlines() if line.startswith("warning: tiny-qwen3: for 3 steps")]
-    assert len(warning) == 1 and "its KL to the base rose 0.0000 -> " in warning[0]
+    kl = [float(x) for x in re.search(r"KL to the base went ([\d.]+) -> ([\d.]+)", warning[0]).groups()]
+    assert len(warning) == 1 and kl[1] > kl[0] == rows[0]["kl_m2"] and kl[1] == pytest.approx(rows[2]["kl_m2"], abs=1e-4)
+    assert "try --adv-group model --adv-scale none" in warning[0]
     rows, text = runs["model"]
     assert all(r["neg_adv_m2"] <= 0.3 for r in rows) and "warning: tiny-qwen3" not in text
+    assert all(r["adv_A_m2"] is not None and r["adv_B_m2"] is not None for r in rows)
+
+
+def collapse_warnings(capsys, steps, cfg=None):
+    """watch_for_collapse over synthetic steps of model 2: (fraction negative, fraction positive, KL, entropy)."""
+    counters = {"pushed_away": [0, 0], "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
+    for negative, positive, kl, entropy in steps:
+        row = {"neg_adv_m1": 0.3, "pos_adv_m1": 0.5, "kl_m1": 0.01, "entropy_m1": 1.0,
+               "neg_adv_m2": negative, "pos_adv_m2": positive, "kl_m2": kl, "entropy_m2": entropy}
+        core.watch_for_collapse(row, counters, {1: "strong", 2: "weak"}, cfg or core.Config())
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+
+
+def test_the_collapse_warning_reads_negative_advantages_and_a_rising_kl(capsys):
+    # the real case: 83 % of the weak model's traces negative, 17 % positive (rescued and lucky ones), KL rising
+    rising = [(0.83, 0.17, kl, h) for kl, h in ((0.0, 1.2), (0.03, 1.6), (0.08, 2.0), (0.1, 2.3), (0.12, 2.5),
+                                                (0.13, 2.7))]
+    warnings = collapse_warnings(capsys, rising)
+    assert len(warnings) == 2 and warnings[0].startswith("warning: weak: for 3 steps")
+    assert "0.0000 -> 0.0800" in warnings[0] and "try --adv-group model --adv-scale none" in warnings[0]
+    in_force = core.Config(adv_group="model", adv_scale="none")
+    warnings = collapse_warnings(capsys, rising[:3], in_force)
+    assert len(warnings) == 1 and "--adv-group" not in warnings[0] and "in force" in warnings[0]
+    assert "try --adv-scale none" in collapse_warnings(capsys, rising[:3], core.Config(adv_group="model"))[0]
+    # the same share of negative advantages while KL and entropy fall: nothing is drifting
+    assert collapse_warnings(capsys, [(0.9, 0.1, kl, 1 + kl) for kl in (0.05, 0.04, 0.03, 0.02, 0.01, 0.0)]) == []
+    # all-wrong groups under per-model advantages: every advantage 0, nothing pushes, KL rising or not
+    assert collapse_warnings(capsys, [(0.0, 0.0, kl, 1.0 + kl) for kl in (0.0, 0.01, 0.02, 0.05, 0.08, 0.1)]) == []
+    # a streak broken before `patience` steps: silent
+    assert collapse_warnings(capsys, [(0.9, 0.1, 0.0, 1), (0.9, 0.1, 0.1, 2), (0.5, 0.5, 0.2, 3),
+                                      (0.9, 0.1, 0.3, 4), (0.9, 0.1, 0.4, 5)]) == []
 
 
 # -----------------------------------------------------------------------------

@@ -1,21 +1,27 @@
-"""How much of the answer a CORE hint still gives away, on real reference solutions (issue: hints and rewards).
+"""How much of the answer a CORE hint still gives away, on real reference solutions.
 
-Each reference solution is rewritten to look like a model's output (GSM8K: calculator notes <<...>> removed and the
-'#### X' line replaced by '\\boxed{X}'; MATH-500 solutions already end in a \\boxed answer), then stripped with
-core.strip_answer exactly as a teacher trace is. Printed per dataset:
-  hints       solutions whose stripped text is a usable hint (not empty, not just the answer)
-  extractor   fraction of hints from which core.extract_answer (GSM8K: its last-number fallback included) reads the
-              gold: the `hint_leak` that every training step logs
-  last line   fraction of hints whose last line contains the gold as a number (GSM8K) or as a string after
-              normalisation (MATH): a looser reading, closer to what a model can copy
+Each reference solution is rewritten to look like a model's output, then stripped with core.strip_answer exactly
+as a teacher's trace is: GSM8K's calculator notes <<...>> are removed and its '#### X' line becomes '\\boxed{X}';
+MATH-500 solutions already end in a \\boxed answer; a GPQA Diamond explanation gets 'The answer is \\boxed{L}'
+with L the correct option's letter after core's seeded shuffle. Printed per dataset:
+  hints         solutions whose stripped text is a usable hint (not empty, not just the answer)
+  gold visible  fraction of hints from which a reader who knows what to look for reads the gold
+                (core.gold_visible: the value as a number, the normalised MATH answer, the option's letter or
+                text): the `hint_leak` that every training step logs
+  checker       fraction of hints from which core.is_correct (last-number fallback included) reads the gold: what
+                a model copying the hint's final number would score. It misses what the checker does not parse
+                (for MATH it reads boxes only, which stripping removes, so it is 0 there by construction)
 
 Run: python bench/hint_leak.py [--data-dir ../shared/data]
 """
 
 import argparse
+import csv
+import io
 import json
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,45 +33,49 @@ def gsm8k_traces(path):
         row = json.loads(line)
         gold = core.gsm8k_gold(row["answer"])
         body = re.sub(r"<<[^>]*>>", "", row["answer"]).split("####")[0].rstrip()
-        yield f"{body}\n\\boxed{{{gold}}}", gold, "number"
+        yield f"{body}\n\\boxed{{{gold}}}", core.Problem("", row["question"], gold, "number")
 
 
 def math500_traces(path):
     for line in open(path):
         row = json.loads(line)
-        yield row["solution"], row["answer"], "math"
+        yield row["solution"], core.Problem("", row["problem"], row["answer"], "math")
 
 
-def in_last_line(hint, gold, kind):
-    last = hint.strip().splitlines()[-1] if hint.strip() else ""
-    if kind == "number":
-        return any(core.parse_number(n) == core.parse_number(gold) for n in core.NUMBER_RE.findall(last))
-    return core.normalize_math(gold) in core.normalize_math(last)
+def gpqa_traces(zip_path):
+    explanations = {}
+    with zipfile.ZipFile(zip_path) as z:
+        text = z.read("dataset/gpqa_diamond.csv", pwd=core.GPQA_PASSWORD).decode("utf-8")
+    for row in csv.DictReader(io.StringIO(text)):
+        explanations[row["Record ID"]] = row["Explanation"].strip()
+    for problem in core.gpqa_problems(zip_path, seed=42):
+        yield f"{explanations[problem.id]}\nThe answer is \\boxed{{{problem.gold}}}.", problem
 
 
 def measure(traces):
-    total = hints = extracted = last_line = 0
-    for trace, gold, kind in traces:
+    total = hints = visible = checker = 0
+    for trace, problem in traces:
         total += 1
         hint = core.strip_answer(trace)
-        if not hint or core.is_bare_answer(hint, gold, kind):
+        if not hint or core.is_bare_answer(hint, problem.gold, problem.kind):
             continue
         hints += 1
-        extracted += core.is_correct(hint, gold, kind)
-        last_line += in_last_line(hint, gold, kind)
-    return total, hints, extracted / hints, last_line / hints
+        visible += core.gold_visible(hint, problem)
+        checker += core.is_correct(hint, problem.gold, problem.kind)
+    return total, hints, visible / hints, checker / hints
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
     data = Path(parser.parse_args().data_dir)
-    print(f"{'dataset':<22} {'solutions':>9} {'hints':>6} {'extractor':>10} {'last line':>10}")
+    print(f"{'dataset':<22} {'solutions':>9} {'hints':>6} {'gold visible':>13} {'checker':>8}")
     for name, traces in [("gsm8k train", gsm8k_traces(data / "gsm8k" / "train.jsonl")),
                          ("gsm8k test", gsm8k_traces(data / "gsm8k" / "test.jsonl")),
-                         ("math500 test", math500_traces(data / "math500" / "test.jsonl"))]:
-        total, hints, extracted, last_line = measure(traces)
-        print(f"{name:<22} {total:>9} {hints:>6} {extracted:>10.3f} {last_line:>10.3f}")
+                         ("math500 test", math500_traces(data / "math500" / "test.jsonl")),
+                         ("gpqa diamond", gpqa_traces(data / "gpqa" / "dataset.zip"))]:
+        total, hints, visible, checker = measure(traces)
+        print(f"{name:<22} {total:>9} {hints:>6} {visible:>13.3f} {checker:>8.3f}")
 
 
 if __name__ == "__main__":
