@@ -54,10 +54,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-from safetensors.torch import load_file, save_file
-from torch.utils.checkpoint import checkpoint
+try:
+    import torch
+    import torch.nn as nn
+    from safetensors.torch import load_file, save_file
+    from torch.utils.checkpoint import checkpoint
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: a quiet exit
+    sys.exit(130)
 
 
 class UsageError(Exception):
@@ -1302,12 +1305,13 @@ def locate(name, filename, data_dir):
         return cached
     url = SOURCES[name][filename]
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response:
             payload = response.read()
     except Exception as e:
-        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the file at {cached} "
-                         f"or pass --data-dir DIR with DIR/{name}/{filename}") from None
+        files = ", ".join(f"{CACHE_DIR / name / f} ({u})" for f, u in SOURCES[name].items())
+        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the files of '{name}' at "
+                         f"{files}, or pass --data-dir DIR with them in DIR/{name}/") from None
+    cached.parent.mkdir(parents=True, exist_ok=True)
     cached.with_suffix(".part").write_bytes(payload)
     os.replace(cached.with_suffix(".part"), cached)
     return cached
@@ -1530,7 +1534,8 @@ def print_table(tag, m, names):
     header = "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1))
     print(f"  {'':<28}{header}{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):
-        print(f"  {name[-28:]:<28}" + "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
+        passes = "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
+        print(f"  {shortened(name, 28):<28}{passes}"
               + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
     print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote "
           f"{m[f'team_vote@{k}']:.3f} | p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure "
@@ -1541,9 +1546,13 @@ def print_table(tag, m, names):
         print(f"    {f'team, {h} + {h} samples':<26} Team Pass@{h} {m[f'team_pass@{h}']:.3f}   "
               f"team vote {m[f'team_vote@{h}']:.3f}   p_12 {m[f'p_12@{h}']:.3f}")
         for i, name in enumerate(names, 1):
-            print(f"    {name[-26:]:<26} best-of-{k} (Pass@{k}) {m[f'pass@{k}_m{i}']:.3f}   "
+            print(f"    {shortened(name, 26):<26} best-of-{k} (Pass@{k}) {m[f'pass@{k}_m{i}']:.3f}   "
                   f"self-consistency (maj@{k}) {m[f'maj@{k}_m{i}']:.3f}")
     print()
+
+
+def shortened(name, width):
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
@@ -1991,10 +2000,10 @@ def append_jsonl(path, row):
 # The command line
 
 def main(argv=None):
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C
     try:
+        cfg = Config(**vars(build_parser().parse_args(argv)))
+        given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
         code = run(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
@@ -2018,6 +2027,8 @@ def run(cfg, given=frozenset()):
     and --demo)."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
+        if run_finished(cfg):
+            return 0
     elif cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
     validate(cfg)
@@ -2034,19 +2045,16 @@ def run(cfg, given=frozenset()):
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
     test_set = evaluable(policies, test_set, cfg)
-    if cfg.eval_only and not test_set:
-        raise UsageError(f"every test problem is longer than the model context (prompt + "
-                         f"--eval-max-new-tokens {cfg.eval_max_new_tokens})")
-    if not cfg.eval_only and not any(fits(policies, p, cfg) for p in train_set):
-        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
-                         f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
-                         f"the model context")
+    check_sizes(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if not cfg.eval_only:  # an --eval-only folder gets its config.json with its result
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     print(f"run folder: {out}")
     if cfg.eval_only:
         run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
+        if rank == 0:
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     else:
         code, finished = train(cfg, policies, train_set, test_set, out)
         if not finished:
@@ -2062,20 +2070,53 @@ def run(cfg, given=frozenset()):
     return 0
 
 
+def run_finished(cfg):
+    """Whether --resume names a run that has trained all its steps and evaluated them (nothing to do)."""
+    found = checkpoints(cfg.resume)
+    step = json.loads((found[-1] / "state.json").read_text())["step"] if found else 0
+    if step == cfg.steps and (Path(cfg.resume) / "eval_after.json").is_file():
+        print(f"{cfg.resume} is finished (step {step} of {cfg.steps}); nothing to do")
+        return True
+    return False
+
+
+def check_sizes(policies, train_set, test_set, cfg):
+    """Refuse a run none of whose questions fits the models' context."""
+    if cfg.eval_only and not test_set:
+        raise UsageError(f"every test problem is longer than the model context (prompt + "
+                         f"--eval-max-new-tokens {cfg.eval_max_new_tokens})")
+    if not cfg.eval_only and not any(fits(policies, p, cfg) for p in train_set):
+        raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
+                         f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
+                         f"the model context")
+
+
+SECTIONS = {"data": "what to run", "k": "cross-teaching protocol", "temperature": "sampling",
+            "w_correct": "reward", "lora_rank": "update", "eval_n": "evaluation", "save_every": "bookkeeping"}
+
+
 def build_parser(with_defaults=True):
-    """The command line of Config. with_defaults=False: parsing returns only the flags actually given."""
-    description = "CORE: two LLMs trained together by cross teaching (arXiv 2601.21600)."
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line of Config, in its sections. with_defaults=False: parsing returns only the flags given.
+    A parsing error is a UsageError (one line, exit 2)."""
+    parser = argparse.ArgumentParser(description="CORE: two LLMs trained together by cross teaching "
+                                                 "(arXiv 2601.21600).")
+    parser.error, group = parse_error, None
     for f in fields(Config):
-        flag, text = flag_name(f.name), f.metadata["help"].replace("%", "%%")
+        group = parser.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
+        text = f.metadata["help"].replace("%", "%%") + (f" (default: {f.default})" if f.default else "")
         default = f.default if with_defaults else argparse.SUPPRESS
         extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=text)
+            group.add_argument(flag_name(f.name), action="store_true", default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=default, help=text, **extra)
+            group.add_argument(flag_name(f.name), type=type(f.default), default=default, help=text, **extra)
     return parser
+
+
+def parse_error(message):
+    flag = re.search(r"--[\w-]+", message)
+    negative = f" (a negative value: {flag.group()}=-VALUE)" if flag and "expected one arg" in message else ""
+    raise UsageError(f"{message}{negative}; python core.py --help lists every flag")
 
 
 def flag_name(field_name):
@@ -2106,8 +2147,14 @@ def validate(cfg):
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
          f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
+        (not (cfg.single and cfg.no_rescue), "--no-rescue does nothing with --single (it has no round B)"),
+        (not (cfg.eval_only and (cfg.single or cfg.no_rescue)), "--single and --no-rescue change training, "
+                                                                "which --eval-only does not do"),
+        (not Path(cfg.out).is_file(), f"--out '{cfg.out}' is a file; the output is a folder"),
     ] + [(not looks_like_path(name) or Path(name).expanduser().exists(),
-          f"--model{m} '{name}' does not exist") for m, name in ((1, cfg.model1), (2, cfg.model2))]
+          f"--model{m} '{name}' does not exist") for m, name in ((1, cfg.model1), (2, cfg.model2))] \
+      + [(not Path(name).expanduser().is_file(), f"--model{m} '{name}' is a file; pass the folder that holds "
+          f"its config.json, weights and tokenizer") for m, name in ((1, cfg.model1), (2, cfg.model2))]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
@@ -2169,9 +2216,7 @@ def load_policy(m, path, device, cfg):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
     except Exception as e:
-        where, why = "folder" if Path(path).is_dir() else "model id", (str(e).splitlines() or [""])[0][:200]
-        raise UsageError(f"cannot load {where} '{path}' ({type(e).__name__}: {why}); offline? copy the model "
-                         f"to a local folder and pass --model{m} /path/to/folder") from None
+        raise load_error(path, m, e) from None
     model.eval()  # no dropout: rollout and update likelihoods coincide
     if not cfg.no_grad_checkpoint:  # layers are checkpointed in train mode only: update_policy switches
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
@@ -2189,6 +2234,19 @@ def load_policy(m, path, device, cfg):
     name = Path(path).name if Path(path).is_dir() else path
     return Policy(name, model, tokenizer, device, eos - {None}, pad,
                   getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
+
+
+def load_error(path, m, e):
+    """The one-line error for a model that from_pretrained cannot load, with advice that fits the case."""
+    why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    if not Path(path).is_dir():
+        return UsageError(f"cannot load model id '{path}' ({why}); offline? copy the model to a local folder "
+                          f"and pass --model{m} /path/to/folder")
+    parts = {"config.json": "config.json", "weights (*.safetensors)": "*.safetensors",
+             "a tokenizer": "tokenizer*"}
+    lacks = [part for part, pattern in parts.items() if not any(Path(path).glob(pattern))]
+    return UsageError(f"cannot load folder '{path}' ({why}); a model folder holds config.json, weights and a "
+                      f"tokenizer" + (f", and it lacks {', '.join(lacks)}" if lacks else ""))
 
 
 def check_models(cfg):
@@ -2224,10 +2282,10 @@ def hub_reachable(timeout=3.0):
 
 # The demo's settings (a flag given on the command line wins). Its advantages are each model's own, in reward
 # units: with the paper's joint normalisation one of the two tiny models collapses on some seeds (README).
-DEMO_SETTINGS = dict(steps=30, batch_questions=32, max_new_tokens=20, eval_max_new_tokens=20, eval_n=400,
-                     lr=2e-3, lora_rank=8, lora_alpha=16.0, adv_group="model", adv_scale="none",
-                     micro_batch=96, show=1, save_every=10, train_n=200, device1="cpu", device2="cpu",
-                     no_grad_checkpoint=True)
+DEMO_SETTINGS = dict(data="arithmetic (demo)", steps=30, batch_questions=32, max_new_tokens=20,
+                     eval_max_new_tokens=20, eval_n=400, lr=2e-3, lora_rank=8, lora_alpha=16.0,
+                     adv_group="model", adv_scale="none", micro_batch=96, show=1, save_every=10, train_n=200,
+                     device1="cpu", device2="cpu", no_grad_checkpoint=True)
 DEMO_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
                       "{{ message['content'] }}<|im_end|>\n{% endfor %}"
                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -2247,6 +2305,9 @@ def demo_data(cfg, out):
         except BaseException:  # stopped while building: leave no half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)
             raise
+    print(f"demo: it trains on {cfg.train_n} and evaluates on {cfg.eval_n} draws of the same 25 questions "
+          f"'What is a + b ?' (a, b in 0-4): the evaluation measures the trained skill on the questions it "
+          f"trains on, not generalisation to new ones")
     return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
 
 
@@ -2362,6 +2423,8 @@ def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=3
             accuracy = sum(right) / len(outs)
             if accuracy >= target:
                 break
+            if step % 30 == 0:  # a sign of life on a slow machine
+                print(f"demo: warming up, step {step}: {accuracy:.0%} of sampled answers right", flush=True)
     model.eval()
     return step, accuracy
 
