@@ -1325,14 +1325,24 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     curves.write_curves(tmp_path / "demo")  # tools/curves.py RUN
     svg = ElementTree.parse(tmp_path / "demo" / "curves.svg").getroot()  # well-formed, every curve named
     labels = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
-    for _, keys in curves.PANELS:
-        assert {key.format(k=2) for key in keys} <= labels
+    names = {"m1": "tiny-qwen2", "m2": "tiny-qwen3"}
+    for _, keys in curves.PANELS:  # every curve named, with the model's name for a model's curve
+        assert {curves.label_and_style(key.format(k=2), names, j)[0] for j, key in enumerate(keys)} <= labels
+    assert "acc round B tiny-qwen3" in labels and "kl tiny-qwen2" in labels
     assert len(list(svg.iter("{http://www.w3.org/2000/svg}polyline"))) >= 20
     evals = [json.loads(line) for line in open(tmp_path / "demo" / "evals.jsonl")]
     assert [e["step"] for e in evals] == [0, 4, 8] and "step 4: 48 questions" in text
     assert (tmp_path / "demo" / "evals" / "step_000004_samples.jsonl").exists()
     after = json.loads((tmp_path / "demo" / "eval_after.json").read_text())
     assert evals[-1] == {"step": 8} | after
+
+
+def test_curves_keep_model_colours_and_break_where_nothing_was_counted():
+    rows = [{"step": s, "rescue_rate": r, "kl_m1": 0.1, "kl_m2": 0.2} for s, r in enumerate([0.5, None, None, 0.2, 0.7], 1)]
+    names = {"m1": "one", "m2": "two"}
+    assert curves.svg_panel("rescue", ["rescue_rate"], rows, names, 0, 0, 100, 100).count("<polyline") == 2
+    kl = curves.svg_panel("KL", ["kl_m1", "kl_m2"], rows, names, 0, 0, 100, 100)
+    assert curves.MODEL_COLORS["m1"] in kl and curves.MODEL_COLORS["m2"] in kl and ">kl two<" in kl
 
 
 def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_away(warm_pair, tmp_path, capsys):

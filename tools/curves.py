@@ -3,6 +3,8 @@
     python tools/curves.py RUN [RUN ...]
 
 It reads RUN/metrics.jsonl, RUN/evals.jsonl and RUN/config.json, so it can be run at any time, during a run too.
+Model 1 is blue and model 2 red in every panel (round B dashed); other curves have their own colours. A step
+with nothing to count (a rescue rate when no model was eligible) is a gap, not a 0.
 """
 import json
 import sys
@@ -22,56 +24,77 @@ PANELS = [  # title, metrics keys (evals.jsonl keys for the last panel; {k}: the
     ("gradient norm before clipping", ["grad_norm_m1", "grad_norm_m2"]),
     ("evaluation (before, during, after)", ["team_pass@{k}", "pass@1_m1", "pass@1_m2", "p_12@{k}", "team_vote@{k}"]),
 ]
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+MODEL_COLORS = {"m1": "#1f77b4", "m2": "#d62728"}
+OTHER_COLORS = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 
 
 def write_curves(out):
     """RUN/curves.svg from metrics.jsonl and evals.jsonl: one small line chart per panel of PANELS, every curve
-    named in its legend. A plain SVG file: no dependency, opens in any browser."""
+    named in its legend with the models' names. A plain SVG file: no dependency, opens in any browser."""
     out = Path(out)
     metrics, evals = (core.read_jsonl(out / name, lenient=True) for name in ("metrics.jsonl", "evals.jsonl"))
     k = evals[0]["k"] if evals else 0
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    width, height, cols, top = 380, 230, 3, 30
-    parts = [f'<text x="10" y="18" font-size="13">{html_escape(out.name)}: m1 = {html_escape(config.get("model1"))}, '
-             f'm2 = {html_escape(config.get("model2"))} (step {metrics[-1]["step"] if metrics else 0})</text>']
+    names = {m: Path(str(config.get(f"model{m[1]}", m))).name for m in MODEL_COLORS}
+    width, height, cols, top = 400, 240, 3, 30
+    parts = [f'<text x="10" y="18" font-size="13">{escape(out.name)}: m1 = {escape(config.get("model1"))}, '
+             f'm2 = {escape(config.get("model2"))} (step {metrics[-1]["step"] if metrics else 0})</text>']
     for i, (title, keys) in enumerate(PANELS):
         rows = evals if i == len(PANELS) - 1 else metrics
-        keys = [key.format(k=k) for key in keys]
         x0, y0 = (i % cols) * width + 50, (i // cols) * height + 30 + top
-        parts.append(svg_panel(title, keys, rows, x0, y0, width - 70, height - 90))
+        parts.append(svg_panel(title, [key.format(k=k) for key in keys], rows, names, x0, y0, width - 70, height - 100))
     return (out / "curves.svg").write_text(
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" height="{-(-len(PANELS) // cols) * height + top}" '
-        f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" '
+        f'height="{-(-len(PANELS) // cols) * height + top}" font-family="sans-serif" font-size="11">'
+        f'<rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
 
 
-def svg_panel(title, keys, rows, x0, y0, w, h):
-    """One chart: axes, a polyline per key over the rows' steps, the step and value range, a legend."""
-    points = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))] for key in keys}
-    xs = [x for pts in points.values() for x, _ in pts] or [0, 1]
-    ys = [y for pts in points.values() for _, y in pts] or [0, 1]
+def label_and_style(key, names, j):
+    """The legend label (the model's name instead of m1/m2), the colour and the dash of one curve."""
+    model = next((m for m in MODEL_COLORS if key.endswith(f"_{m}")), None)
+    if model is None:
+        return key, OTHER_COLORS[j % len(OTHER_COLORS)], ""
+    label = key[:-3].replace("acc_A", "acc round A").replace("acc_B", "acc round B")
+    return f"{label} {names[model]}", MODEL_COLORS[model], ' stroke-dasharray="5,3"' if "_B_" in key else ""
+
+
+def svg_panel(title, keys, rows, names, x0, y0, w, h, ticks=4):
+    """One chart: axes with tick values, a line per key over the rows' steps (broken where a row has no value),
+    and a legend."""
+    values = [(r["step"], r.get(key)) for key in keys for r in rows]
+    xs = [x for x, y in values if isinstance(y, (int, float))] or [0, 1]
+    ys = [y for _, y in values if isinstance(y, (int, float))] or [0, 1]
     xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0
     def sx(x): return x0 + (x - xlo) / (xhi - xlo) * w
     def sy(y): return y0 + h - (y - ylo) / (yhi - ylo) * h
-    svg = [f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{html_escape(title)}</text>',
+    svg = [f'<text x="{x0}" y="{y0 - 10}" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
-           f'<text x="{x0 - 4}" y="{y0 + 4}" text-anchor="end">{yhi:.3g}</text>',
-           f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{ylo:.3g}</text>',
-           f'<text x="{x0}" y="{y0 + h + 14}">{xlo}</text>',
-           f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {xhi}</text>']
-    for j, (key, pts) in enumerate(points.items()):
-        color = COLORS[j % len(COLORS)]
-        if pts:
+           f'<text x="{x0 + w}" y="{y0 + h + 26}" text-anchor="end">step</text>']
+    for t in range(ticks + 1):
+        y, x = ylo + (yhi - ylo) * t / ticks, round(xlo + (xhi - xlo) * t / ticks)  # steps: whole numbers
+        svg += [f'<line x1="{x0}" y1="{sy(y):.1f}" x2="{x0 + w}" y2="{sy(y):.1f}" stroke="#eee"/>',
+                f'<text x="{x0 - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>',
+                f'<text x="{sx(x):.1f}" y="{y0 + h + 14}" text-anchor="middle">{x:.4g}</text>']
+    for j, key in enumerate(keys):
+        label, color, dash = label_and_style(key, names, j)
+        segments, current = [], []
+        for r in rows:  # a row without a value ends a segment: a gap, not a 0
+            if isinstance(r.get(key), (int, float)):
+                current.append((r["step"], r[key]))
+            elif current:
+                segments, current = segments + [current], []
+        for pts in segments + [current] if current else segments:
             line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-            svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in pts if len(pts) < 12]
-        lx, ly = x0 + (j % 3) * (w // 3), y0 + h + 30 + (j // 3) * 14
-        svg.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{color}"/>'
-                   f'<text x="{lx + 14}" y="{ly - 4}">{html_escape(key)}</text>')
+            svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
+            svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>'
+                    for x, y in pts if len(rows) < 12 or len(pts) == 1]
+        lx, ly = x0 + (j % 2) * (w // 2), y0 + h + 40 + (j // 2) * 14
+        svg.append(f'<line x1="{lx}" y1="{ly - 7}" x2="{lx + 12}" y2="{ly - 7}" stroke="{color}" stroke-width="2"'
+                   f'{dash}/><text x="{lx + 16}" y="{ly - 3}">{escape(label)}</text>')
     return "".join(svg)
 
 
-def html_escape(text):
+def escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
