@@ -1426,7 +1426,7 @@ BAD_INPUTS = {
     "not a choice": (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
     "ambiguous flag": (["--eval", "50"], "ambiguous option: --eval could match"),
     "out is a file": (["--data", "{good}", "--out", "{good}"], "is a file; the output is a folder"),
-    "empty model folder": (["--data", "{good}", "--model2", "{emptydir}"], "it lacks config.json, weights"),
+    "folder with a config only": (["--data", "{good}", "--model2", "{configonly}"], "it lacks weights (*.safetensors)"),
     "flags that do nothing": (["--data", "{good}", "--single", "--no-rescue"], "--no-rescue does nothing with"),
     "nothing to train with --eval-only": (["--data", "{good}", "--eval-only", "--single"], "--eval-only does not"),
 }
@@ -1480,11 +1480,13 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     write_jsonl(d / "long.jsonl", [{"question": "What is " + "1 + " * 400 + "1 ?", "answer": "401"}] * 5)
     (d / "latin1.jsonl").write_bytes('{"question": "Combien font 2 + 2 ? \u00e9", "answer": "4"}\n'.encode("latin-1"))
     (d / "emptydir").mkdir()
+    (d / "configonly").mkdir()
+    (d / "configonly" / "config.json").write_text((Path(tiny_models[0]) / "config.json").read_text())
     (d / "full").mkdir()
     (d / "full" / "metrics.jsonl").write_text("{}\n")
     names = {"bad": d / "bad.jsonl", "empty": d / "empty.jsonl", "noanswer": d / "noanswer.jsonl", "good": d / "good.jsonl",
              "latin1": d / "latin1.jsonl",
-             "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full"}
+             "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full", "configonly": d / "configonly"}
     models = ["--model1", tiny_models[0], "--model2", tiny_models[1], "--device1", "cpu", "--lora-rank", "4"]
     os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: fail at once instead of retrying
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
