@@ -96,6 +96,7 @@ class Config:
     resume: str = arg("", "run folder to continue from its newest checkpoint")
     demo: bool = arg(False, "run the whole pipeline on CPU with two tiny models and generated arithmetic")
     single: bool = arg(False, "ablation: each model trained alone with GRPO (no round B, no cross terms)")
+    single_samples: int = arg(0, "--single: samples per model and question (0: K + K', CORE's budget)")
     no_rescue: bool = arg(False, "ablation: round B never shows hints (plain resamples, no rescue bonus)")
     export: bool = arg(False, "at the end, also save each model with its LoRA merged (save_pretrained)")
     # cross-teaching protocol
@@ -205,10 +206,11 @@ def core_step(policies, problems, cfg, rng, weights):
 
 
 def round_a(policies, problems, cfg):
-    """K cold samples per model and question."""
+    """K cold samples per model and question (--single: as many as CORE samples in both rounds, K + K')."""
+    n = (cfg.single_samples or cfg.k + cfg.k_rescue) if cfg.single else cfg.k
     cold = [[(q, None) for q in range(len(problems))] for _ in policies]
     groups = [[] for _ in problems]
-    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=cfg.k):
+    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=n):
         groups[q].append(trace)
     for group in groups:
         mark_failed_cold(group)
@@ -475,7 +477,12 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
               f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
-    return step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped), usable, groups, hints
+    row = step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped)
+    totals = counters.setdefault("sampled_tokens", [0, 0])  # the run's training compute, across resumes
+    for m in (1, 2):
+        totals[m - 1] += row[f"sampled_tokens_m{m}"]
+        row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
+    return row, usable, groups, hints
 
 
 def train(cfg, policies, train_set, test_set, out):
@@ -524,7 +531,7 @@ def start_or_resume(cfg, policies, test_set, out, rng):
     if not cfg.no_eval_before:
         run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
     return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
-               "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
+               "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
 
 def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
@@ -1845,6 +1852,7 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
             own = [t for t in traces if t.model == m and t.round == rnd]
             row[f"acc_{rnd}_m{m}"] = sum(t.correct for t in own) / len(own) if own else None
             row[f"len_{rnd}_m{m}"] = sum(len(t.completion_ids) for t in own) / len(own) if own else None
+        row[f"sampled_tokens_m{m}"] = sum(len(t.completion_ids) for t in traces if t.model == m)
     row["truncated"] = sum(t.truncated for t in traces) / len(traces)
     eligible = [t for t in traces if t.round == "B" and t.hint_shown and t.failed_cold]
     row["rescued"], row["eligible"] = sum(t.correct for t in eligible), len(eligible)
@@ -2128,6 +2136,8 @@ def validate(cfg):
     checks = [
         (cfg.k >= 1, "--k must be >= 1"),
         (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
+        (cfg.single_samples >= 0 and (cfg.single or not cfg.single_samples),
+         "--single-samples needs --single and must be >= 0"),
         (0 <= cfg.hint_dropout <= 1, "--hint-dropout must be in [0, 1]"),
         (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"),
         (cfg.temperature >= 0, "--temperature must be >= 0"),

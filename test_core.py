@@ -92,6 +92,7 @@ def test_help_documents_every_flag_in_the_config_sections():
     (["--hint-dropout", "-0.1"], "--hint-dropout"),
     (["--top-p", "0"], "--top-p"),
     (["--batch-questions", "0"], "--batch-questions"),
+    (["--single-samples", "3"], "--single-samples needs --single"),
 ])
 def test_validate_rejects_bad_settings(flags, message):
     cfg = core.Config(**vars(core.build_parser().parse_args(flags)))
@@ -1263,12 +1264,19 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "single", steps=1) + ["--single"]) == 0
     sample = json.loads(open(tmp_path / "single" / "samples.jsonl").readline())
     assert {t["round"] for t in sample["traces"]} == {"A"}
+    assert len(sample["traces"]) == 2 * (2 + 1)  # an equal budget: K + K' cold samples per model
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "single_k", steps=1) + ["--single", "--no-eval-before",
+                                                                                       "--single-samples", "2"]) == 0
+    assert len(json.loads(open(tmp_path / "single_k" / "samples.jsonl").readline())["traces"]) == 2 * 2
     capsys.readouterr()
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "single")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["core", "single"]
     before, after = (json.loads((tmp_path / "single" / f"eval_{t}.json").read_text())["team_pass@2"] for t in ("before", "after"))
     assert f"{before:.3f} -> {after:.3f}" in next(line for line in lines if line.startswith("Team Pass@k "))
+    last = json.loads(open(tmp_path / "single" / "metrics.jsonl").readlines()[-1])
+    tokens = f"{last['sampled_tokens_total_m1']:,} + {last['sampled_tokens_total_m2']:,}"
+    assert tokens in next(line for line in lines if line.startswith("sampled tokens m1 + m2"))
     differing = [line.split() for line in lines[lines.index("flags that differ:") + 1:]]
     assert differing == [["--single", "False", "True"]]
     assert compare.main([str(tmp_path / "core"), str(tmp_path)]) == 2  # not a run folder
@@ -1559,6 +1567,8 @@ def test_resume_is_bit_identical(warm_pair, tmp_path, capsys):
     assert "--steps cannot change on --resume" in capsys.readouterr().err
     assert core.main(["--resume", str(tmp_path / "split")]) == 0
     assert_same_runs(tmp_path / "straight", tmp_path / "split")
+    rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]  # compute adds up
+    assert all(rows[-1][f"sampled_tokens_total_m{m}"] == sum(r[f"sampled_tokens_m{m}"] for r in rows) for m in (1, 2))
     assert len(core.checkpoints(tmp_path / "split")) == 3  # --keep
 
 
@@ -1655,6 +1665,30 @@ def test_an_eval_only_run_stopped_midway_leaves_a_folder_the_same_command_reuses
     assert list((tmp_path / "ev").iterdir()) == []
     monkeypatch.setattr(core, "evaluate", real_evaluate)
     assert core.main(flags) == 0 and (tmp_path / "ev" / "config.json").exists()
+
+
+CTRL_C_DURING_IMPORTS = """
+import runpy, sys
+class Interrupt:  # Ctrl-C arriving while torch is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["core.py", "--help"]
+runpy.run_path({core!r}, run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_the_imports_exits_130_without_a_traceback():
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORTS.format(core=str(HERE / "core.py"))],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_long_model_name_is_cut_at_its_end(capsys):
+    metrics = core.eval_metrics(records_of([[True, False]], [[False, False]]), 2)
+    core.print_table("after", metrics, ["Qwen/Qwen2.5-Coder-0.5B-Instruct-with-a-long-suffix", "m2"])
+    assert "  Qwen/Qwen2.5-Coder-0.5B-I... " in capsys.readouterr().out  # its start kept
 
 
 def test_resuming_a_finished_run_says_so_and_rewrites_nothing(warm_pair, tmp_path, capsys):

@@ -31,11 +31,20 @@ def compare(folders):
     ignored = {"out", "resume"} | core.RESUME_OVERRIDES
     differing = sorted(k for k in set().union(*shown) - ignored
                        if len({json.dumps(s.get(k)) for s in shown if s.get(k) != "-"}) > 1)
-    rows = core.comparison_rows(folders)
+    rows = core.comparison_rows(folders) + [("sampled tokens m1 + m2", [training_tokens(f) for f in folders])]
     if len(folders) > 1:
         rows += [("flags that differ:", ["" if differing else "none"] * len(folders))]
         rows += [(f"  {core.flag_name(k)}", [str(s.get(k)) for s in shown]) for k in differing]
     core.print_rows(rows)
+
+
+def training_tokens(folder):
+    """The tokens each model sampled in training (its compute, to compare runs by), from the last metrics row."""
+    rows = core.read_jsonl(Path(folder) / "metrics.jsonl", lenient=True)
+    last = rows[-1] if rows else {}
+    if "sampled_tokens_total_m1" not in last:
+        return "-"
+    return f"{last['sampled_tokens_total_m1']:,} + {last['sampled_tokens_total_m2']:,}"
 
 
 def shown_value(value, folder):
