@@ -12,8 +12,8 @@ Two small LLMs learn together with reinforcement learning. For every training qu
   Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus,
                     the diversity terms being determinant gains of n-gram features over correct traces.
   Update            A = (R - mean) / (std + 1e-4) over all traces of the question (both models, both rounds);
-                    each model's LoRA adapter takes one AdamW step on the token-level mean of -A log pi(token)
-                    (round-B traces weighted 0.8) + beta * KL(pi || base).
+                    each model's LoRA adapter takes one AdamW step on the token-level mean of
+                    w * (-A log pi(token) + beta * KL(pi || base)), w = 1 for round A and 0.8 for round B.
 
 The headline metric is Team Pass@k: a test question is solved if any of the 2 x k cold samples (k per model,
 no hints) is correct.
@@ -119,7 +119,8 @@ class Config:
     div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)")
     lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)")
     rescue_bonus: float = arg(0.15, "bonus: a correct round-B trace of a model that failed cold, hint shown")
-    w_format: float = arg(0.1, "bonus for an explicit final answer (boxed, or after 'answer is/:' or '####')")
+    w_format: float = arg(0.1, "bonus for an explicit final answer (boxed; numbers, letters also after "
+                               "'####' or 'answer is/:/=')")
     dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I")
     ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel")
     # update
@@ -131,6 +132,8 @@ class Config:
     grad_clip: float = arg(1.0, "gradient-norm clip per model")
     beta_kl: float = arg(0.04, "weight beta of the k3 KL to the adapter-disabled base model")
     round_b_weight: float = arg(0.8, "loss weight of round-B traces")
+    round_b_context: str = arg("hinted", "train a hinted trace on its hinted prompt (the paper) or on the "
+                                         "cold one, importance-weighted (cold)", choices=("hinted", "cold"))
     adv_group: str = arg("joint", "advantage baseline: all traces of the question (joint, the paper) or each "
                                   "model's own (model)", choices=("joint", "model"))
     adv_scale: str = arg("std", "advantage scale: the group's std (std, the paper) or reward units (none, "
@@ -171,6 +174,7 @@ class Trace:
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
     hint_leaks: bool = False  # ... and the gold can be read from it (gold_visible)
+    cold_prompt_ids: list = None  # ... and the question's prompt without it
     truncated: bool = False   # hit the token budget without an end-of-sequence token
     failed_cold: bool = False  # its model got every round-A sample of this question wrong
     reward: float = 0.0       # R(tau)
@@ -198,7 +202,8 @@ def core_step(policies, problems, cfg, rng, weights):
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
-        hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
+        if not cfg.no_rescue:  # --no-rescue: round B resamples without hints
+            hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
         round_b(policies, problems, groups, hints, cfg, rng)
     for problem, group in zip(problems, groups):
         score_and_advantages(group, problem.kind, cfg, weights)
@@ -208,9 +213,9 @@ def core_step(policies, problems, cfg, rng, weights):
 def round_a(policies, problems, cfg):
     """K cold samples per model and question (--single: as many as CORE samples in both rounds, K + K')."""
     n = (cfg.single_samples or cfg.k + cfg.k_rescue) if cfg.single else cfg.k
-    cold = [[(q, None) for q in range(len(problems))] for _ in policies]
+    requests = [[(q, None) for q in range(len(problems))] for _ in policies]  # per model: (question, no hint)
     groups = [[] for _ in problems]
-    for q, trace in sample_round(policies, problems, cold, cfg, "A", n=n):
+    for q, trace in sample_round(policies, problems, requests, cfg, "A", n=n):
         groups[q].append(trace)
     for group in groups:
         mark_failed_cold(group)
@@ -332,7 +337,7 @@ def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
 
 
 def reward_weights(cfg, step):
-    """Diversity 0.2 -> 0.05 and complementarity 0 -> 0.1 at the halfway step (the paper's epoch 2)."""
+    """Diversity 0.2 -> 0.05, complementarity 0 -> 0.1, from step cfg.steps // 2 on (the paper's epoch 2)."""
     late = step >= cfg.steps // 2
     return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0),
             "lambda_cm": cfg.lambda_cm if late else 0.0}
@@ -356,13 +361,15 @@ def set_advantages(traces, scale):
 # -----------------------------------------------------------------------------
 # The update: token log-probabilities, the loss, one AdamW step per model
 
-def policy_loss(logp, ref_logp, advantages, weights, mask, beta):
-    """Token sums of loss_t = w(tau) * (-A(tau) * log pi(y_t) + beta * KL_t) and of KL_t = exp(r) - r - 1,
-    r = log pi_ref - log pi (k3). One update per batch: the PPO ratio is 1, so -A log pi has the clipped
-    surrogate's gradient. logp, ref_logp, mask: [b, T]; advantages, weights: [b] -> two scalars."""
+def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
+    """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of the k3 estimate
+    KL_t = exp(r) - r - 1, r = log pi_ref - log pi; rho_t = 1 except for --round-b-context cold.
+    One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's gradient.
+    logp, ref_logp, mask, rho: [b, L] (L log-prob positions); advantages, weights: [b] -> two scalars."""
     log_ratio = ref_logp - logp
     kl = torch.exp(log_ratio) - log_ratio - 1
-    per_token = weights[:, None] * (-advantages[:, None] * logp + beta * kl)
+    pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
+    per_token = weights[:, None] * (pg + beta * kl)
     return (per_token * mask).sum(), (kl.detach() * mask).sum()
 
 
@@ -398,13 +405,17 @@ def update_policy(policy, traces, cfg, lr):
     sums = [0.0, 0.0, 0.0]  # loss, KL, entropy
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for i in range(0, len(ordered), cfg.micro_batch):
-        ids, attn, mask, adv, w = micro_batch(ordered[i:i + cfg.micro_batch], policy, cfg)
+        mb = ordered[i:i + cfg.micro_batch]
+        on_cold = cfg.round_b_context == "cold" and any(t.cold_prompt_ids for t in mb)
+        prompts = [t.cold_prompt_ids or t.prompt_ids if on_cold else t.prompt_ids for t in mb]
+        ids, attn, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
         with torch.no_grad(), lora_disabled(model):
             ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
         model.train(not cfg.no_grad_checkpoint)  # train mode: checkpointing on (Qwen has no dropout)
         logp, entropy = token_logprobs(model, ids, attn, cfg.logprob_chunk)
         model.eval()
-        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl)
+        rho = importance_weights(mb, logp, policy, cfg) if on_cold else None
+        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()
         sums = [s + x for s, x in zip(sums, (loss.item(), kl.item(), (entropy * mask).sum().item()))]
     loss_sum, kl_sum, entropy_sum = all_reduce_sum(torch.tensor(sums, device=device)).tolist()
@@ -420,26 +431,42 @@ def update_policy(policy, traces, cfg, lr):
             "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped)}
 
 
-def micro_batch(traces, policy, cfg):
+def micro_batch(traces, prompts, policy, cfg):
     """Right-padded prompt + completion ids [b, T], attention mask [b, T], the mask of the log-prob positions
     that predict completion tokens [b, T-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
     device = policy.device
-    width = max(len(t.prompt_ids) + len(t.completion_ids) for t in traces)
+    width = max(len(p) + len(t.completion_ids) for p, t in zip(prompts, traces))
     ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
     attn = torch.zeros_like(ids)
     mask = torch.zeros((len(traces), width - 1), device=device)
-    for row, t in enumerate(traces):
-        seq = t.prompt_ids + t.completion_ids
+    for row, (prompt, t) in enumerate(zip(prompts, traces)):
+        seq = prompt + t.completion_ids
         ids[row, :len(seq)] = torch.tensor(seq, device=device)
         attn[row, :len(seq)] = 1
-        mask[row, len(t.prompt_ids) - 1:len(seq) - 1] = 1
+        mask[row, len(prompt) - 1:len(seq) - 1] = 1
     adv = torch.tensor([t.advantage for t in traces], device=device)
     w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in traces], device=device)
     return ids, attn, mask, adv, w
 
 
+def importance_weights(traces, logp, policy, cfg):
+    """rho_t = min(1, pi(y_t | cold prompt, y_<t) / pi(y_t | hinted prompt, y_<t)), without gradient, of each
+    token of a hinted trace trained on its cold prompt (1 for the others): the sampling policy saw the hint,
+    the trained one does not (Guide-GRPO's correction, truncated at 1 as in V-trace). logp: [b, T-1]."""
+    with torch.no_grad():
+        ids, attn, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+        sampled = token_logprobs(policy.model, ids, attn, cfg.logprob_chunk)[0]
+    shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
+                         device=logp.device)  # where each completion starts later in the hinted layout
+    index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
+    index = index.clamp(0, sampled.shape[1] - 1)
+    rho = torch.exp(logp.detach() - sampled.gather(1, index)).clamp(max=1.0)
+    hinted = torch.tensor([t.cold_prompt_ids is not None for t in traces], device=logp.device)
+    return torch.where(hinted[:, None], rho, torch.ones_like(rho))
+
+
 def learning_rate(cfg, step):
-    """10% linear warm-up, then cosine decay to 0 over cfg.steps."""
+    """10% linear warm-up, then cosine decay towards 0 at step cfg.steps."""
     warmup = max(1, int(0.1 * cfg.steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -464,9 +491,9 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
     for m, policy in enumerate(policies, 1):  # every rank updates, with traces or not: gradients are summed
         traces = [t for g in groups for t in g if t.model == m]
         stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
-        skipped = stats[-1]["skipped"]
-        counters["nonfinite_in_a_row"][m - 1] = counters["nonfinite_in_a_row"][m - 1] + 1 if skipped else 0
-        if skipped:
+        nonfinite = stats[-1]["skipped"]
+        counters["nonfinite_in_a_row"][m - 1] = counters["nonfinite_in_a_row"][m - 1] + 1 if nonfinite else 0
+        if nonfinite:
             print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: "
                   f"update skipped")
     shards = all_gather((groups, len(batch) - len(usable)))
@@ -478,7 +505,7 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
     if not all_groups:
         return None
     row = step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped)
-    totals = counters.setdefault("sampled_tokens", [0, 0])  # the run's training compute, across resumes
+    totals = counters.setdefault("sampled_tokens", [0, 0])  # compute across resumes (older checkpoints: 0)
     for m in (1, 2):
         totals[m - 1] += row[f"sampled_tokens_m{m}"]
         row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
@@ -503,7 +530,9 @@ def train(cfg, policies, train_set, test_set, out):
             if code is not None:
                 return code, False
     except torch.OutOfMemoryError:
-        if not stats and step > start:  # no model has updated in the failed step: the state is step `step`'s
+        # No model updated in the failed step: adapters and optimizers are step `step`'s (its random streams
+        # have moved on). Under torchrun only this rank failed: no collective save, the last checkpoint holds.
+        if not stats and step > start and dist_info()[1] == 1:
             save_checkpoint(out, step, policies, cfg, rng, counters)
         halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
         raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
@@ -774,10 +803,15 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
                                     hint_shown=hint is not None,
+                                    cold_prompt_ids=cold_prompt(policy, problems[q], hint),
                                     hint_leaks=hint is not None and gold_visible(hint, problems[q]),
                                     truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
     progress.close()
     return traces
+
+
+def cold_prompt(policy, problem, hint):
+    return None if hint is None else build_prompt(policy.tokenizer, problem.question, problem.kind)
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
@@ -1902,11 +1936,11 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
     flags = (("--adv-group model", cfg.adv_group == "model"), ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
-    start = counters.setdefault("entropy_before", [0.0, 0.0])
+    start = counters.setdefault("entropy_before", [0.0, 0.0])  # absent from older checkpoints
     for m, name in names.items():
         i, kl, entropy, negative = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"neg_adv_m{m}"]
         streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if negative >= most else 0
-        if streak % patience == 1:  # a window starts: where its KL and entropy were
+        if streak and (streak - 1) % patience == 0:  # a window starts: where its KL and entropy were
             counters["kl_before"][i], start[i] = kl, entropy
         if streak and streak % patience == 0 and (kl > counters["kl_before"][i] or entropy > start[i]):
             print(f"warning: {name}: for {streak} steps {most:.0%} or more of its traces had a negative "
@@ -2020,6 +2054,10 @@ def main(argv=None):
         return 2
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:  # in training it is a TrainingError; here, loading or evaluating
+        print("error: CUDA out of memory outside the training steps; lower --gen-batch (and "
+              "--eval-max-new-tokens)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training loop, or a second one inside it
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)

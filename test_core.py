@@ -998,6 +998,67 @@ def test_policy_gradient_raises_reward(tmp_path):
     assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
 
 
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps the gradients update_policy hands it, changes nothing."""
+
+    def __init__(self, params):
+        self.params, self.param_groups, self.grads = params, [{}], None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def update_gradients(policy, traces, cfg):
+    policy.optimizer = RecordingOptimizer(core.lora_parameters(policy.model))
+    policy.optimizer.zero_grad()
+    core.update_policy(policy, traces, cfg, 0.0)
+    return policy.optimizer.grads
+
+
+def test_round_b_on_the_cold_prompt_has_the_importance_weighted_gradient(tiny_models):
+    """--round-b-context cold: a hinted trace's tokens are scored under the cold prompt, each weighted by
+    min(1, pi(y | cold) / pi(y | hinted)) without gradient. Its gradient against one written out with full
+    logits, and the paper's loss again when the hint is empty (the two prompts equal)."""
+    cfg = core.Config(lora_rank=4, beta_kl=0.04, micro_batch=4, grad_clip=1e9, round_b_context="cold")
+    policy = make_policy(tiny_models[1], cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in core.lora_parameters(policy.model):
+            p.add_(0.05 * torch.randn_like(p))
+    cold = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    hinted = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number", hint="1 + 1 = 2 .")
+    traces = [core.Trace(1, "A", cold, [5, 6, 7], "", False, advantage=1.0),
+              core.Trace(1, "B", hinted, [8, 9, 10, 11], "", False, hint_shown=True, cold_prompt_ids=cold,
+                         advantage=-0.7)]
+    grads = update_gradients(policy, traces, cfg)
+
+    def logps(prompt, completion):  # log pi of each completion token, from the full logits
+        ids = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(policy.model(ids).logits[0, :-1].float(), -1)
+        return logp[len(prompt) - 1:].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+    loss = 0.0
+    for t in traces:
+        trained = logps(cold, t.completion_ids)
+        with torch.no_grad(), core.lora_disabled(policy.model):
+            ref = logps(cold, t.completion_ids)
+        with torch.no_grad():
+            rho = (trained - logps(t.prompt_ids, t.completion_ids)).exp().clamp(max=1.0)
+        kl = (ref - trained).exp() - (ref - trained) - 1
+        loss = loss + (1.0 if t.round == "A" else 0.8) * (-t.advantage * rho * trained + 0.04 * kl).sum()
+    (loss / 7).backward()
+    expected = [p.grad for p in core.lora_parameters(policy.model)]
+    assert rho.min() < 0.99  # the hint changes the token probabilities: weights below 1
+    assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(grads, expected))
+    empty = [core.replace(t, prompt_ids=cold) for t in traces]  # no hint: both prompts are the cold one
+    paper = update_gradients(policy, empty, core.replace(cfg, round_b_context="hinted"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(update_gradients(policy, empty, cfg), paper))
+
+
 def test_gradient_checkpointing_gives_the_same_update(tiny_models):
     traces_grads = []
     for flag in (False, True):
