@@ -88,7 +88,8 @@ class Config:
     data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder")
     data_dir: str = arg("", "folder with <dataset>/<split>.jsonl (or gpqa/dataset.zip); else the cache")
     model1: str = arg("Qwen/Qwen2.5-3B-Instruct", "first model: Hugging Face id or local folder")
-    model2: str = arg("Qwen/Qwen3-4B-Instruct-2507", "second model: Hugging Face id or local folder")
+    model2: str = arg("Qwen/Qwen3-4B-Instruct-2507", "second model: Hugging Face id, local folder, or none "
+                                                     "(model 1 alone)")
     out: str = arg("", "output folder (default runs/<data>-<timestamp>); must be new or empty")
     steps: int = arg(500, "training steps (one AdamW step per model per step)")
     eval_only: bool = arg(False, "only evaluate (optionally with --adapters), no training")
@@ -197,8 +198,9 @@ class Policy:
 
 
 def core_step(policies, problems, cfg, rng, weights):
-    """Rollouts, rewards and advantages of one step. Returns one group of traces per question (both models,
-    both rounds) and each question's hint (None: no hint)."""
+    """Rollouts, rewards and advantages of one step. rng draws the hint dropout; weights are the step's reward
+    weights (reward_weights). Returns one group of traces per question (both models, both rounds) and each
+    question's hint (None: no hint)."""
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
@@ -230,8 +232,8 @@ def mark_failed_cold(group):
 
 
 def teacher_hint(group, problem, cfg, weights):
-    """The hint of one question: the highest-reward correct round-A trace (rewards over round A alone; ties go
-    to the first), its answer stripped; None when no trace is correct or nothing but the answer is left."""
+    """The hint of one question, before round B (the group holds round A only): the highest-reward correct
+    trace (ties go to the first), answer stripped; None when none is correct or only the answer is left."""
     score_group(group, problem.kind, cfg, weights)
     teachers = [t for t in group if t.correct]
     if not teachers:
@@ -248,13 +250,13 @@ def round_b(policies, problems, groups, hints, cfg, rng):
         failed = {t.model: t.failed_cold for t in group}
         for m, policy in enumerate(policies, 1):
             for _ in range(cfg.k_rescue):
-                eligible = hint and not cfg.no_rescue and (failed[m] or cfg.hint_to == "all")
-                shown = bool(eligible) and rng.random() >= cfg.hint_dropout
+                offered = hint and not cfg.no_rescue and (failed[m] or cfg.hint_to == "all")
+                shown = bool(offered) and rng.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
     for q, trace in sample_round(policies, problems, requests, cfg, "B"):
         groups[q].append(trace)
     for group in groups:
-        mark_failed_cold(group)
+        mark_failed_cold(group)  # the new round-B traces carry their model's round-A verdict too
 
 
 def score_and_advantages(group, kind, cfg, weights):
@@ -811,6 +813,7 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
 
 
 def cold_prompt(policy, problem, hint):
+    """The prompt without the hint, for a trace sampled with one (--round-b-context cold trains on it)."""
     return None if hint is None else build_prompt(policy.tokenizer, problem.question, problem.kind)
 
 
@@ -1493,11 +1496,10 @@ def eval_metrics(records, k):
     """Every number of an evaluation, from its records. With k even, also the team over the first k/2 samples
     of each model: k candidates, the budget of one model's Pass@k and maj@k."""
     metrics = {"questions": len(records), "k": k}
-    for m in (1, 2):
+    for m in (m for m in (1, 2) if f"m{m}" in records[0]):  # one model alone: no team numbers
         metrics |= model_metrics(records, m, k)
-    metrics |= team_metrics(records, k)
-    if k % 2 == 0:
-        metrics |= team_metrics(records, k // 2)
+    if "m2" in records[0]:
+        metrics |= team_metrics(records, k) | (team_metrics(records, k // 2) if k % 2 == 0 else {})
     return metrics
 
 
@@ -1578,6 +1580,8 @@ def print_table(tag, m, names):
         passes = "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
         print(f"  {shortened(name, 28):<28}{passes}"
               + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
+    if len(names) == 1:  # one model alone
+        return print()
     print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote "
           f"{m[f'team_vote@{k}']:.3f} | p_12 (both right) {m[f'p_12@{k}']:.3f} | joint failure "
           f"{m[f'joint_failure@{k}']:.3f} | correlated failure {m[f'correlated_failure@{k}']:+.3f}")
@@ -1916,17 +1920,17 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
 
 
 def format_log(row, steps):
-    def acc(key):
-        return "-" if row[key] is None else f"{row[key]:.2f}"
+    def pair(key, fmt):  # model 1/model 2; "-" where a model has no value (no round B, or no second model)
+        values = (row.get(f"{key}_m{m}") for m in (1, 2))
+        return "/".join("-" if value is None else format(value, fmt) for value in values)
     r = row
-    return (f"step {r['step']}/{steps} | acc A {acc('acc_A_m1')}/{acc('acc_A_m2')} B {acc('acc_B_m1')}/"
-            f"{acc('acc_B_m2')} | rescue {r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/"
-            f"{r['hints_shown']} const {r['constant_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} "
-            f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
-            f"fmt {r['format']:.2f} | A<0 {r['neg_adv_m1']:.2f}/{r['neg_adv_m2']:.2f} "
-            f"H {r['entropy_m1']:.2f}/{r['entropy_m2']:.2f} loss {r['loss_m1']:+.4f}/{r['loss_m2']:+.4f} "
-            f"kl {r['kl_m1']:.4f}/{r['kl_m2']:.4f} | trunc {r['truncated']:.2f} | {r['tok_per_s']:.0f} tok/s "
-            f"| {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
+    return (f"step {r['step']}/{steps} | acc A {pair('acc_A', '.2f')} B {pair('acc_B', '.2f')} | rescue "
+            f"{r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/{r['hints_shown']} const "
+            f"{r['constant_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} div {r['div']:.2f}x"
+            f"{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
+            f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
+            f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | "
+            f"{r['tok_per_s']:.0f} tok/s | {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
 def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
@@ -2077,6 +2081,7 @@ def run(cfg, given=frozenset()):
             return 0
     elif cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
+    cfg = replace(cfg, single=True) if cfg.model2 == "none" else cfg  # one model alone: GRPO, no partner
     validate(cfg)
     rank, world = start_processes(cfg)
     out = output_folder(cfg)
@@ -2087,7 +2092,7 @@ def run(cfg, given=frozenset()):
     check_models(cfg)
     cfg = adapters_config(cfg) if cfg.adapters else cfg
     policies = [load_policy(m, path, device, cfg)
-                for m, (path, device) in enumerate(zip((cfg.model1, cfg.model2), devices), 1)]
+                for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
     test_set = evaluable(policies, test_set, cfg)
@@ -2124,6 +2129,10 @@ def run_finished(cfg):
         print(f"{cfg.resume} is finished (step {step} of {cfg.steps}); nothing to do")
         return True
     return False
+
+
+def model_paths(cfg):
+    return [cfg.model1] + ([] if cfg.model2 == "none" else [cfg.model2])
 
 
 def check_sizes(policies, train_set, test_set, cfg):
@@ -2301,7 +2310,7 @@ def check_models(cfg):
     """Before loading anything, fail within seconds on a hub id neither in the local cache nor reachable
     (a missing folder is caught by validate)."""
     from transformers.utils.hub import cached_file
-    for m, name in enumerate((cfg.model1, cfg.model2), 1):
+    for m, name in enumerate(model_paths(cfg), 1):
         with contextlib.suppress(Exception):  # not a valid hub id, or not cached: the hub must answer
             if Path(name).expanduser().is_dir() or cached_file(
                     name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False):

@@ -1352,6 +1352,25 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     assert differing == ["--eval-only"] and "--lr" not in differing
 
 
+def test_one_model_alone_trains_and_evaluates_without_team_numbers(warm_pair, tmp_path, capsys):
+    """--model2 none: model 1 alone, GRPO at CORE's budget (K + K' cold samples), the same evaluation without the
+    team rows; tools/compare.py sets it beside a pair."""
+    data = arithmetic_file(tmp_path)
+    flags = tiny_run_flags(warm_pair, data, tmp_path / "alone", steps=2)
+    flags[flags.index("--model2") + 1] = "none"
+    assert core.main(flags) == 0
+    sample = json.loads(open(tmp_path / "alone" / "samples.jsonl").readline())
+    assert [(t["model"], t["round"]) for t in sample["traces"]] == [(1, "A")] * 3
+    after = json.loads((tmp_path / "alone" / "eval_after.json").read_text())
+    assert "pass@1_m1" in after and not any(k.endswith("_m2") or k.startswith("team") for k in after)
+    assert "step 2/2 | acc A " in capsys.readouterr().out
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "pair", steps=1) + ["--no-eval-before"]) == 0
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "alone"), str(tmp_path / "pair")]) == 0
+    team = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Team Pass@k "))
+    assert team.split()[2] == "-"
+
+
 def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): each rank takes half of every step's questions, gradients are
     summed, rank 0 logs and saves every rank's RNG states, and the adapters stay in sync (checked at every checkpoint)."""
