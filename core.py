@@ -2358,7 +2358,8 @@ def demo_data(cfg, out):
         print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; "
               f"advantages: --adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
         try:
-            cfg.model1, cfg.model2 = build_demo_models(out / "models", cfg.seed)
+            paths = build_demo_models(out / "models", cfg.seed)
+            cfg.model1, cfg.model2 = paths[0], "none" if cfg.model2 == "none" else paths[1]
         except BaseException:  # stopped while building: leave no half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)
             raise

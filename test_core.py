@@ -1393,7 +1393,7 @@ def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
 
 def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     """The demo's pipeline, shortened to 8 steps and 48 test questions to keep the suite fast (the full demo's
-    numbers: bench/demo_seeds.py)."""
+    numbers: bench/study.py)."""
     flags = ["--demo", "--out", str(tmp_path / "demo"), "--eval-every", "4", "--steps", "8", "--eval-n", "48", "--micro-batch", "8",
              "--batch-questions", "8"]
     assert core.main(flags) == 0
