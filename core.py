@@ -23,7 +23,8 @@ no hints) is correct.
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
 Departures from the paper (README, "Known deviations"): a real determinant gain for DPP-lite and
-complementarity, a format bonus, epsilon 1e-4, unbiased Pass@j, optional per-model advantages.
+complementarity, a format bonus, epsilon 1e-4, unbiased Pass@j; options for per-model advantages, hinted
+traces trained for the cold prompt, and baselines at an equal budget (--single, --model2 none).
 
 Read top-down: Config; the CORE step; rewards; the update; the training loop. Then the building blocks:
 LoRA, rollouts, the GPU sampler, answers, data, evaluation, checkpoints, distributed, logging; the command
