@@ -108,256 +108,349 @@ def test_paper_defaults():
 
 
 # -----------------------------------------------------------------------------
-# Data
+# The CORE step: round A, teacher hint, round B, rewards and advantages
 
-def test_load_gsm8k_folder_and_generic_file(tmp_path):
-    folder = tmp_path / "gsm8k"
-    folder.mkdir()
-    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"} for i in range(999, 1004)]
-    write_jsonl(folder / "train.jsonl", rows)
-    write_jsonl(folder / "test.jsonl", rows[:2])
-    train = core.load_problems("gsm8k", "train", str(tmp_path))
-    assert [p.gold for p in train] == ["1000", "1001", "1002", "1003", "1004"] and train[0].kind == "number"
-    assert len(core.load_problems(str(folder), "test")) == 2  # a folder named like a dataset
-    generic = write_jsonl(tmp_path / "mine.jsonl", [{"problem": f"p{i}", "answer": "B"} for i in range(10)])
-    probs = core.load_problems(str(generic), "train")
-    assert len(probs) == 8 and probs[0].kind == "choice"  # first 80%
-    assert len(core.load_problems(str(generic), "test")) == 2
+class FakePolicy:
+    """Stands in for a model in the protocol; its answers come from the patched `generate`."""
+
+    def __init__(self, index, tokenizer):
+        self.index, self.tokenizer, self.name, self.context = index, tokenizer, f"fake{index}", 10_000
+        self.eos_ids = {tokenizer.eos_token_id}
 
 
-def test_bad_rows_name_file_and_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "answer": "1"}\n{not json\n')
-    with pytest.raises(core.UsageError, match="bad.jsonl:2: malformed JSON"):
-        core.load_problems(str(bad), "train")
-    missing = write_jsonl(tmp_path / "missing.jsonl", [{"question": "q", "answer": "1"}, {"question": "q2"}])
-    with pytest.raises(core.UsageError, match="missing.jsonl:2: row has no 'answer'"):
-        core.load_problems(str(missing), "train")
+def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
+    tokenizer = core.demo_tokenizer()
+    problem = core.Problem("p", "What is 2 + 2 ?", "4", "number")
+    scripts = {1: iter(["2 + 2 = 5 . \\boxed{5}", "2 + 2 = 3 . \\boxed{3}", "2 + 2 = 4 . \\boxed{4}"]),
+               2: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
+    seen = {1: [], 2: []}
+
+    def fake_generate(policy, prompts, max_new_tokens, cfg, n=1, **_):
+        m = policy.index
+        seen[m] += [tokenizer.decode(p) for p in prompts]
+        return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
+
+    monkeypatch.setattr(core, "generate", fake_generate)
+    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
+    cfg = core.Config(hint_dropout=0.0)
+    groups, hints = core.core_step(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
+    group = groups[0]
+    assert [(t.model, t.round) for t in group] == [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (1, "B"), (2, "B")]
+    assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[1][-1] and "Hint:" not in seen[2][-1]
+    rescued = group[4]
+    assert rescued.hint_shown and rescued.correct and rescued.terms["rescue"] == 0.15
+    assert group[5].terms["rescue"] == 0 and not group[5].hint_shown
+    assert abs(sum(t.advantage for t in group)) < 1e-9
+    assert group[0].advantage < 0 < rescued.advantage
 
 
-def test_offline_download_error_names_url_and_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(core, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(core.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(core.UsageError) as e:
-        core.load_problems("aime24", "test")
-    assert "https://raw.githubusercontent.com" in str(e.value) and str(tmp_path / "cache" / "aime24") in str(e.value)
-    with pytest.raises(core.UsageError) as e:  # every file of the dataset, in one message; nothing created
-        core.load_problems("gsm8k", "train")
-    assert all(str(tmp_path / "cache" / "gsm8k" / f) in str(e.value) for f in ("train.jsonl", "test.jsonl"))
-    assert not (tmp_path / "cache").exists()
+def protocol_step(monkeypatch, problems, scripts, cfg):
+    """core_step on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
+    tokenizer = core.demo_tokenizer()
+    scripts = {m: iter(texts) for m, texts in scripts.items()}
+    monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
+                        [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
+    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
+    return core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
 
 
-def test_training_order_is_a_seeded_permutation_per_epoch():
-    order = [i for step in range(5) for i in core.training_order(10, step, 4, seed=1)]
-    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
-    assert order != sorted(order)
-    assert core.training_order(10, 3, 4, seed=1) == order[12:16]
+def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkeypatch):
+    problems = [core.Problem("a", "Janet's ducks lay 16 eggs. How many?", "16", "number"),
+                core.Problem("b", "What is 8 + 8 ?", "16", "number")]
+    wrong = "I think \\boxed{3}"
+    scripts = {1: [wrong] * 4 + [wrong] * 2,
+               2: ["Janet's ducks lay 16 eggs per day. \\boxed{16}", wrong, "$16$. \\boxed{16}", wrong, wrong, wrong]}
+    groups, hints = protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0))
+    assert hints == ["Janet's ducks lay 16 eggs per day.", None]
+    assert [t.hint_shown for t in groups[0] if t.round == "B"] == [True, False]
+    assert not any(t.hint_shown for t in groups[1])
 
 
-@needs_shared
-def test_real_datasets_load():
-    gpqa = core.load_problems("gpqa", "all", str(SHARED))
-    assert len(gpqa) == 198 and {p.gold for p in gpqa} == set("ABCD")  # shuffled, never always "A"
-    assert "(A) " in gpqa[0].question and "(D) " in gpqa[0].question
-    assert len(core.load_problems("aime24", "all", str(SHARED))) == 30
-    aime25 = core.load_problems("aime25", "all", str(SHARED))
-    assert not any("\x0c" in p.question for p in aime25)
-    assert len(core.load_problems("math500", "test", str(SHARED))) == 500
+def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
+    problems = [core.Problem("a", "What is 9 * 2 ?", "18", "number"), core.Problem("b", "What is 9 + 9 ?", "18", "number")]
+    wrong = "I think \\boxed{3}"
+    scripts = {1: [wrong] * 4 + [wrong] * 2,  # model 1 fails both questions: it is shown both hints
+               2: ["9 * 2 = 18, so \\boxed{18}", wrong, "Add nine to nine. \\boxed{18}", wrong, wrong, wrong]}
+    cfg = core.Config(hint_dropout=0.0)
+    groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
+    assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
+    assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
+    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
+    assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
+    assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
+
+
+def test_format_bonus_is_paid_for_an_explicit_answer_only():
+    cfg = core.Config()
+    traces = [core.Trace(1, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(1, "A", [], [], "9 * 2 = 18", True)]
+    core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
+    assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
+
+
+def test_advantage_groups_of_a_weaker_partner(monkeypatch):
+    """Model 1 is right and model 2 wrong on both questions; on the first a hint rescues model 2."""
+    problems = [core.Problem("a", "What is 2 + 2 ?", "4", "number"), core.Problem("b", "What is 1 + 2 ?", "3", "number")]
+    scripts = {1: ["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "1 + 2 = 3 . \\boxed{3}", "1 + 2 = 3 . so \\boxed{3}",
+                   "2 + 2 = 4 . \\boxed{4}", "1 + 2 = 3 . \\boxed{3}"],
+               2: ["\\boxed{5}", "\\boxed{6}", "\\boxed{5}", "\\boxed{6}", "2 + 2 = 4 . \\boxed{4}", "\\boxed{7}"]}
+    runs = {g: protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0, adv_group=g))[0]
+            for g in ("joint", "model")}
+    assert [[t.reward for t in g] for g in runs["joint"]] == [[t.reward for t in g] for g in runs["model"]]  # same R
+    for adv_group, groups in runs.items():
+        rescued = next(t for t in groups[0] if t.model == 2 and t.round == "B")
+        assert rescued.correct and rescued.hint_shown and rescued.terms["rescue"] == 0.15 and rescued.advantage > 0
+        cold = [t.advantage for t in groups[0] if t.model == 2 and t.round == "A"]
+        all_wrong = [t.advantage for t in groups[1] if t.model == 2]  # model 2 fails the second question in both rounds
+        assert all(a < 0 for a in cold)  # below the rescued trace (joint: below model 1's too)
+        if adv_group == "joint":  # the paper: the partner's right answers set the baseline, every wrong trace goes down
+            assert all(a < 0 for a in all_wrong)
+        else:  # each model against its own traces: nothing to learn from an all-wrong group
+            assert all_wrong == [0.0, 0.0, 0.0]
+            assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
+
+
+def test_hint_cap_in_receiver_tokens():
+    tokenizer = core.demo_tokenizer()
+    hint = " ".join(["3 + 4 = 7 ."] * 50)
+    capped = core.cap_hint(hint, tokenizer, 20)
+    assert len(tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 20 and hint.startswith(capped.strip())
 
 
 # -----------------------------------------------------------------------------
-# Answers
+# Rewards
 
-@pytest.mark.parametrize("text, gold", [
-    ("so the total is 18 dollars. \\boxed{18}", "18"),
-    ("#### 1,234", "1234"),
-    ("The answer is $1,234.00.", "1234"),
-    ("she pays \\boxed{\\$18.0}", "18"),
-    ("first 3 then 5 then \\boxed{-7}", "-7"),
-    ("we get 12 apples, then 15 apples", "15"),
-    ("\\boxed{5} wait, recheck: \\boxed{6}", "6"),
-    ("The answer is: 0.5", "1/2"),
-    ("answer is \u22124", "-4"),
-])
-def test_number_answers(text, gold):
-    assert core.is_correct(text, gold, "number")
+def test_dpp_gain_equals_brute_force_determinant_ratio():
+    torch.manual_seed(0)
+    phi = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
+    eps = 1e-3
+    kernel = phi @ phi.T + eps * torch.eye(5, dtype=torch.float64)
+    gains = core.dpp_gains(phi, eps)
+    for i in range(5):
+        rest = [j for j in range(5) if j != i]
+        assert math.isclose(gains[i].item(), (torch.det(kernel) / torch.det(kernel[rest][:, rest])).item(), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("text, gold", [
-    ("no number here", "3"),
-    ("\\boxed{17}", "18"),
-    ("\\boxed{18.5}", "18"),
-    ("", "0"),
-])
-def test_number_answers_wrong(text, gold):
-    assert not core.is_correct(text, gold, "number")
+def test_dpp_gain_near_zero_for_duplicates_near_one_for_orthogonal():
+    eye = torch.eye(4, dtype=torch.float64)
+    assert torch.allclose(core.dpp_gains(eye[:3]), torch.ones(3, dtype=torch.float64))
+    dup = torch.stack([eye[0], eye[0], eye[1]])
+    gains = core.dpp_gains(dup)
+    assert gains[0] < 0.01 and gains[1] < 0.01 and gains[2] > 0.99
+    same = core.ngram_features("first add 3 and 4 to get 7. \\boxed{7}", 256)
+    assert torch.allclose(same, core.ngram_features("first add 3 and 4 to get 7. \\boxed{8}", 256))  # answer stripped
 
 
-@pytest.mark.parametrize("text, gold", [
-    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{0.5}", "\\frac12"),
-    ("\\boxed{1/2}", "\\frac{1}{2}"),
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})"),
-    ("\\boxed{90^\\circ}", "90"),
-    ("\\boxed{5\\text{ cm}}", "5"),
-    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}"),
-    ("\\boxed{x = 3}", "3"),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}"),
-    ("first \\boxed{1} then \\boxed{{a}^{2}+\\{b\\}}", "{a}^{2}+\\{b\\}"),
-    ("\\boxed{10,000}", "10000"),
-    ("\\boxed{-\\frac{3}{4}}", "-0.75"),
-    ("\\boxed{\\!2\\,}", "2"),
-])
-def test_math_answers(text, gold):
-    assert core.is_correct(text, gold, "math")
+def test_diversity_rewards_only_correct_traces():
+    eye = torch.eye(3, dtype=torch.float64)
+    phi = torch.stack([eye[0], eye[0], eye[1]])
+    div = core.diversity_rewards(phi, [True, False, True])
+    assert div[1] == 0 and div[0] > 0.99 and div[2] > 0.99  # the wrong duplicate does not count
 
 
-@pytest.mark.parametrize("text, gold", [
-    ("the answer is 1/2", "\\frac{1}{2}"),      # math needs a \boxed answer
-    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
-    ("\\boxed{x^2+1", "x^2+1"),                 # unbalanced
-    ("\\boxed{}", ""),
-])
-def test_math_answers_wrong(text, gold):
-    assert not core.is_correct(text, gold, "math")
+def test_complementarity():
+    eye = torch.eye(3, dtype=torch.float64)
+    phi = torch.stack([eye[0], eye[0], eye[1], eye[2]])
+    cm = core.complementarity_rewards(phi, [True, True, True, False], [0, 1, 1, 0])
+    assert cm[0] < 0.01           # model 0's trace duplicates a correct trace of its partner
+    assert cm[1] < 0.01 and cm[2] > 0.99 and cm[3] == 0
+    alone = core.complementarity_rewards(phi[:2], [True, False], [0, 1])
+    assert alone[0] == 1.0        # right where the peer is wrong
 
 
-@pytest.mark.parametrize("text, gold, ok", [
-    ("\\boxed{033}", "033", True), ("so \\boxed{33}", "033", True), ("The answer is 204.", "204", True),
-    ("\\boxed{33.5}", "033", False), ("\\boxed{34}", "033", False),
-])
-def test_integer_answers(text, gold, ok):
-    assert core.is_correct(text, gold, "integer") == ok
+@pytest.mark.parametrize("flip", range(4))
+def test_rescue_bonus_needs_every_condition(flip):
+    flags = [True, True, True, True]  # round B, hint shown, failed cold, correct
+    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.15]
+    flags[flip] = False
+    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.0]
 
 
-@pytest.mark.parametrize("text, gold, ok", [
-    ("\\boxed{B}", "B", True), ("\\boxed{\\text{(C)}}", "C", True), ("The answer is (D).", "D", True),
-    ("Answer: A", "A", True), ("C", "C", True), ("A cat says \\boxed{B}", "A", False), ("no letter", "A", False),
-])
-def test_choice_answers(text, gold, ok):
-    assert core.is_correct(text, gold, "choice") == ok
+def test_group_advantages():
+    adv = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4])
+    assert abs(adv.mean().item()) < 1e-9 and adv[0] > adv[3] > adv[5] > adv[1]
+    assert torch.equal(core.group_advantages([0.1] * 6), torch.zeros(6, dtype=torch.float64))
+    assert not torch.isnan(core.group_advantages([2.0])).any()
+    raw = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], scale="none")  # Dr. GRPO: reward units
+    assert torch.allclose(raw, torch.tensor([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], dtype=torch.float64) - 3.25 / 6)
 
 
-@needs_shared
-def test_every_gsm8k_and_math500_gold_solution_is_judged_correct():
-    for split in ("train", "test"):
-        for line in open(SHARED / "gsm8k" / f"{split}.jsonl"):
-            row = json.loads(line)
-            assert core.is_correct(row["answer"], core.gsm8k_gold(row["answer"]), "number"), row["answer"][-60:]
-    for line in open(SHARED / "math500" / "test.jsonl"):
-        row = json.loads(line)
-        assert core.is_correct(row["solution"], row["answer"], "math"), (row["answer"], core.last_boxed(row["solution"]))
+def test_reward_schedule():
+    cfg = core.Config(steps=10)
+    assert core.reward_weights(cfg, 0) == {"w_div": 0.2, "lambda_cm": 0.0}
+    late = core.reward_weights(cfg, 5)
+    assert math.isclose(late["w_div"], 0.05) and late["lambda_cm"] == 0.1
 
 
-def test_strip_answer_removes_every_explicit_answer():
-    trace = ("Natalia sold 48 clips in April and half as many in May.\nSo in May she sold 24.\n"
-             "Total: 48 + 24 = 72... let me write it as \\boxed{72}.\nThe answer is 72.\n#### 72\nFinal answer: 72")
-    hint = core.strip_answer(trace)
-    assert "\\boxed" not in hint and "####" not in hint and "72" not in hint.split("Total")[0]
-    assert "answer" not in hint.lower() and "sold 24" in hint
-    assert core.extract_answer(core.strip_answer("x \\boxed{\\frac{1}{2}} y"), "math") is None
-    assert core.strip_answer("\\boxed{5}") == ""
+# -----------------------------------------------------------------------------
+# The update
+
+def test_policy_loss_matches_definition():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -2.0, -0.1]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, kl = core.policy_loss(logp, ref, torch.tensor([2.0]), torch.tensor([0.8]), mask, beta=0.1)
+    r = torch.tensor([-0.5, 0.0])
+    k3 = torch.exp(r) - r - 1
+    assert math.isclose(kl.item(), k3.sum().item(), rel_tol=1e-6)
+    assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("text, kept", [
-    ("9 * 2 = 18. Answer = 18", "9 * 2 = 18."),
-    ("She has 9 * 2 = 18 eggs. So our answer is 18.", "She has 9 * 2 = 18 eggs."),
-    ("Twice 9 is 18. **Answer**: 18", "Twice 9 is 18."),
-    ("Twice 9 is 18. **Answer:** 18", "Twice 9 is 18."),
-    ("Twice 9 is 18, so the answer is 18", "Twice 9 is 18,"),
-    ("Twice 9 is 18. The final answer is $\\boxed{18}$.", "Twice 9 is 18."),
-    ("Twice 9 is 18.\n**Final Answer**\n\\[\\boxed{18}\\]", "Twice 9 is 18."),
-    ("Twice 9 is 18. #### 18", "Twice 9 is 18."),
-    ("Twice 9 is 18. Therefore, the answer is 18. Check: 18 / 2 = 9", "Twice 9 is 18.  Check: 18 / 2 = 9"),
-    ("the answer is 18", ""),
-])
-def test_strip_answer_removes_the_statement_and_keeps_its_line(text, kept):
-    stripped = core.strip_answer(text)
-    assert stripped == kept
-    assert core.extract_answer(stripped, "number", fallback=False) is None  # no explicit answer is left
+def test_chunked_logprobs_and_entropy_equal_full_logits():
+    model, _ = small_model()
+    ids = torch.randint(0, 300, (2, 11))
+    full = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    for chunk in (1, 3, 100):
+        logp, entropy = core.token_logprobs(model, ids, torch.ones_like(ids), chunk)
+        assert torch.allclose(logp, full, atol=1e-5)
+        dist = torch.distributions.Categorical(logits=model(ids).logits[:, :-1].float())
+        assert torch.allclose(entropy, dist.entropy(), atol=1e-4)
 
 
-def test_bare_answer_hint_is_the_whole_text_not_its_first_number():
-    assert not core.is_bare_answer("Janet's ducks lay 16 eggs per day. She eats 3.", "16", "number")
-    assert not core.is_bare_answer("Step 1: add the two numbers.", "1", "number")
-    for bare in ("16", "16.", "$16$", "**16**", " 16 "):
-        assert core.is_bare_answer(bare, "16", "number"), bare
-    assert core.is_bare_answer("\\frac{1}{2}", "0.5", "math") and core.is_bare_answer("(B)", "B", "choice")
-    assert not core.is_bare_answer("", "16", "number")
+def make_policy(path, cfg):
+    return core.load_policy(1, path, torch.device("cpu"), cfg)
 
 
-def test_explicit_answers_and_the_last_number_fallback():
-    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number") == "4"  # correctness keeps the fallback
-    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number", fallback=False) is None
-    assert core.extract_answer("so the answer is 9", "number", fallback=False) == "9"
-    assert core.extract_answer("**Answer**: 9", "number", fallback=False) == "9"
-    assert core.extract_answer("C", "choice") == "C" and core.extract_answer("C", "choice", fallback=False) is None
+def test_policy_gradient_raises_reward(tmp_path):
+    """A few dozen steps with reward = fraction of sampled tokens from the lower half of the vocabulary.
+    The embeddings are scaled up (std 0.2) so the tiny model's logits can move far from uniform at all."""
+    tokenizer = core.demo_tokenizer()
+    model = core.tiny_model("qwen2", tokenizer, seed=0, hidden=32)
+    model.get_input_embeddings().weight.data *= 10
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    cfg = core.Config(lr=2e-2, lora_rank=8, beta_kl=0.0, temperature=1.0, top_p=1.0, micro_batch=16)
+    policy = make_policy(str(tmp_path), cfg)
+    half = len(policy.tokenizer) // 2
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    means = []
+    for step in range(30):
+        outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)
+        rewards = [sum(t < half for t in o) / len(o) for o in outs]
+        traces = [core.Trace(1, "A", prompt, o, "", False) for o in outs]
+        for t, a in zip(traces, core.group_advantages(rewards).tolist()):
+            t.advantage = a
+        core.update_policy(policy, traces, cfg, cfg.lr)
+        means.append(sum(rewards) / len(rewards))
+    assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
 
 
-@pytest.mark.parametrize("text, kept", [
-    ("9 * 2 = 18 eggs.\nThe answer is:\n18", "9 * 2 = 18 eggs."),  # the value on the next line
-    ("Twice 9 is 18 eggs.\nFinal answer:\n\n$18$", "Twice 9 is 18 eggs."),
-    ("Nine twice. The answer is approx. 18 eggs", "Nine twice."),  # an abbreviation inside the statement
-])
-def test_strip_answer_removes_what_the_checker_reads_across_lines_and_abbreviations(text, kept):
-    assert core.extract_answer(text, "number", fallback=False) == "18"
-    assert core.strip_answer(text) == kept
+class RecordingOptimizer:
+    """Stands in for AdamW: keeps the gradients update_policy hands it, changes nothing."""
+
+    def __init__(self, params):
+        self.params, self.param_groups, self.grads = params, [{}], None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
 
 
-STATEMENTS = ["The answer is {v}", "the answer is: {v}", "Answer: {v}", "Answer = {v}", "**Answer**: {v}",
-              "**Answer:** {v}", "#### {v}", "So the final answer is {v}", "Therefore, our answer is {v}",
-              "The answer is approx. {v}", "The answer is:\n{v}", "Final answer:\n\n{v}", "answer is\n\n {v}",
-              "The answer is \\boxed{{{v}}}", "Answer: $\\boxed{{{v}}}$", "The answer is $ {v} $"]
+def update_gradients(policy, traces, cfg):
+    policy.optimizer = RecordingOptimizer(core.lora_parameters(policy.model))
+    policy.optimizer.zero_grad()
+    core.update_policy(policy, traces, cfg, 0.0)
+    return policy.optimizer.grads
 
 
-@pytest.mark.parametrize("kind, values", [("number", ["37", "1,234", "-7", "0.5", "$37$", "\\$37"]),
-                                          ("choice", ["C", "(C)", "\\text{C}"])])
-def test_every_answer_statement_the_checker_reads_is_stripped_whole(kind, values):
-    """Property: for every marker form extract_answer reads, its value on the same line or the next, and what
-    may follow it, the checker reads the value from the trace and nothing of it is left after stripping."""
-    gold = {"number": None, "choice": "C"}[kind]
-    problem = core.Problem("p", "Which?\n\n(A) one\n(B) two\n(C) cats\n(D) four", "C", "choice")
-    for statement, value, before, after in itertools.product(
-            STATEMENTS, values, ["", "Twice nine is more than ten. ", "We add them up.\n"],
-            ["", ".", " eggs.", ". Check: 2 + 2 = 4", "\nDone."]):
-        text = before + statement.format(v=value) + after
-        expected = gold or core.extract_answer(f"\\boxed{{{value}}}", kind)
-        assert core.extract_answer(text, kind, fallback=False) == expected, text
-        stripped = core.strip_answer(text)
-        assert core.extract_answer(stripped, kind, fallback=False) is None, (text, stripped)
-        if kind == "number":
-            assert not core.gold_visible(stripped, core.Problem("p", "q", expected, "number")), (text, stripped)
-        else:
-            assert not core.gold_visible(stripped, problem) and not re.search(rf"\b{gold}\b", stripped), text
+def test_round_b_on_the_cold_prompt_has_the_importance_weighted_gradient(tiny_models):
+    """--round-b-context cold: a hinted trace's tokens are scored under the cold prompt, each weighted by
+    min(1, pi(y | cold) / pi(y | hinted)) without gradient. Its gradient against one written out with full
+    logits, and the paper's loss again when the hint is empty (the two prompts equal)."""
+    cfg = core.Config(lora_rank=4, beta_kl=0.04, micro_batch=4, grad_clip=1e9, round_b_context="cold")
+    policy = make_policy(tiny_models[1], cfg)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in core.lora_parameters(policy.model):
+            p.add_(0.05 * torch.randn_like(p))
+    cold = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    hinted = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number", hint="1 + 1 = 2 .")
+    traces = [core.Trace(1, "A", cold, [5, 6, 7], "", False, advantage=1.0),
+              core.Trace(1, "B", hinted, [8, 9, 10, 11], "", False, hint_shown=True, cold_prompt_ids=cold,
+                         advantage=-0.7)]
+    grads = update_gradients(policy, traces, cfg)
+
+    def logps(prompt, completion):  # log pi of each completion token, from the full logits
+        ids = torch.tensor([prompt + completion])
+        logp = torch.log_softmax(policy.model(ids).logits[0, :-1].float(), -1)
+        return logp[len(prompt) - 1:].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+    loss = 0.0
+    for t in traces:
+        trained = logps(cold, t.completion_ids)
+        with torch.no_grad(), core.lora_disabled(policy.model):
+            ref = logps(cold, t.completion_ids)
+        with torch.no_grad():
+            rho = (trained - logps(t.prompt_ids, t.completion_ids)).exp().clamp(max=1.0)
+        kl = (ref - trained).exp() - (ref - trained) - 1
+        loss = loss + (1.0 if t.round == "A" else 0.8) * (-t.advantage * rho * trained + 0.04 * kl).sum()
+    (loss / 7).backward()
+    expected = [p.grad for p in core.lora_parameters(policy.model)]
+    assert rho.min() < 0.99  # the hint changes the token probabilities: weights below 1
+    assert all(torch.allclose(g, e, rtol=0, atol=1e-6) for g, e in zip(grads, expected))
+    empty = [core.replace(t, prompt_ids=cold) for t in traces]  # no hint: both prompts are the cold one
+    paper = update_gradients(policy, empty, core.replace(cfg, round_b_context="hinted"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(update_gradients(policy, empty, cfg), paper))
 
 
-def test_hint_leak_reads_the_gold_the_way_a_reader_would_for_every_kind():
-    math = core.Problem("m", "Solve 2x = 1.", "\\frac12", "math")
-    hint = core.strip_answer("We divide by 2. So $x=\\frac{1}{2}$, i.e. $\\boxed{\\frac12}$.")
-    assert hint == "We divide by 2. So $x=\\frac{1}{2}$, i.e. ." and core.gold_visible(hint, math)
-    assert not core.is_correct(hint, math.gold, "math")  # the checker alone sees nothing (boxes only)
-    assert not core.gold_visible("We divide by 2.", math)
-    sqrt = core.Problem("s", "q", "\\frac{\\sqrt{3}}{2}", "math")
-    assert core.gold_visible("so the height is \\frac{\\sqrt3}{2} units", sqrt)
-    assert not core.gold_visible("so the height is \\frac{\\sqrt2}{2} units", sqrt)
-    gpqa = core.Problem("g", "Which gas?\n\n(A) Neon\n(B) Argon\n(C) Xenon\n(D) Radon", "B", "choice")
-    hint = core.strip_answer("Noble gases... the correct option is B. The answer is \\boxed{B}.")
-    assert hint == "Noble gases... the correct option is B." and core.gold_visible(hint, gpqa)
-    assert core.gold_visible("It must be argon, the third noble gas.", gpqa)  # the option's text
-    assert not core.gold_visible("It must be a noble gas. A quick check: B-type stars.", gpqa)
-    gsm = core.Problem("n", "q", "18", "number")
-    assert core.gold_visible("9 * 2 = 18 eggs", gsm) and not core.gold_visible("9 * 2 eggs", gsm)
+def test_gradient_checkpointing_gives_the_same_update(tiny_models):
+    traces_grads = []
+    for flag in (False, True):
+        cfg = core.Config(lora_rank=4, beta_kl=0.04, no_grad_checkpoint=not flag, micro_batch=2)
+        policy = make_policy(tiny_models[1], cfg)
+        prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+        traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+                  for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", 0.7)])]
+        with torch.no_grad():  # move B off zero so that every LoRA parameter gets a gradient
+            for p in core.lora_parameters(policy.model):
+                p.add_(0.01)
+        calls, mlp = [], policy.model.get_decoder().layers[0].mlp  # inside the checkpointed layer: recomputed
+        forward = mlp.forward
+        mlp.forward = lambda *args, **kw: (calls.append(1), forward(*args, **kw))[1]  # hooks skip the recompute
+        core.update_policy(policy, traces, cfg, cfg.lr)
+        traces_grads.append(core.lora_state(policy.model))
+        assert len(calls) == (3 if flag else 2) * 2  # per micro-batch: ref + policy forward, + a recompute
+    plain, ckpt = traces_grads
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-7) for k in plain)
 
 
-@needs_shared
-def test_strip_answer_on_real_solutions_leaves_no_marked_answer():
-    for line in list(open(SHARED / "gsm8k" / "test.jsonl"))[:300]:
-        hint = core.strip_answer(json.loads(line)["answer"])
-        assert "####" not in hint
-    for line in open(SHARED / "math500" / "test.jsonl"):
-        row = json.loads(line)
-        hint = core.strip_answer(row["solution"])
-        assert "\\boxed" not in hint and core.extract_answer(hint, "math") is None
+def test_bfloat16_weights_train_float32_adapters(tiny_models):
+    """--dtype bfloat16 (the CUDA default) on the CPU: bf16 base weights, fp32 LoRA master weights, a finite
+    update with gradient checkpointing and the KL term, and merged rollouts that restore the bf16 weights exactly."""
+    cfg = core.Config(lora_rank=4, dtype="bfloat16", micro_batch=2, lr=1e-3)
+    policy = make_policy(tiny_models[0], cfg)
+    layer = next(iter(core.lora_layers(policy.model).values()))
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
+              for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", -0.5)])]
+    stats = core.update_policy(policy, traces, cfg, cfg.lr)
+    assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9
+    assert layer.lora_B.abs().sum() > 0 and layer.lora_B.dtype == torch.float32
+    base = layer.base.weight.clone()
+    with core.lora_merged(policy.model):
+        assert not torch.equal(layer.base.weight, base)
+        core.generate(policy, [prompt], 3, cfg)
+    assert torch.equal(layer.base.weight, base)
+
+
+def test_non_finite_update_is_skipped(tiny_models):
+    cfg = core.Config(lora_rank=4, beta_kl=0.0)
+    policy = make_policy(tiny_models[0], cfg)
+    before = {k: v.clone() for k, v in core.lora_state(policy.model).items()}
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    trace = core.Trace(1, "A", prompt, [5, 6, 7], "", False, advantage=float("nan"))
+    stats = core.update_policy(policy, [trace], cfg, cfg.lr)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in core.lora_state(policy.model).items())
+
+
+def test_learning_rate_schedule():
+    cfg = core.Config(steps=100, lr=1.0)
+    assert core.learning_rate(cfg, 0) == 0.1 and core.learning_rate(cfg, 9) == 1.0
+    assert core.learning_rate(cfg, 99) < 0.01
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +545,7 @@ def test_peft_reads_our_adapters(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# Rollouts: prompts, the reference sampler and the GPU sampler
 
 def prompts_of(tokenizer, questions):
     return [core.build_prompt(tokenizer, q, "number") for q in questions]
@@ -772,349 +865,256 @@ def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
 
 
 # -----------------------------------------------------------------------------
-# Rewards
+# Answers
 
-def test_dpp_gain_equals_brute_force_determinant_ratio():
-    torch.manual_seed(0)
-    phi = torch.nn.functional.normalize(torch.randn(5, 8, dtype=torch.float64), dim=1)
-    eps = 1e-3
-    kernel = phi @ phi.T + eps * torch.eye(5, dtype=torch.float64)
-    gains = core.dpp_gains(phi, eps)
-    for i in range(5):
-        rest = [j for j in range(5) if j != i]
-        assert math.isclose(gains[i].item(), (torch.det(kernel) / torch.det(kernel[rest][:, rest])).item(), rel_tol=1e-9)
-
-
-def test_dpp_gain_near_zero_for_duplicates_near_one_for_orthogonal():
-    eye = torch.eye(4, dtype=torch.float64)
-    assert torch.allclose(core.dpp_gains(eye[:3]), torch.ones(3, dtype=torch.float64))
-    dup = torch.stack([eye[0], eye[0], eye[1]])
-    gains = core.dpp_gains(dup)
-    assert gains[0] < 0.01 and gains[1] < 0.01 and gains[2] > 0.99
-    same = core.ngram_features("first add 3 and 4 to get 7. \\boxed{7}", 256)
-    assert torch.allclose(same, core.ngram_features("first add 3 and 4 to get 7. \\boxed{8}", 256))  # answer stripped
+@pytest.mark.parametrize("text, gold", [
+    ("so the total is 18 dollars. \\boxed{18}", "18"),
+    ("#### 1,234", "1234"),
+    ("The answer is $1,234.00.", "1234"),
+    ("she pays \\boxed{\\$18.0}", "18"),
+    ("first 3 then 5 then \\boxed{-7}", "-7"),
+    ("we get 12 apples, then 15 apples", "15"),
+    ("\\boxed{5} wait, recheck: \\boxed{6}", "6"),
+    ("The answer is: 0.5", "1/2"),
+    ("answer is \u22124", "-4"),
+])
+def test_number_answers(text, gold):
+    assert core.is_correct(text, gold, "number")
 
 
-def test_diversity_rewards_only_correct_traces():
-    eye = torch.eye(3, dtype=torch.float64)
-    phi = torch.stack([eye[0], eye[0], eye[1]])
-    div = core.diversity_rewards(phi, [True, False, True])
-    assert div[1] == 0 and div[0] > 0.99 and div[2] > 0.99  # the wrong duplicate does not count
+@pytest.mark.parametrize("text, gold", [
+    ("no number here", "3"),
+    ("\\boxed{17}", "18"),
+    ("\\boxed{18.5}", "18"),
+    ("", "0"),
+])
+def test_number_answers_wrong(text, gold):
+    assert not core.is_correct(text, gold, "number")
 
 
-def test_complementarity():
-    eye = torch.eye(3, dtype=torch.float64)
-    phi = torch.stack([eye[0], eye[0], eye[1], eye[2]])
-    cm = core.complementarity_rewards(phi, [True, True, True, False], [0, 1, 1, 0])
-    assert cm[0] < 0.01           # model 0's trace duplicates a correct trace of its partner
-    assert cm[1] < 0.01 and cm[2] > 0.99 and cm[3] == 0
-    alone = core.complementarity_rewards(phi[:2], [True, False], [0, 1])
-    assert alone[0] == 1.0        # right where the peer is wrong
+@pytest.mark.parametrize("text, gold", [
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{0.5}", "\\frac12"),
+    ("\\boxed{1/2}", "\\frac{1}{2}"),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("\\boxed{5\\text{ cm}}", "5"),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}"),
+    ("\\boxed{x = 3}", "3"),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}"),
+    ("first \\boxed{1} then \\boxed{{a}^{2}+\\{b\\}}", "{a}^{2}+\\{b\\}"),
+    ("\\boxed{10,000}", "10000"),
+    ("\\boxed{-\\frac{3}{4}}", "-0.75"),
+    ("\\boxed{\\!2\\,}", "2"),
+])
+def test_math_answers(text, gold):
+    assert core.is_correct(text, gold, "math")
 
 
-@pytest.mark.parametrize("flip", range(4))
-def test_rescue_bonus_needs_every_condition(flip):
-    flags = [True, True, True, True]  # round B, hint shown, failed cold, correct
-    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.15]
-    flags[flip] = False
-    assert core.rescue_bonuses(*[[f] for f in flags], 0.15) == [0.0]
+@pytest.mark.parametrize("text, gold", [
+    ("the answer is 1/2", "\\frac{1}{2}"),      # math needs a \boxed answer
+    ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
+    ("\\boxed{x^2+1", "x^2+1"),                 # unbalanced
+    ("\\boxed{}", ""),
+])
+def test_math_answers_wrong(text, gold):
+    assert not core.is_correct(text, gold, "math")
 
 
-def test_group_advantages():
-    adv = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4])
-    assert abs(adv.mean().item()) < 1e-9 and adv[0] > adv[3] > adv[5] > adv[1]
-    assert torch.equal(core.group_advantages([0.1] * 6), torch.zeros(6, dtype=torch.float64))
-    assert not torch.isnan(core.group_advantages([2.0])).any()
-    raw = core.group_advantages([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], scale="none")  # Dr. GRPO: reward units
-    assert torch.allclose(raw, torch.tensor([1.3, 0.1, 0.1, 1.25, 0.1, 0.4], dtype=torch.float64) - 3.25 / 6)
+@pytest.mark.parametrize("text, gold, ok", [
+    ("\\boxed{033}", "033", True), ("so \\boxed{33}", "033", True), ("The answer is 204.", "204", True),
+    ("\\boxed{33.5}", "033", False), ("\\boxed{34}", "033", False),
+])
+def test_integer_answers(text, gold, ok):
+    assert core.is_correct(text, gold, "integer") == ok
 
 
-def test_reward_schedule():
-    cfg = core.Config(steps=10)
-    assert core.reward_weights(cfg, 0) == {"w_div": 0.2, "lambda_cm": 0.0}
-    late = core.reward_weights(cfg, 5)
-    assert math.isclose(late["w_div"], 0.05) and late["lambda_cm"] == 0.1
+@pytest.mark.parametrize("text, gold, ok", [
+    ("\\boxed{B}", "B", True), ("\\boxed{\\text{(C)}}", "C", True), ("The answer is (D).", "D", True),
+    ("Answer: A", "A", True), ("C", "C", True), ("A cat says \\boxed{B}", "A", False), ("no letter", "A", False),
+])
+def test_choice_answers(text, gold, ok):
+    assert core.is_correct(text, gold, "choice") == ok
+
+
+@needs_shared
+def test_every_gsm8k_and_math500_gold_solution_is_judged_correct():
+    for split in ("train", "test"):
+        for line in open(SHARED / "gsm8k" / f"{split}.jsonl"):
+            row = json.loads(line)
+            assert core.is_correct(row["answer"], core.gsm8k_gold(row["answer"]), "number"), row["answer"][-60:]
+    for line in open(SHARED / "math500" / "test.jsonl"):
+        row = json.loads(line)
+        assert core.is_correct(row["solution"], row["answer"], "math"), (row["answer"], core.last_boxed(row["solution"]))
+
+
+def test_strip_answer_removes_every_explicit_answer():
+    trace = ("Natalia sold 48 clips in April and half as many in May.\nSo in May she sold 24.\n"
+             "Total: 48 + 24 = 72... let me write it as \\boxed{72}.\nThe answer is 72.\n#### 72\nFinal answer: 72")
+    hint = core.strip_answer(trace)
+    assert "\\boxed" not in hint and "####" not in hint and "72" not in hint.split("Total")[0]
+    assert "answer" not in hint.lower() and "sold 24" in hint
+    assert core.extract_answer(core.strip_answer("x \\boxed{\\frac{1}{2}} y"), "math") is None
+    assert core.strip_answer("\\boxed{5}") == ""
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("9 * 2 = 18. Answer = 18", "9 * 2 = 18."),
+    ("She has 9 * 2 = 18 eggs. So our answer is 18.", "She has 9 * 2 = 18 eggs."),
+    ("Twice 9 is 18. **Answer**: 18", "Twice 9 is 18."),
+    ("Twice 9 is 18. **Answer:** 18", "Twice 9 is 18."),
+    ("Twice 9 is 18, so the answer is 18", "Twice 9 is 18,"),
+    ("Twice 9 is 18. The final answer is $\\boxed{18}$.", "Twice 9 is 18."),
+    ("Twice 9 is 18.\n**Final Answer**\n\\[\\boxed{18}\\]", "Twice 9 is 18."),
+    ("Twice 9 is 18. #### 18", "Twice 9 is 18."),
+    ("Twice 9 is 18. Therefore, the answer is 18. Check: 18 / 2 = 9", "Twice 9 is 18.  Check: 18 / 2 = 9"),
+    ("the answer is 18", ""),
+])
+def test_strip_answer_removes_the_statement_and_keeps_its_line(text, kept):
+    stripped = core.strip_answer(text)
+    assert stripped == kept
+    assert core.extract_answer(stripped, "number", fallback=False) is None  # no explicit answer is left
+
+
+def test_bare_answer_hint_is_the_whole_text_not_its_first_number():
+    assert not core.is_bare_answer("Janet's ducks lay 16 eggs per day. She eats 3.", "16", "number")
+    assert not core.is_bare_answer("Step 1: add the two numbers.", "1", "number")
+    for bare in ("16", "16.", "$16$", "**16**", " 16 "):
+        assert core.is_bare_answer(bare, "16", "number"), bare
+    assert core.is_bare_answer("\\frac{1}{2}", "0.5", "math") and core.is_bare_answer("(B)", "B", "choice")
+    assert not core.is_bare_answer("", "16", "number")
+
+
+def test_explicit_answers_and_the_last_number_fallback():
+    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number") == "4"  # correctness keeps the fallback
+    assert core.extract_answer("16 - 3 = 13, then 13 - 4", "number", fallback=False) is None
+    assert core.extract_answer("so the answer is 9", "number", fallback=False) == "9"
+    assert core.extract_answer("**Answer**: 9", "number", fallback=False) == "9"
+    assert core.extract_answer("C", "choice") == "C" and core.extract_answer("C", "choice", fallback=False) is None
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("9 * 2 = 18 eggs.\nThe answer is:\n18", "9 * 2 = 18 eggs."),  # the value on the next line
+    ("Twice 9 is 18 eggs.\nFinal answer:\n\n$18$", "Twice 9 is 18 eggs."),
+    ("Nine twice. The answer is approx. 18 eggs", "Nine twice."),  # an abbreviation inside the statement
+])
+def test_strip_answer_removes_what_the_checker_reads_across_lines_and_abbreviations(text, kept):
+    assert core.extract_answer(text, "number", fallback=False) == "18"
+    assert core.strip_answer(text) == kept
+
+
+STATEMENTS = ["The answer is {v}", "the answer is: {v}", "Answer: {v}", "Answer = {v}", "**Answer**: {v}",
+              "**Answer:** {v}", "#### {v}", "So the final answer is {v}", "Therefore, our answer is {v}",
+              "The answer is approx. {v}", "The answer is:\n{v}", "Final answer:\n\n{v}", "answer is\n\n {v}",
+              "The answer is \\boxed{{{v}}}", "Answer: $\\boxed{{{v}}}$", "The answer is $ {v} $"]
+
+
+@pytest.mark.parametrize("kind, values", [("number", ["37", "1,234", "-7", "0.5", "$37$", "\\$37"]),
+                                          ("choice", ["C", "(C)", "\\text{C}"])])
+def test_every_answer_statement_the_checker_reads_is_stripped_whole(kind, values):
+    """Property: for every marker form extract_answer reads, its value on the same line or the next, and what
+    may follow it, the checker reads the value from the trace and nothing of it is left after stripping."""
+    gold = {"number": None, "choice": "C"}[kind]
+    problem = core.Problem("p", "Which?\n\n(A) one\n(B) two\n(C) cats\n(D) four", "C", "choice")
+    for statement, value, before, after in itertools.product(
+            STATEMENTS, values, ["", "Twice nine is more than ten. ", "We add them up.\n"],
+            ["", ".", " eggs.", ". Check: 2 + 2 = 4", "\nDone."]):
+        text = before + statement.format(v=value) + after
+        expected = gold or core.extract_answer(f"\\boxed{{{value}}}", kind)
+        assert core.extract_answer(text, kind, fallback=False) == expected, text
+        stripped = core.strip_answer(text)
+        assert core.extract_answer(stripped, kind, fallback=False) is None, (text, stripped)
+        if kind == "number":
+            assert not core.gold_visible(stripped, core.Problem("p", "q", expected, "number")), (text, stripped)
+        else:
+            assert not core.gold_visible(stripped, problem) and not re.search(rf"\b{gold}\b", stripped), text
+
+
+def test_hint_leak_reads_the_gold_the_way_a_reader_would_for_every_kind():
+    math = core.Problem("m", "Solve 2x = 1.", "\\frac12", "math")
+    hint = core.strip_answer("We divide by 2. So $x=\\frac{1}{2}$, i.e. $\\boxed{\\frac12}$.")
+    assert hint == "We divide by 2. So $x=\\frac{1}{2}$, i.e. ." and core.gold_visible(hint, math)
+    assert not core.is_correct(hint, math.gold, "math")  # the checker alone sees nothing (boxes only)
+    assert not core.gold_visible("We divide by 2.", math)
+    sqrt = core.Problem("s", "q", "\\frac{\\sqrt{3}}{2}", "math")
+    assert core.gold_visible("so the height is \\frac{\\sqrt3}{2} units", sqrt)
+    assert not core.gold_visible("so the height is \\frac{\\sqrt2}{2} units", sqrt)
+    gpqa = core.Problem("g", "Which gas?\n\n(A) Neon\n(B) Argon\n(C) Xenon\n(D) Radon", "B", "choice")
+    hint = core.strip_answer("Noble gases... the correct option is B. The answer is \\boxed{B}.")
+    assert hint == "Noble gases... the correct option is B." and core.gold_visible(hint, gpqa)
+    assert core.gold_visible("It must be argon, the third noble gas.", gpqa)  # the option's text
+    assert not core.gold_visible("It must be a noble gas. A quick check: B-type stars.", gpqa)
+    gsm = core.Problem("n", "q", "18", "number")
+    assert core.gold_visible("9 * 2 = 18 eggs", gsm) and not core.gold_visible("9 * 2 eggs", gsm)
+
+
+@needs_shared
+def test_strip_answer_on_real_solutions_leaves_no_marked_answer():
+    for line in list(open(SHARED / "gsm8k" / "test.jsonl"))[:300]:
+        hint = core.strip_answer(json.loads(line)["answer"])
+        assert "####" not in hint
+    for line in open(SHARED / "math500" / "test.jsonl"):
+        row = json.loads(line)
+        hint = core.strip_answer(row["solution"])
+        assert "\\boxed" not in hint and core.extract_answer(hint, "math") is None
 
 
 # -----------------------------------------------------------------------------
-# Cross-teaching protocol
+# Data
 
-class FakePolicy:
-    """Stands in for a model in the protocol; its answers come from the patched `generate`."""
-
-    def __init__(self, index, tokenizer):
-        self.index, self.tokenizer, self.name, self.context = index, tokenizer, f"fake{index}", 10_000
-        self.eos_ids = {tokenizer.eos_token_id}
-
-
-def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
-    tokenizer = core.demo_tokenizer()
-    problem = core.Problem("p", "What is 2 + 2 ?", "4", "number")
-    scripts = {1: iter(["2 + 2 = 5 . \\boxed{5}", "2 + 2 = 3 . \\boxed{3}", "2 + 2 = 4 . \\boxed{4}"]),
-               2: iter(["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "2 + 2 = 4 . \\boxed{4}"])}
-    seen = {1: [], 2: []}
-
-    def fake_generate(policy, prompts, max_new_tokens, cfg, n=1, **_):
-        m = policy.index
-        seen[m] += [tokenizer.decode(p) for p in prompts]
-        return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
-
-    monkeypatch.setattr(core, "generate", fake_generate)
-    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
-    cfg = core.Config(hint_dropout=0.0)
-    groups, hints = core.core_step(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
-    group = groups[0]
-    assert [(t.model, t.round) for t in group] == [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (1, "B"), (2, "B")]
-    assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[1][-1] and "Hint:" not in seen[2][-1]
-    rescued = group[4]
-    assert rescued.hint_shown and rescued.correct and rescued.terms["rescue"] == 0.15
-    assert group[5].terms["rescue"] == 0 and not group[5].hint_shown
-    assert abs(sum(t.advantage for t in group)) < 1e-9
-    assert group[0].advantage < 0 < rescued.advantage
+def test_load_gsm8k_folder_and_generic_file(tmp_path):
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1:,}"} for i in range(999, 1004)]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", rows[:2])
+    train = core.load_problems("gsm8k", "train", str(tmp_path))
+    assert [p.gold for p in train] == ["1000", "1001", "1002", "1003", "1004"] and train[0].kind == "number"
+    assert len(core.load_problems(str(folder), "test")) == 2  # a folder named like a dataset
+    generic = write_jsonl(tmp_path / "mine.jsonl", [{"problem": f"p{i}", "answer": "B"} for i in range(10)])
+    probs = core.load_problems(str(generic), "train")
+    assert len(probs) == 8 and probs[0].kind == "choice"  # first 80%
+    assert len(core.load_problems(str(generic), "test")) == 2
 
 
-def protocol_step(monkeypatch, problems, scripts, cfg):
-    """core_step on FakePolicies whose samples are scripts[model] (one text per sample, in order)."""
-    tokenizer = core.demo_tokenizer()
-    scripts = {m: iter(texts) for m, texts in scripts.items()}
-    monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
-                        [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
-    policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
-    return core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+def test_bad_rows_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "1"}\n{not json\n')
+    with pytest.raises(core.UsageError, match="bad.jsonl:2: malformed JSON"):
+        core.load_problems(str(bad), "train")
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"question": "q", "answer": "1"}, {"question": "q2"}])
+    with pytest.raises(core.UsageError, match="missing.jsonl:2: row has no 'answer'"):
+        core.load_problems(str(missing), "train")
 
 
-def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkeypatch):
-    problems = [core.Problem("a", "Janet's ducks lay 16 eggs. How many?", "16", "number"),
-                core.Problem("b", "What is 8 + 8 ?", "16", "number")]
-    wrong = "I think \\boxed{3}"
-    scripts = {1: [wrong] * 4 + [wrong] * 2,
-               2: ["Janet's ducks lay 16 eggs per day. \\boxed{16}", wrong, "$16$. \\boxed{16}", wrong, wrong, wrong]}
-    groups, hints = protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0))
-    assert hints == ["Janet's ducks lay 16 eggs per day.", None]
-    assert [t.hint_shown for t in groups[0] if t.round == "B"] == [True, False]
-    assert not any(t.hint_shown for t in groups[1])
+def test_offline_download_error_names_url_and_place(tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(core.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(core.UsageError) as e:
+        core.load_problems("aime24", "test")
+    assert "https://raw.githubusercontent.com" in str(e.value) and str(tmp_path / "cache" / "aime24") in str(e.value)
+    with pytest.raises(core.UsageError) as e:  # every file of the dataset, in one message; nothing created
+        core.load_problems("gsm8k", "train")
+    assert all(str(tmp_path / "cache" / "gsm8k" / f) in str(e.value) for f in ("train.jsonl", "test.jsonl"))
+    assert not (tmp_path / "cache").exists()
 
 
-def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
-    problems = [core.Problem("a", "What is 9 * 2 ?", "18", "number"), core.Problem("b", "What is 9 + 9 ?", "18", "number")]
-    wrong = "I think \\boxed{3}"
-    scripts = {1: [wrong] * 4 + [wrong] * 2,  # model 1 fails both questions: it is shown both hints
-               2: ["9 * 2 = 18, so \\boxed{18}", wrong, "Add nine to nine. \\boxed{18}", wrong, wrong, wrong]}
-    cfg = core.Config(hint_dropout=0.0)
-    groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
-    assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
-    assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
-    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
-    assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
-    assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
+def test_training_order_is_a_seeded_permutation_per_epoch():
+    order = [i for step in range(5) for i in core.training_order(10, step, 4, seed=1)]
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert order != sorted(order)
+    assert core.training_order(10, 3, 4, seed=1) == order[12:16]
 
 
-def test_format_bonus_is_paid_for_an_explicit_answer_only():
-    cfg = core.Config()
-    traces = [core.Trace(1, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(1, "A", [], [], "9 * 2 = 18", True)]
-    core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
-    assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
-
-
-def test_advantage_groups_of_a_weaker_partner(monkeypatch):
-    """Model 1 is right and model 2 wrong on both questions; on the first a hint rescues model 2."""
-    problems = [core.Problem("a", "What is 2 + 2 ?", "4", "number"), core.Problem("b", "What is 1 + 2 ?", "3", "number")]
-    scripts = {1: ["2 + 2 = 4 . \\boxed{4}", "2 + 2 = 4 . so \\boxed{4}", "1 + 2 = 3 . \\boxed{3}", "1 + 2 = 3 . so \\boxed{3}",
-                   "2 + 2 = 4 . \\boxed{4}", "1 + 2 = 3 . \\boxed{3}"],
-               2: ["\\boxed{5}", "\\boxed{6}", "\\boxed{5}", "\\boxed{6}", "2 + 2 = 4 . \\boxed{4}", "\\boxed{7}"]}
-    runs = {g: protocol_step(monkeypatch, problems, scripts, core.Config(hint_dropout=0.0, adv_group=g))[0]
-            for g in ("joint", "model")}
-    assert [[t.reward for t in g] for g in runs["joint"]] == [[t.reward for t in g] for g in runs["model"]]  # same R
-    for adv_group, groups in runs.items():
-        rescued = next(t for t in groups[0] if t.model == 2 and t.round == "B")
-        assert rescued.correct and rescued.hint_shown and rescued.terms["rescue"] == 0.15 and rescued.advantage > 0
-        cold = [t.advantage for t in groups[0] if t.model == 2 and t.round == "A"]
-        all_wrong = [t.advantage for t in groups[1] if t.model == 2]  # model 2 fails the second question in both rounds
-        assert all(a < 0 for a in cold)  # below the rescued trace (joint: below model 1's too)
-        if adv_group == "joint":  # the paper: the partner's right answers set the baseline, every wrong trace goes down
-            assert all(a < 0 for a in all_wrong)
-        else:  # each model against its own traces: nothing to learn from an all-wrong group
-            assert all_wrong == [0.0, 0.0, 0.0]
-            assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
-
-
-def test_hint_cap_in_receiver_tokens():
-    tokenizer = core.demo_tokenizer()
-    hint = " ".join(["3 + 4 = 7 ."] * 50)
-    capped = core.cap_hint(hint, tokenizer, 20)
-    assert len(tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 20 and hint.startswith(capped.strip())
-
-
-# -----------------------------------------------------------------------------
-# Update
-
-def test_policy_loss_matches_definition():
-    logp = torch.tensor([[-1.0, -2.0, -0.5]])
-    ref = torch.tensor([[-1.5, -2.0, -0.1]])
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, kl = core.policy_loss(logp, ref, torch.tensor([2.0]), torch.tensor([0.8]), mask, beta=0.1)
-    r = torch.tensor([-0.5, 0.0])
-    k3 = torch.exp(r) - r - 1
-    assert math.isclose(kl.item(), k3.sum().item(), rel_tol=1e-6)
-    assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
-
-
-def test_chunked_logprobs_and_entropy_equal_full_logits():
-    model, _ = small_model()
-    ids = torch.randint(0, 300, (2, 11))
-    full = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    for chunk in (1, 3, 100):
-        logp, entropy = core.token_logprobs(model, ids, torch.ones_like(ids), chunk)
-        assert torch.allclose(logp, full, atol=1e-5)
-        dist = torch.distributions.Categorical(logits=model(ids).logits[:, :-1].float())
-        assert torch.allclose(entropy, dist.entropy(), atol=1e-4)
-
-
-def make_policy(path, cfg):
-    return core.load_policy(1, path, torch.device("cpu"), cfg)
-
-
-def test_policy_gradient_raises_reward(tmp_path):
-    """A few dozen steps with reward = fraction of sampled tokens from the lower half of the vocabulary.
-    The embeddings are scaled up (std 0.2) so the tiny model's logits can move far from uniform at all."""
-    tokenizer = core.demo_tokenizer()
-    model = core.tiny_model("qwen2", tokenizer, seed=0, hidden=32)
-    model.get_input_embeddings().weight.data *= 10
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    cfg = core.Config(lr=2e-2, lora_rank=8, beta_kl=0.0, temperature=1.0, top_p=1.0, micro_batch=16)
-    policy = make_policy(str(tmp_path), cfg)
-    half = len(policy.tokenizer) // 2
-    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    means = []
-    for step in range(30):
-        outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)
-        rewards = [sum(t < half for t in o) / len(o) for o in outs]
-        traces = [core.Trace(1, "A", prompt, o, "", False) for o in outs]
-        for t, a in zip(traces, core.group_advantages(rewards).tolist()):
-            t.advantage = a
-        core.update_policy(policy, traces, cfg, cfg.lr)
-        means.append(sum(rewards) / len(rewards))
-    assert sum(means[-5:]) / 5 > sum(means[:5]) / 5 + 0.2, means
-
-
-class RecordingOptimizer:
-    """Stands in for AdamW: keeps the gradients update_policy hands it, changes nothing."""
-
-    def __init__(self, params):
-        self.params, self.param_groups, self.grads = params, [{}], None
-
-    def step(self):
-        self.grads = [p.grad.clone() for p in self.params]
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-
-def update_gradients(policy, traces, cfg):
-    policy.optimizer = RecordingOptimizer(core.lora_parameters(policy.model))
-    policy.optimizer.zero_grad()
-    core.update_policy(policy, traces, cfg, 0.0)
-    return policy.optimizer.grads
-
-
-def test_round_b_on_the_cold_prompt_has_the_importance_weighted_gradient(tiny_models):
-    """--round-b-context cold: a hinted trace's tokens are scored under the cold prompt, each weighted by
-    min(1, pi(y | cold) / pi(y | hinted)) without gradient. Its gradient against one written out with full
-    logits, and the paper's loss again when the hint is empty (the two prompts equal)."""
-    cfg = core.Config(lora_rank=4, beta_kl=0.04, micro_batch=4, grad_clip=1e9, round_b_context="cold")
-    policy = make_policy(tiny_models[1], cfg)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in core.lora_parameters(policy.model):
-            p.add_(0.05 * torch.randn_like(p))
-    cold = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    hinted = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number", hint="1 + 1 = 2 .")
-    traces = [core.Trace(1, "A", cold, [5, 6, 7], "", False, advantage=1.0),
-              core.Trace(1, "B", hinted, [8, 9, 10, 11], "", False, hint_shown=True, cold_prompt_ids=cold,
-                         advantage=-0.7)]
-    grads = update_gradients(policy, traces, cfg)
-
-    def logps(prompt, completion):  # log pi of each completion token, from the full logits
-        ids = torch.tensor([prompt + completion])
-        logp = torch.log_softmax(policy.model(ids).logits[0, :-1].float(), -1)
-        return logp[len(prompt) - 1:].gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
-
-    loss = 0.0
-    for t in traces:
-        trained = logps(cold, t.completion_ids)
-        with torch.no_grad(), core.lora_disabled(policy.model):
-            ref = logps(cold, t.completion_ids)
-        with torch.no_grad():
-            rho = (trained - logps(t.prompt_ids, t.completion_ids)).exp().clamp(max=1.0)
-        kl = (ref - trained).exp() - (ref - trained) - 1
-        loss = loss + (1.0 if t.round == "A" else 0.8) * (-t.advantage * rho * trained + 0.04 * kl).sum()
-    (loss / 7).backward()
-    expected = [p.grad for p in core.lora_parameters(policy.model)]
-    assert rho.min() < 0.99  # the hint changes the token probabilities: weights below 1
-    assert all(torch.allclose(g, e, rtol=0, atol=1e-6) for g, e in zip(grads, expected))
-    empty = [core.replace(t, prompt_ids=cold) for t in traces]  # no hint: both prompts are the cold one
-    paper = update_gradients(policy, empty, core.replace(cfg, round_b_context="hinted"))
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(update_gradients(policy, empty, cfg), paper))
-
-
-def test_gradient_checkpointing_gives_the_same_update(tiny_models):
-    traces_grads = []
-    for flag in (False, True):
-        cfg = core.Config(lora_rank=4, beta_kl=0.04, no_grad_checkpoint=not flag, micro_batch=2)
-        policy = make_policy(tiny_models[1], cfg)
-        prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-        traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
-                  for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", 0.7)])]
-        with torch.no_grad():  # move B off zero so that every LoRA parameter gets a gradient
-            for p in core.lora_parameters(policy.model):
-                p.add_(0.01)
-        calls, mlp = [], policy.model.get_decoder().layers[0].mlp  # inside the checkpointed layer: recomputed
-        forward = mlp.forward
-        mlp.forward = lambda *args, **kw: (calls.append(1), forward(*args, **kw))[1]  # hooks skip the recompute
-        core.update_policy(policy, traces, cfg, cfg.lr)
-        traces_grads.append(core.lora_state(policy.model))
-        assert len(calls) == (3 if flag else 2) * 2  # per micro-batch: ref + policy forward, + a recompute
-    plain, ckpt = traces_grads
-    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-7) for k in plain)
-
-
-def test_bfloat16_weights_train_float32_adapters(tiny_models):
-    """--dtype bfloat16 (the CUDA default) on the CPU: bf16 base weights, fp32 LoRA master weights, a finite
-    update with gradient checkpointing and the KL term, and merged rollouts that restore the bf16 weights exactly."""
-    cfg = core.Config(lora_rank=4, dtype="bfloat16", micro_batch=2, lr=1e-3)
-    policy = make_policy(tiny_models[0], cfg)
-    layer = next(iter(core.lora_layers(policy.model).values()))
-    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
-    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
-              for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", -0.5)])]
-    stats = core.update_policy(policy, traces, cfg, cfg.lr)
-    assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9
-    assert layer.lora_B.abs().sum() > 0 and layer.lora_B.dtype == torch.float32
-    base = layer.base.weight.clone()
-    with core.lora_merged(policy.model):
-        assert not torch.equal(layer.base.weight, base)
-        core.generate(policy, [prompt], 3, cfg)
-    assert torch.equal(layer.base.weight, base)
-
-
-def test_non_finite_update_is_skipped(tiny_models):
-    cfg = core.Config(lora_rank=4, beta_kl=0.0)
-    policy = make_policy(tiny_models[0], cfg)
-    before = {k: v.clone() for k, v in core.lora_state(policy.model).items()}
-    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
-    trace = core.Trace(1, "A", prompt, [5, 6, 7], "", False, advantage=float("nan"))
-    stats = core.update_policy(policy, [trace], cfg, cfg.lr)
-    assert stats["skipped"] == 1
-    assert all(torch.equal(before[k], v) for k, v in core.lora_state(policy.model).items())
-
-
-def test_learning_rate_schedule():
-    cfg = core.Config(steps=100, lr=1.0)
-    assert core.learning_rate(cfg, 0) == 0.1 and core.learning_rate(cfg, 9) == 1.0
-    assert core.learning_rate(cfg, 99) < 0.01
+@needs_shared
+def test_real_datasets_load():
+    gpqa = core.load_problems("gpqa", "all", str(SHARED))
+    assert len(gpqa) == 198 and {p.gold for p in gpqa} == set("ABCD")  # shuffled, never always "A"
+    assert "(A) " in gpqa[0].question and "(D) " in gpqa[0].question
+    assert len(core.load_problems("aime24", "all", str(SHARED))) == 30
+    aime25 = core.load_problems("aime25", "all", str(SHARED))
+    assert not any("\x0c" in p.question for p in aime25)
+    assert len(core.load_problems("math500", "test", str(SHARED))) == 500
 
 
 # -----------------------------------------------------------------------------
@@ -1263,7 +1263,7 @@ def test_eval_only_prints_the_budget_block_and_its_records_reproduce_every_numbe
 
 
 # -----------------------------------------------------------------------------
-# Main: an end-to-end CORE run on two tiny saved models
+# The training loop and the command line: end-to-end runs on two tiny saved models
 
 def arithmetic_file(tmp_path, n=12):
     rows = [{"question": p.question, "answer": p.gold} for p in core.arithmetic_problems(n, 3)]
@@ -1488,7 +1488,7 @@ def test_the_collapse_warning_reads_negative_advantages_and_a_rising_kl(capsys):
 
 
 # -----------------------------------------------------------------------------
-# Reliability: bad input, crash-safe checkpoints with exact resume, numerical guards
+# Checkpoints, resume and bad input: crash-safe checkpoints with exact resume, numerical guards, one-line errors
 
 # Each case is its own process running core.py's command line. Every hyperparameter check is also unit-tested
 # in-process in test_validate_rejects_bad_settings.
