@@ -1086,7 +1086,7 @@ BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?=[^\s{$}]))")
 NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 # an answer marker ("####", "answer is/:/=", "**Answer**:"), then its value: the rest of this line, or of the
 # next non-blank line when the marker ends its line
-ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=))\s*:?\s*"
+ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=)[*_]*)\s*:?\s*"
 ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"([^\n]*)", re.IGNORECASE)
 LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
 
@@ -1210,12 +1210,15 @@ def is_correct(text, gold, kind):
 
 
 # A final-answer statement: optional emphasis and lead-in ("So the final"), the marker and value that
-# extract_answer reads, through the end of the sentence holding the value's first digit or letter (or line).
+# extract_answer reads, through the end of the sentence holding the value's first digit or letter (closing
+# markup included), or of the line; a marker whose value was a removed box ends at its own punctuation.
+SENTENCE_END = r"(?:(?<=[.!?])[*_)\]\"']*(?=\s)|$)"
 ANSWER_STATEMENT_RE = re.compile(
     r"[*_]*(?:(?:so|thus|therefore|hence)\b,?\s*)?(?:(?:the|our|my)\s+)?(?:final\s+)?" + ANSWER_MARK
-    + r"(?:[^\n]*?(?:\d|(?-i:\b[A-D]\b))[^\n]*?(?:(?<=[.!?])(?=\s)|$)|[^\n]*$)", re.IGNORECASE | re.MULTILINE)
-FINAL_HEADING_RE = re.compile(r"[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE)  # "**Final Answer**"
-EMPTY_MATH_RE = re.compile(r"\$\s*\$|\\\[\s*\\\]|\\\(\s*\\\)")  # $ $, \[ \], \( \) left by a removed box
+    + r"(?:[.!?,;]?[*_)\]\"']*(?=\s|$)|[^\n]*?(?:\d|(?-i:\b[A-D]\b))[^\n]*?" + SENTENCE_END + r"|[^\n]*$)",
+    re.IGNORECASE | re.MULTILINE)
+FINAL_HEADING_RE = re.compile(r"^[#*_ \t]*final answer\b[*_:]*", re.IGNORECASE | re.MULTILINE)  # a heading
+BOX_LEFTOVER_RE = re.compile(r"\$+\x00\$+|\\\[\s*\x00\s*\\\]|\\\(\s*\x00\s*\\\)|\x00")  # a removed box's $ $
 
 
 def strip_answer(text):
@@ -1223,13 +1226,13 @@ def strip_answer(text):
     end of its sentence; the reasoning before it on the same line stays."""
     if not isinstance(text, str):
         return ""
-    pieces, last = [], 0
+    pieces, last, text = [], 0, text.replace("\x00", "")
     for start, end, _ in boxed_spans(text):
-        pieces.append(text[last:start])
+        pieces.append(text[last:start] + "\x00")  # \x00 marks the box, to drop its math delimiters with it
         last = end
     text = "".join(pieces) + text[last:]
-    text = BOXED_RE.sub("", text)  # unclosed boxes: the opener goes, what follows is not an answer span
-    text = EMPTY_MATH_RE.sub("", FINAL_HEADING_RE.sub("", ANSWER_STATEMENT_RE.sub("", text)))
+    text = BOX_LEFTOVER_RE.sub("", BOXED_RE.sub("", text))  # an unclosed box: its opener goes
+    text = FINAL_HEADING_RE.sub("", ANSWER_STATEMENT_RE.sub("", text))
     text = re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
@@ -1243,7 +1246,9 @@ def is_bare_answer(text, gold, kind):
     return bare != "" and normalize_math(bare) == normalize_math(gold)
 
 
-VALUE_RE = re.compile(r"\\[dt]?frac\{-?\d+\}\{-?\d+\}|-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+SIGN = r"(?:(?<![\w)])-)?"  # a minus sign, not a subtraction ("20-5" reads 20 and 5)
+VALUE_RE = re.compile(SIGN + r"\\[dt]?frac\{-?\d+\}\{-?\d+\}|" + SIGN + r"\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|"
+                      + SIGN + r"\.\d+")
 
 
 def gold_visible(text, problem):
@@ -1793,6 +1798,8 @@ def adapters_config(cfg):
     """--adapters: the LoRA rank, alpha and targets are the checkpoint's own; a warning when it was trained on
     other models (a different name, or model 1 and model 2 swapped)."""
     saved = saved_config(find_checkpoint(cfg.adapters) / "state.json")
+    if saved.model2 == "none" and cfg.model2 != "none":
+        raise UsageError(f"{cfg.adapters} trained one model alone: evaluate it with --model2 none")
     for m in (1, 2):
         trained, given = getattr(saved, f"model{m}"), getattr(cfg, f"model{m}")
         if Path(trained).name != Path(given).name:
@@ -2082,7 +2089,7 @@ def run(cfg, given=frozenset()):
             return 0
     elif cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
-    cfg = replace(cfg, single=True) if cfg.model2 == "none" else cfg  # one model alone: GRPO, no partner
+    cfg = replace(cfg, single=not cfg.eval_only) if cfg.model2 == "none" else cfg  # one model alone: GRPO
     validate(cfg)
     rank, world = start_processes(cfg)
     out = output_folder(cfg)
@@ -2205,7 +2212,8 @@ def validate(cfg):
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else
          f"unknown dataset '{cfg.data}': use one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder"),
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
-        (not (cfg.single and cfg.no_rescue), "--no-rescue does nothing with --single (it has no round B)"),
+        (not (cfg.single and cfg.no_rescue), "--no-rescue does nothing with --single or --model2 none (no "
+                                             "round B)"),
         (not (cfg.eval_only and (cfg.single or cfg.no_rescue)), "--single and --no-rescue change training, "
                                                                 "which --eval-only does not do"),
         (not Path(cfg.out).is_file(), f"--out '{cfg.out}' is a file; the output is a folder"),

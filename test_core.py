@@ -1003,6 +1003,17 @@ def test_strip_answer_removes_what_the_checker_reads_across_lines_and_abbreviati
     assert core.strip_answer(text) == kept
 
 
+@pytest.mark.parametrize("text, kept", [
+    ("The answer $\\boxed{18}$ is 18.", ""),  # the box's delimiters go with it: no new marker appears
+    ("**The answer is 5.** Next, we verify that 2+3 = 5 holds.", "Next, we verify that 2+3 = 5 holds."),
+    ("The answer is $\\boxed{5}$. Let me check: 3 + 2 = 5.", "Let me check: 3 + 2 = 5."),  # its own sentence
+    ("The sides are $3$ $4$ and $5$.", "The sides are $3$ $4$ and $5$."),  # math spans stay apart
+    ("Before the final answer, check it.", "Before the final answer, check it."),  # not a heading
+])
+def test_strip_answer_keeps_the_reasoning_around_a_statement(text, kept):
+    assert core.strip_answer(text) == kept
+
+
 STATEMENTS = ["The answer is {v}", "the answer is: {v}", "Answer: {v}", "Answer = {v}", "**Answer**: {v}",
               "**Answer:** {v}", "#### {v}", "So the final answer is {v}", "Therefore, our answer is {v}",
               "The answer is approx. {v}", "The answer is:\n{v}", "Final answer:\n\n{v}", "answer is\n\n {v}",
@@ -1046,6 +1057,10 @@ def test_hint_leak_reads_the_gold_the_way_a_reader_would_for_every_kind():
     assert not core.gold_visible("It must be a noble gas. A quick check: B-type stars.", gpqa)
     gsm = core.Problem("n", "q", "18", "number")
     assert core.gold_visible("9 * 2 = 18 eggs", gsm) and not core.gold_visible("9 * 2 eggs", gsm)
+    negative = core.Problem("f", "q", "-\\frac{3}{4}", "math")
+    assert core.gold_visible("so x = -\\frac{3}{4}", negative) and not core.gold_visible("so x = \\frac{3}{4}", negative)
+    assert core.gold_visible("20-5 = 15", core.Problem("s", "q", "5", "number"))  # a subtraction, not -5
+    assert core.gold_visible("10 / 2 = 5", core.Problem("s", "q", "10", "number"))  # a division, not 10/2
 
 
 @needs_shared
@@ -1369,6 +1384,11 @@ def test_one_model_alone_trains_and_evaluates_without_team_numbers(warm_pair, tm
     assert compare.main([str(tmp_path / "alone"), str(tmp_path / "pair")]) == 0
     team = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Team Pass@k "))
     assert team.split()[2] == "-"
+    common = ["--eval-only", "--adapters", str(tmp_path / "alone"), "--model1", warm_pair[0], "--data", str(data),
+              "--eval-n", "2", "--eval-max-new-tokens", "4"]
+    assert core.main(common + ["--model2", "none", "--out", str(tmp_path / "ev")]) == 0  # its adapter, evaluated
+    assert core.main(common + ["--model2", warm_pair[1], "--out", str(tmp_path / "ev2")]) == 2
+    assert "trained one model alone" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
@@ -1425,12 +1445,16 @@ def test_demo_runs_and_shows_the_protocol(tmp_path, capsys):
     assert evals[-1] == {"step": 8} | after
 
 
-def test_curves_keep_model_colours_and_break_where_nothing_was_counted():
+def test_curves_keep_model_colours_and_break_where_nothing_was_counted(tmp_path):
     rows = [{"step": s, "rescue_rate": r, "kl_m1": 0.1, "kl_m2": 0.2} for s, r in enumerate([0.5, None, None, 0.2, 0.7], 1)]
     names = {"m1": "one", "m2": "two"}
     assert curves.svg_panel("rescue", ["rescue_rate"], rows, names, 0, 0, 100, 100).count("<polyline") == 2
     kl = curves.svg_panel("KL", ["kl_m1", "kl_m2"], rows, names, 0, 0, 100, 100)
     assert curves.MODEL_COLORS["m1"] in kl and curves.MODEL_COLORS["m2"] in kl and ">kl two<" in kl
+    (tmp_path / "config.json").write_text("{}")  # an evaluation with no question that fitted has no k
+    write_jsonl(tmp_path / "evals.jsonl", [{"step": 0}])
+    curves.write_curves(tmp_path)
+    assert (tmp_path / "curves.svg").exists()
 
 
 def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_away(warm_pair, tmp_path, capsys):

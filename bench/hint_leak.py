@@ -62,7 +62,7 @@ def measure(traces):
         hints += 1
         visible += core.gold_visible(hint, problem)
         checker += core.is_correct(hint, problem.gold, problem.kind)
-    return total, hints, visible / hints, checker / hints
+    return total, hints, visible / max(hints, 1), checker / max(hints, 1)
 
 
 def main():

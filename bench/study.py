@@ -43,7 +43,8 @@ def run(base, flags, seed, out):
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
     last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
-    return [json.loads((out / f"eval_{when}.json").read_text()) for when in ("before", "after")] + [last]
+    evals = [out / f"eval_{when}.json" for when in ("before", "after")]  # no before with --no-eval-before
+    return [json.loads(p.read_text()) if p.exists() else {} for p in evals] + [last]
 
 
 def mean(values):
@@ -57,9 +58,10 @@ def row(name, results):
     cells = []
     for _, key in METRICS:
         after, before = mean([a.get(key) for _, a, _ in results]), mean([b.get(key) for b, _, _ in results])
-        cells.append("-" if after is None else f"{after:.3f} ({after - before:+.3f})")
+        change = "" if before is None else f" ({after - before:+.3f})"
+        cells.append("-" if after is None else f"{after:.3f}{change}")
     trained = [key for _, key in METRICS[:2] if key in results[0][1]]
-    up = sum(all(a[k] > b[k] for k in trained) for b, a, _ in results)
+    up = sum(all(a[k] > b.get(k, a[k]) for k in trained) for b, a, _ in results)
     return tokens, f"{name:<12}{tokens:>12,.0f}" + "".join(f"{c:>17}" for c in cells) + f"{up:>6}/{len(results)}"
 
 

@@ -16,7 +16,8 @@ import core  # noqa: E402
 TRAINING = {"steps", "single", "no_rescue", "k", "k_rescue", "hint_dropout", "hint_to", "hint_tokens",
             "max_new_tokens", "max_prompt_tokens", "w_correct", "w_div", "div_anneal", "lambda_cm", "rescue_bonus",
             "w_format", "dpp_eps", "ngram_dim", "lr", "weight_decay", "grad_clip", "beta_kl", "round_b_weight",
-            "adv_group", "adv_scale", "batch_questions", "train_n", "no_eval_before", "eval_every"}
+            "adv_group", "adv_scale", "batch_questions", "train_n", "no_eval_before", "eval_every", "single_samples",
+            "round_b_context"}
 
 
 def compare(folders):
@@ -49,7 +50,8 @@ def training_tokens(folder):
 
 def shown_value(value, folder):
     """A config value; a path inside the run's own folder (the demo's models) reads RUN/..."""
-    if isinstance(value, str) and value and Path(value).resolve().is_relative_to(folder.resolve()):
+    if isinstance(value, str) and value and Path(value).exists() and Path(value).resolve().is_relative_to(
+            folder.resolve()):
         return "RUN/" + Path(value).resolve().relative_to(folder.resolve()).as_posix()
     return value
 

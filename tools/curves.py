@@ -33,7 +33,7 @@ def write_curves(out):
     named in its legend with the models' names. A plain SVG file: no dependency, opens in any browser."""
     out = Path(out)
     metrics, evals = (core.read_jsonl(out / name, lenient=True) for name in ("metrics.jsonl", "evals.jsonl"))
-    k = evals[0]["k"] if evals else 0
+    k = next((e["k"] for e in evals if "k" in e), 0)  # an evaluation with no question fitting has none
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     names = {m: Path(str(config.get(f"model{m[1]}", m))).name for m in MODEL_COLORS}
     width, height, cols, top = 400, 240, 3, 30
