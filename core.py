@@ -176,7 +176,7 @@ class Trace:
     correct: bool             # c(tau)
     hint_shown: bool = False  # round B: the hint was in the prompt
     hint_leaks: bool = False  # ... and the gold can be read from it (gold_visible)
-    cold_prompt_ids: list = None  # ... and the question's prompt without it
+    cold_prompt_ids: list = None  # ... and, under --round-b-context cold, the question's prompt without it
     truncated: bool = False   # hit the token budget without an end-of-sequence token
     failed_cold: bool = False  # its model got every round-A sample of this question wrong
     reward: float = 0.0       # R(tau)
@@ -806,16 +806,18 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
             gold, kind = problems[q].gold, problems[q].kind
             traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
                                     hint_shown=hint is not None,
-                                    cold_prompt_ids=cold_prompt(policy, problems[q], hint),
+                                    cold_prompt_ids=cold_prompt(policy, problems[q], hint, cfg),
                                     hint_leaks=hint is not None and gold_visible(hint, problems[q]),
                                     truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
     progress.close()
     return traces
 
 
-def cold_prompt(policy, problem, hint):
-    """The prompt without the hint, for a trace sampled with one (--round-b-context cold trains on it)."""
-    return None if hint is None else build_prompt(policy.tokenizer, problem.question, problem.kind)
+def cold_prompt(policy, problem, hint, cfg):
+    """The prompt without the hint, for a hinted trace that --round-b-context cold trains on it (else None)."""
+    if hint is None or cfg.round_b_context != "cold":
+        return None
+    return build_prompt(policy.tokenizer, problem.question, problem.kind)
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
