@@ -814,7 +814,7 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
 
 
 def cold_prompt(policy, problem, hint, cfg):
-    """The prompt without the hint, for a hinted trace that --round-b-context cold trains on it (else None)."""
+    """The prompt without the hint, for a hinted trace that --round-b-context cold trains on (else None)."""
     if hint is None or cfg.round_b_context != "cold":
         return None
     return build_prompt(policy.tokenizer, problem.question, problem.kind)
