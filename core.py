@@ -508,7 +508,7 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
     if not all_groups:
         return None
     row = step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped)
-    totals = counters.setdefault("sampled_tokens", [0, 0])  # compute across resumes (older checkpoints: 0)
+    totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
         totals[m - 1] += row[f"sampled_tokens_m{m}"]
         row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
@@ -555,15 +555,21 @@ def start_or_resume(cfg, policies, test_set, out, rng):
         if rank == 0:
             keep_logged_steps(out, state["step"])
         print(f"resumed from {folder} at step {state['step']}")
-        return state["step"], state["counters"]
+        return state["step"], new_counters() | state["counters"]  # older checkpoints lack the newer counters
     if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
         print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
         if rank == 0:
             keep_logged_steps(out, -1)
     if not cfg.no_eval_before:
         run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
-    return 0, {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
-               "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
+    return 0, new_counters()
+
+
+def new_counters():
+    """What the loop counts across steps (saved in every checkpoint): per model, non-finite updates in a row,
+    the collapse watch's streak and window start, sampled tokens; problems skipped as too long."""
+    return {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
+            "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
 
 def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
@@ -1950,7 +1956,7 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
     flags = (("--adv-group model", cfg.adv_group == "model"), ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
-    start = counters.setdefault("entropy_before", [0.0, 0.0])  # absent from older checkpoints
+    start = counters["entropy_before"]
     for m, name in names.items():
         i, kl, entropy, negative = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"neg_adv_m{m}"]
         streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if negative >= most else 0

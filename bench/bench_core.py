@@ -206,7 +206,7 @@ def bench_core_step(policies, args, device):
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
-    counters = {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0}
+    counters = core.new_counters()
     step = lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, [])  # noqa: E731
     _, warmup = timed(step, device)  # the first step also compiles, with --decoder compiled
     reset_peak(device)
