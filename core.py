@@ -2225,10 +2225,12 @@ def validate(cfg):
         (not (cfg.eval_only and (cfg.single or cfg.no_rescue)), "--single and --no-rescue change training, "
                                                                 "which --eval-only does not do"),
         (not Path(cfg.out).is_file(), f"--out '{cfg.out}' is a file; the output is a folder"),
-    ] + [(not looks_like_path(name) or Path(name).expanduser().exists(),
-          f"--model{m} '{name}' does not exist") for m, name in ((1, cfg.model1), (2, cfg.model2))] \
-      + [(not Path(name).expanduser().is_file(), f"--model{m} '{name}' is a file; pass the folder that holds "
-          f"its config.json, weights and tokenizer") for m, name in ((1, cfg.model1), (2, cfg.model2))]
+    ]
+    for m, name in ((1, cfg.model1), (2, cfg.model2)):
+        path = Path(name).expanduser()
+        checks += [(not looks_like_path(name) or path.exists(), f"--model{m} '{name}' does not exist"),
+                   (not path.is_file(), f"--model{m} '{name}' is a file; pass the folder that holds its "
+                                        f"config.json, weights and tokenizer")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
