@@ -870,7 +870,7 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
             live, tokens, mask, next_pos = live[kept], tokens[kept], mask[kept], next_pos[kept]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+                       cache=cache, use_cache=True).logits[:, -1].float()
         next_pos = next_pos + 1
     return out
 
@@ -883,8 +883,8 @@ def prefill(model, prompts, pad_id, n):
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1].float()
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits, mask, positions = (x.repeat_interleave(n, dim=0) for x in (logits, mask, positions))
@@ -1034,7 +1034,7 @@ class DecodeStep:
     def forward(self):
         self.attn.index_fill_(3, self.cursor, True)  # each row's new token sees itself
         logits = self.model(input_ids=self.tokens, attention_mask=self.attn, position_ids=self.positions,
-                            past_key_values=self.cache, use_cache=True).logits[:, -1].float()
+                            cache=self.cache, use_cache=True).logits[:, -1].float()
         self.cursor.add_(1)
         self.positions.add_(1)
         return logits
@@ -2295,10 +2295,7 @@ def load_policy(m, path, device, cfg):
         raise load_error(path, m, e) from None
     model.eval()  # no dropout: rollout and update likelihoods coincide
     if not cfg.no_grad_checkpoint:  # layers are checkpointed in train mode only: update_policy switches
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     torch.manual_seed(stream_seed(cfg.seed, "lora init", m))
     add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
