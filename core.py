@@ -58,6 +58,7 @@ from pathlib import Path
 try:
     import torch
     import torch.nn as nn
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from torch.utils.checkpoint import checkpoint
 except KeyboardInterrupt:  # Ctrl-C while the libraries load: a quiet exit
@@ -218,10 +219,7 @@ def round_a(policies, problems, cfg):
     n = (cfg.single_samples or cfg.k + cfg.k_rescue) if cfg.single else cfg.k
     requests = [[(q, None) for q in range(len(problems))] for _ in policies]  # per model: (question, no hint)
     groups = [[] for _ in problems]
-    for q, trace in sample_round(policies, problems, requests, cfg, "A", n=n):
-        groups[q].append(trace)
-    for group in groups:
-        mark_failed_cold(group)
+    sample_round(policies, problems, requests, groups, cfg, "A", n=n)
     return groups
 
 
@@ -254,10 +252,7 @@ def round_b(policies, problems, groups, hints, cfg, rng):
                 offered = hint and not cfg.no_rescue and (failed[m] or cfg.hint_to == "all")
                 shown = bool(offered) and rng.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
-    for q, trace in sample_round(policies, problems, requests, cfg, "B"):
-        groups[q].append(trace)
-    for group in groups:
-        mark_failed_cold(group)  # the new round-B traces carry their model's round-A verdict too
+    sample_round(policies, problems, requests, groups, cfg, "B")
 
 
 def score_and_advantages(group, kind, cfg, weights):
@@ -267,7 +262,8 @@ def score_and_advantages(group, kind, cfg, weights):
     for traces in (own if cfg.single else [group]):
         score_group(traces, kind, cfg, weights)
     for traces in (own if cfg.single or cfg.adv_group == "model" else [group]):
-        set_advantages(traces, cfg.adv_scale)
+        for t, a in zip(traces, group_advantages([t.reward for t in traces], cfg.adv_scale).tolist()):
+            t.advantage = a
 
 
 # -----------------------------------------------------------------------------
@@ -306,8 +302,6 @@ def dpp_gains(phi, eps=1e-3):
     """DPP marginal gain of each row: det(K) / det(K without row i) = 1 / (K^-1)_ii, K = phi phi^T + eps I.
     phi: [n, d] L2-normalised rows -> [n] in [0, 1]: ~1 for a trace orthogonal to the rest, ~0 for a copy."""
     phi = torch.as_tensor(phi, dtype=torch.float64)
-    if phi.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.float64)
     kernel = phi @ phi.T + eps * torch.eye(phi.shape[0], dtype=torch.float64)
     return (1.0 / torch.linalg.inv(kernel).diagonal()).clamp(0.0, 1.0)
 
@@ -350,15 +344,10 @@ def group_advantages(rewards, scale="std"):
     """GRPO advantage over one group: A = (R - mean) / (std + 1e-4) with the population std, or Dr. GRPO's
     A = R - mean (scale="none"); a constant group gets 0. rewards: [n] -> [n]."""
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
-    std = rewards.std(unbiased=False) if len(rewards) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    std = rewards.std(unbiased=False)  # 0 for a single trace
     if std < 1e-8:
         return torch.zeros_like(rewards)
     return (rewards - rewards.mean()) / (std + 1e-4 if scale == "std" else 1.0)
-
-
-def set_advantages(traces, scale):
-    for t, a in zip(traces, group_advantages([t.reward for t in traces], scale).tolist()):
-        t.advantage = a
 
 
 # -----------------------------------------------------------------------------
@@ -488,7 +477,7 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
     rank, world = dist_info()
     order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
     batch = [train_set[i] for i in order][rank::world]
-    usable = [p for p in batch if fits(policies, p, cfg)]
+    usable = [p for p in batch if fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)]
     groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
     t1 = time.time()
     for m, policy in enumerate(policies, 1):  # every rank updates, with traces or not: gradients are summed
@@ -597,8 +586,7 @@ class StopRequest:
     """SIGINT (Ctrl-C) or SIGTERM (sent by timeout, SLURM, Kubernetes) sets a flag; the training loop finishes
     its step, checkpoints and exits 130. A second signal aborts at once."""
 
-    def __init__(self):
-        self.requested = False
+    requested = False
 
     def __call__(self, signum, frame):
         if self.requested:
@@ -791,17 +779,15 @@ def hint_for(policy, problem, hint, cfg):
     return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
 
 
-def fits(policies, problem, cfg):
-    """Whether a training question's cold prompt, and its token budget, fit every model."""
+def fits(policies, problem, new_tokens, max_prompt=math.inf):
+    """Whether a question's cold prompt (at most max_prompt tokens) and new_tokens more fit every model."""
     lengths = [len(build_prompt(pol.tokenizer, problem.question, problem.kind)) for pol in policies]
-    return all(n <= cfg.max_prompt_tokens and n + cfg.max_new_tokens <= pol.context
-               for n, pol in zip(lengths, policies))
+    return all(n <= max_prompt and n + new_tokens <= pol.context for n, pol in zip(lengths, policies))
 
 
-def sample_round(policies, problems, requests, cfg, round_name, n=1):
-    """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m and checks
-    every answer. Returns [(question index, Trace), ...]."""
-    traces = []
+def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
+    """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m, checks every
+    answer, adds each Trace to groups[question index] and marks which traces' model failed cold."""
     progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
     for m, (policy, asks) in enumerate(zip(policies, requests), 1):
         prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
@@ -810,13 +796,14 @@ def sample_round(policies, problems, requests, cfg, round_name, n=1):
         for i, (ids, text) in enumerate(outputs):
             (q, hint), prompt = asks[i // n], prompts[i // n]
             gold, kind = problems[q].gold, problems[q].kind
-            traces.append((q, Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
-                                    hint_shown=hint is not None,
-                                    cold_prompt_ids=cold_prompt(policy, problems[q], hint, cfg),
-                                    hint_leaks=hint is not None and gold_visible(hint, problems[q]),
-                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids))))
+            groups[q].append(Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
+                                   hint_shown=hint is not None,
+                                   cold_prompt_ids=cold_prompt(policy, problems[q], hint, cfg),
+                                   hint_leaks=hint is not None and gold_visible(hint, problems[q]),
+                                   truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids)))
     progress.close()
-    return traces
+    for group in groups:
+        mark_failed_cold(group)  # round B's traces carry their model's round-A verdict too
 
 
 def cold_prompt(policy, problem, hint, cfg):
@@ -1275,8 +1262,6 @@ def gold_visible(text, problem):
     return gold in normalize_math(text)
 
 
-
-
 # -----------------------------------------------------------------------------
 # Data: six public datasets (downloaded once into a cache) or the user's own JSONL
 
@@ -1401,7 +1386,7 @@ def row_to_problem(row, kind, pid, where):
         answer = str(row["answer"])
         gold = gsm8k_gold(answer) if "####" in answer else answer.strip()
     else:
-        gold = math_gold(row["solution"]) if row.get("solution") else None
+        gold = last_boxed(row["solution"]) if row.get("solution") else None
     if not isinstance(question, str) or not question.strip():
         raise UsageError(f"{where}: row has no 'question' or 'problem' field")
     if not gold:
@@ -1411,11 +1396,6 @@ def row_to_problem(row, kind, pid, where):
 
 def gsm8k_gold(solution):
     return solution.split("####")[-1].strip().replace(",", "")
-
-
-def math_gold(solution):
-    spans = boxed_spans(solution)
-    return spans[-1][2] if spans else None
 
 
 def guess_kind(gold):
@@ -1562,8 +1542,7 @@ def team_metrics(records, j):
 
 def evaluable(policies, problems, cfg):
     """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
-    usable = [p for p in problems if all(len(build_prompt(pol.tokenizer, p.question, p.kind))
-                                         + cfg.eval_max_new_tokens <= pol.context for pol in policies)]
+    usable = [p for p in problems if fits(policies, p, cfg.eval_max_new_tokens)]
     if len(usable) < len(problems):
         print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the "
               f"model context")
@@ -1714,12 +1693,11 @@ def optimizer_tensors(optimizer):
 
 def load_optimizer(optimizer, path):
     state = {}
-    for key, value in load_file(str(path)).items():
-        pid, slot = key.split(".", 1)
-        state.setdefault(int(pid), {})[slot] = value
-    with open(path, "rb") as f:  # safetensors header: 8-byte length, then JSON with __metadata__
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    groups = json.loads(header["__metadata__"]["param_groups"])
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            pid, slot = key.split(".", 1)
+            state.setdefault(int(pid), {})[slot] = f.get_tensor(key)
+        groups = json.loads(f.metadata()["param_groups"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -2069,12 +2047,9 @@ def main(argv=None):
         code = run(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
-    except UsageError as e:
+    except (UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except torch.OutOfMemoryError:  # in training it is a TrainingError; here, loading or evaluating
         print("error: CUDA out of memory outside the training steps; lower --gen-batch (and "
               "--eval-max-new-tokens)", file=sys.stderr)
@@ -2156,7 +2131,8 @@ def check_sizes(policies, train_set, test_set, cfg):
     if cfg.eval_only and not test_set:
         raise UsageError(f"every test problem is longer than the model context (prompt + "
                          f"--eval-max-new-tokens {cfg.eval_max_new_tokens})")
-    if not cfg.eval_only and not any(fits(policies, p, cfg) for p in train_set):
+    if not cfg.eval_only and not any(fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)
+                                     for p in train_set):
         raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
                          f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
                          f"the model context")
