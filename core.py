@@ -220,6 +220,8 @@ def round_a(policies, problems, cfg):
     requests = [[(q, None) for q in range(len(problems))] for _ in policies]  # per model: (question, no hint)
     groups = [[] for _ in problems]
     sample_round(policies, problems, requests, groups, cfg, "A", n=n)
+    for group in groups:
+        mark_failed_cold(group)
     return groups
 
 
@@ -249,10 +251,12 @@ def round_b(policies, problems, groups, hints, cfg, rng):
         failed = {t.model: t.failed_cold for t in group}
         for m, policy in enumerate(policies, 1):
             for _ in range(cfg.k_rescue):
-                offered = hint and not cfg.no_rescue and (failed[m] or cfg.hint_to == "all")
+                offered = hint and (failed[m] or cfg.hint_to == "all")
                 shown = bool(offered) and rng.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
     sample_round(policies, problems, requests, groups, cfg, "B")
+    for group in groups:
+        mark_failed_cold(group)  # the new round-B traces carry their model's round-A verdict too
 
 
 def score_and_advantages(group, kind, cfg, weights):
@@ -399,7 +403,7 @@ def update_policy(policy, traces, cfg, lr):
     for i in range(0, len(ordered), cfg.micro_batch):
         mb = ordered[i:i + cfg.micro_batch]
         on_cold = cfg.round_b_context == "cold" and any(t.cold_prompt_ids for t in mb)
-        prompts = [t.cold_prompt_ids or t.prompt_ids if on_cold else t.prompt_ids for t in mb]
+        prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # cold ones exist under that option only
         ids, attn, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
         with torch.no_grad(), lora_disabled(model):
             ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
@@ -772,7 +776,8 @@ def cap_hint(hint, tokenizer, max_tokens):
 
 
 def hint_for(policy, problem, hint, cfg):
-    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow."""
+    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow; None
+    (the sample is drawn cold, not counted as hinted) when no room is left."""
     cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
     room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16,
                policy.context - cfg.max_new_tokens - cold - 16)
@@ -787,7 +792,7 @@ def fits(policies, problem, new_tokens, max_prompt=math.inf):
 
 def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
     """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m, checks every
-    answer, adds each Trace to groups[question index] and marks which traces' model failed cold."""
+    answer and adds each Trace to groups[question index]."""
     progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
     for m, (policy, asks) in enumerate(zip(policies, requests), 1):
         prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
@@ -802,8 +807,6 @@ def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
                                    hint_leaks=hint is not None and gold_visible(hint, problems[q]),
                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids)))
     progress.close()
-    for group in groups:
-        mark_failed_cold(group)  # round B's traces carry their model's round-A verdict too
 
 
 def cold_prompt(policy, problem, hint, cfg):
