@@ -260,14 +260,21 @@ def round_b(policies, problems, groups, hints, cfg, rng):
 
 
 def score_and_advantages(group, kind, cfg, weights):
-    """R(tau) of every trace, then A(tau) per advantage group: the whole question (--adv-group joint) or each
-    model's own traces (--adv-group model). --single: each model is scored and normalised alone."""
-    own = [[t for t in group if t.model == m] for m in sorted({t.model for t in group})]
-    for traces in (own if cfg.single else [group]):
+    """R(tau) of every trace, then A(tau) within each advantage group. --single: each model is also scored
+    alone (no cross-model terms)."""
+    for traces in (advantage_groups(group, cfg) if cfg.single else [group]):
         score_group(traces, kind, cfg, weights)
-    for traces in (own if cfg.single or cfg.adv_group == "model" else [group]):
+    for traces in advantage_groups(group, cfg):
         for t, a in zip(traces, group_advantages([t.reward for t in traces], cfg.adv_scale).tolist()):
             t.advantage = a
+
+
+def advantage_groups(group, cfg):
+    """The traces of one question that share a baseline: all of them (--adv-group joint, the paper), or each
+    model's own (--adv-group model, and --single)."""
+    if cfg.single or cfg.adv_group == "model":
+        return [[t for t in group if t.model == m] for m in sorted({t.model for t in group})]
+    return [group]
 
 
 # -----------------------------------------------------------------------------
@@ -280,8 +287,8 @@ def score_group(traces, kind, cfg, weights):
     correct = [t.correct for t in traces]
     models = [t.model for t in traces]
     diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
-    complement = (complementarity_rewards(phi, correct, models, cfg.dpp_eps) if len(set(models)) > 1
-                  else torch.zeros(len(traces)))
+    complement = (complementarity_rewards(phi, correct, models, [t.round for t in traces], cfg.dpp_eps)
+                  if len(set(models)) > 1 else torch.zeros(len(traces)))
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
     for i, t in enumerate(traces):
@@ -319,14 +326,15 @@ def diversity_rewards(phi, correct, eps=1e-3):
     return out
 
 
-def complementarity_rewards(phi, correct, model_ids, eps=1e-3):
-    """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces
-    (1 when it has none: right where the peer is wrong). phi: [n, d], correct, model_ids: [n] -> [n]."""
+def complementarity_rewards(phi, correct, model_ids, rounds, eps=1e-3):
+    """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces of
+    the same round (1 when it has none: right where the peer is wrong). phi: [n, d]; the rest: [n] -> [n]."""
     out = torch.zeros(len(correct), dtype=torch.float64)
     for i in range(len(correct)):
         if not correct[i]:
             continue
-        partner = [j for j in range(len(correct)) if correct[j] and model_ids[j] != model_ids[i]]
+        partner = [j for j in range(len(correct))
+                   if correct[j] and model_ids[j] != model_ids[i] and rounds[j] == rounds[i]]
         out[i] = dpp_gains(torch.cat([phi[partner], phi[i:i + 1]]), eps)[-1] if partner else 1.0
     return out
 
@@ -1908,7 +1916,8 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
                 f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
-    row["constant_groups"] = sum(len({round(t.reward, 12) for t in g}) == 1 for g in groups)
+    row["constant_groups"] = sum(len({round(t.reward, 12) for t in a}) == 1  # advantage 0: nothing to learn
+                                 for g in groups for a in advantage_groups(g, cfg))
     row["skipped_problems"] = skipped_problems
     row["rollout_s"], row["update_s"] = seconds
     row["seconds"] = sum(seconds)

@@ -208,6 +208,9 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
         else:  # each model against its own traces: nothing to learn from an all-wrong group
             assert all_wrong == [0.0, 0.0, 0.0]
             assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
+        stats = [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2
+        row = core.step_log(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
+        assert row["constant_groups"] == (1 if adv_group == "model" else 0)  # counted where the baseline is: model 2's
 
 
 def test_hint_cap_in_receiver_tokens():
@@ -251,11 +254,13 @@ def test_diversity_rewards_only_correct_traces():
 def test_complementarity():
     eye = torch.eye(3, dtype=torch.float64)
     phi = torch.stack([eye[0], eye[0], eye[1], eye[2]])
-    cm = core.complementarity_rewards(phi, [True, True, True, False], [0, 1, 1, 0])
-    assert cm[0] < 0.01           # model 0's trace duplicates a correct trace of its partner
+    cm = core.complementarity_rewards(phi, [True, True, True, False], [1, 2, 2, 1], ["A"] * 4)
+    assert cm[0] < 0.01           # model 1's trace duplicates a correct trace of its partner
     assert cm[1] < 0.01 and cm[2] > 0.99 and cm[3] == 0
-    alone = core.complementarity_rewards(phi[:2], [True, False], [0, 1])
+    alone = core.complementarity_rewards(phi[:2], [True, False], [1, 2], ["A", "A"])
     assert alone[0] == 1.0        # right where the peer is wrong
+    taught = core.complementarity_rewards(phi[:2], [True, True], [2, 1], ["A", "B"])
+    assert taught.tolist() == [1.0, 1.0]  # a hinted copy in round B is not the partner's own attempt in round A
 
 
 @pytest.mark.parametrize("flip", range(4))
