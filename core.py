@@ -1468,9 +1468,6 @@ def training_order(n, step, batch, seed):
 def evaluate(policies, usable, cfg, tag):
     """Prints the table; returns (metrics, records), a record per question: id, question, gold and, per model
     ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text."""
-    if not usable:
-        print(f"warning: no test problem fits the model context: {tag} evaluation skipped")
-        return {}, []
     rank, world = dist_info()
     mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
     start = time.time()
@@ -1555,8 +1552,8 @@ def evaluable(policies, problems, cfg):
     """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
     usable = [p for p in problems if fits(policies, p, cfg.eval_max_new_tokens)]
     if len(usable) < len(problems):
-        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt too long for the "
-              f"model context")
+        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt + "
+              f"--eval-max-new-tokens {cfg.eval_max_new_tokens} over the model context")
     return usable
 
 
@@ -1788,7 +1785,8 @@ def resume_config(cfg, given):
         allowed = ', '.join(map(flag_name, sorted(RESUME_OVERRIDES)))
         raise UsageError(f"--resume continues the saved run, which {', '.join(map(flag_name, changed))} "
                          f"would change; only {allowed} may differ")
-    return replace(saved, resume=cfg.resume, **{k: getattr(cfg, k) for k in given & RESUME_OVERRIDES})
+    overrides = {k: getattr(cfg, k) for k in given & RESUME_OVERRIDES}  # --stop-after: this invocation's only
+    return replace(saved, **overrides | {"resume": cfg.resume, "stop_after": cfg.stop_after})
 
 
 def adapters_config(cfg):
@@ -2086,6 +2084,7 @@ def run(cfg, given=frozenset()):
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
     cfg = replace(cfg, single=not cfg.eval_only) if cfg.model2 == "none" else cfg  # one model alone: GRPO
     validate(cfg)
+    cfg = replace(cfg, model1=absolute(cfg.model1), model2=absolute(cfg.model2))  # resumable from anywhere
     rank, world = start_processes(cfg)
     out = output_folder(cfg)
     barrier()  # every rank has checked the output folder before rank 0 creates it
@@ -2121,6 +2120,7 @@ def run(cfg, given=frozenset()):
     if cfg.export and rank == 0:
         for m, policy in enumerate(policies, 1):
             export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
+            print(f"model {m} with its LoRA merged in: {out / f'merged_{m}'}")
     return 0
 
 
@@ -2134,20 +2134,26 @@ def run_finished(cfg):
     return False
 
 
+def absolute(name):
+    """A local folder's absolute path; a hub id (or none) as given."""
+    path = Path(name).expanduser()
+    return str(path.absolute()) if path.is_dir() else name
+
+
 def model_paths(cfg):
     return [cfg.model1] + ([] if cfg.model2 == "none" else [cfg.model2])
 
 
 def check_sizes(policies, train_set, test_set, cfg):
-    """Refuse a run none of whose questions fits the models' context."""
-    if cfg.eval_only and not test_set:
-        raise UsageError(f"every test problem is longer than the model context (prompt + "
-                         f"--eval-max-new-tokens {cfg.eval_max_new_tokens})")
+    """Refuse a run none of whose test (or training) questions fits the models' context."""
     if not cfg.eval_only and not any(fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)
                                      for p in train_set):
         raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
                          f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
                          f"the model context")
+    if not test_set:
+        raise UsageError(f"every test problem is longer than the model context (prompt + "
+                         f"--eval-max-new-tokens {cfg.eval_max_new_tokens}); lower --eval-max-new-tokens")
 
 
 SECTIONS = {"data": "what to run", "k": "cross-teaching protocol", "temperature": "sampling",
@@ -2267,7 +2273,10 @@ def resolve_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device '{name}' asked for, but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
 
 
 def load_policy(m, path, device, cfg):
@@ -2300,6 +2309,9 @@ def load_policy(m, path, device, cfg):
 def load_error(path, m, e):
     """The one-line error for a model that from_pretrained cannot load, with advice that fits the case."""
     why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    config = Path(path) / "config.json"
+    if config.is_file() and '"model1":' in config.read_text(errors="replace"):  # a run's config.json
+        return UsageError(f"'{path}' is a run folder, not a model; its adapters load with --adapters {path}")
     if not Path(path).is_dir():
         return UsageError(f"cannot load model id '{path}' ({why}); offline? copy the model to a local folder "
                           f"and pass --model{m} /path/to/folder")
@@ -2362,7 +2374,7 @@ def demo_data(cfg, out):
         print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; "
               f"advantages: --adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
         try:
-            paths = build_demo_models(out / "models", cfg.seed)
+            paths = build_demo_models((out / "models").absolute(), cfg.seed)
             cfg.model1, cfg.model2 = paths[0], "none" if cfg.model2 == "none" else paths[1]
         except BaseException:  # stopped while building: leave no half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)

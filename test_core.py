@@ -1564,6 +1564,10 @@ BAD_INPUTS = {
     "folder with a config only": (["--data", "{good}", "--model2", "{configonly}"], "it lacks weights (*.safetensors)"),
     "flags that do nothing": (["--data", "{good}", "--single", "--no-rescue"], "--no-rescue does nothing with"),
     "nothing to train with --eval-only": (["--data", "{good}", "--eval-only", "--single"], "--eval-only does not"),
+    "no test problem fits in training": (["--data", "{good}", "--max-new-tokens", "16", "--eval-max-new-tokens", "600"],
+                                         "longer than the model context (prompt + --eval-max-new-tokens 600)"),
+    "unknown device": (["--data", "{good}", "--device1", "gpu"], "unknown device 'gpu'"),
+    "a run folder as a model": (["--data", "{good}", "--model2", "{arun}"], "is a run folder, not a model"),
 }
 
 
@@ -1619,9 +1623,12 @@ def bad_input_runs(tmp_path_factory, tiny_models):
     (d / "configonly" / "config.json").write_text((Path(tiny_models[0]) / "config.json").read_text())
     (d / "full").mkdir()
     (d / "full" / "metrics.jsonl").write_text("{}\n")
+    (d / "arun").mkdir()
+    (d / "arun" / "config.json").write_text(json.dumps(core.asdict(core.Config())))
     names = {"bad": d / "bad.jsonl", "empty": d / "empty.jsonl", "noanswer": d / "noanswer.jsonl", "good": d / "good.jsonl",
              "latin1": d / "latin1.jsonl",
-             "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full", "configonly": d / "configonly"}
+             "long": d / "long.jsonl", "emptydir": d / "emptydir", "full": d / "full", "configonly": d / "configonly",
+             "arun": d / "arun"}
     models = ["--model1", tiny_models[0], "--model2", tiny_models[1], "--device1", "cpu", "--lora-rank", "4"]
     os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: fail at once instead of retrying
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -1767,6 +1774,20 @@ def test_sigterm_finishes_the_step_saves_exits_130_and_resumes_bit_identical(war
     assert 1 <= done < 3 and done == len(open(tmp_path / "run" / "metrics.jsonl").readlines())
     assert core.main(["--resume", str(tmp_path / "run")]) == 0
     assert_same_runs(tmp_path / "straight", tmp_path / "run")
+
+
+def test_a_run_resumes_from_any_folder_and_stop_after_holds_for_one_invocation(warm_pair, tmp_path, monkeypatch):
+    """Model folders given relative to where the run started are saved as absolute paths; --stop-after stops
+    this invocation only, so the resume command it prints runs to the end."""
+    data = arithmetic_file(tmp_path)
+    monkeypatch.chdir(Path(warm_pair[0]).parent)
+    models = ["./" + Path(path).name for path in warm_pair]
+    assert core.main(tiny_run_flags(models, data, tmp_path / "run", steps=3) + ["--stop-after", "1"]) == 0
+    assert core.find_checkpoint(tmp_path / "run").name == "step_000001"
+    monkeypatch.chdir(tmp_path)
+    assert core.main(["--resume", str(tmp_path / "run")]) == 0
+    assert core.find_checkpoint(tmp_path / "run").name == "step_000003"
+    assert (tmp_path / "run" / "eval_after.json").exists()
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(warm_pair, tmp_path, monkeypatch):
