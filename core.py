@@ -1629,9 +1629,10 @@ def compared_cell(evals, key):
 
 
 def print_rows(rows):
+    label_width = max(22, *(len(label) + 2 for label, _ in rows))
     width = max(26, *(len(name) + 2 for name in rows[0][1]))
     for label, cells in rows:
-        print((f"{label:<22}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
+        print((f"{label:<{label_width}}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
 
 
 # -----------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def shown_value(value, folder):
 
 def main(argv=None):
     folders = sys.argv[1:] if argv is None else argv
-    if not folders:
-        print("usage: python tools/compare.py RUN [RUN ...]", file=sys.stderr)
-        return 2
+    if not folders or folders[0] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stderr if not folders else sys.stdout)
+        return 2 if not folders else 0
     try:
         compare(folders)
     except core.UsageError as e:

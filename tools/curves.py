@@ -99,8 +99,10 @@ def escape(text):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or any(not (Path(run) / "config.json").is_file() for run in sys.argv[1:]):
-        sys.exit("usage: python tools/curves.py RUN [RUN ...] (run folders, each with a config.json)")
+    missing = [run for run in sys.argv[1:] if not (Path(run) / "config.json").is_file()]
+    if len(sys.argv) < 2 or missing:
+        sys.exit("usage: python tools/curves.py RUN [RUN ...] (run folders, each with a config.json)"
+                 + (f"; not a run folder: {', '.join(missing)}" if missing else ""))
     for run in sys.argv[1:]:
         write_curves(Path(run))
         print(f"{Path(run) / 'curves.svg'}: open it in a browser")
