@@ -2084,7 +2084,7 @@ def run(cfg, given=frozenset()):
     elif cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
     cfg = replace(cfg, single=not cfg.eval_only) if cfg.model2 == "none" else cfg  # one model alone: GRPO
-    validate(cfg)
+    validate(cfg, given)
     cfg = replace(cfg, model1=absolute(cfg.model1), model2=absolute(cfg.model2))  # resumable from anywhere
     rank, world = start_processes(cfg)
     out = output_folder(cfg)
@@ -2157,6 +2157,14 @@ def check_sizes(policies, train_set, test_set, cfg):
                          f"--eval-max-new-tokens {cfg.eval_max_new_tokens}); lower --eval-max-new-tokens")
 
 
+# flags that change only what training computes: --eval-only refuses them, tools/compare.py ignores them there
+TRAINING_ONLY = {"steps", "single", "single_samples", "no_rescue", "k", "k_rescue", "hint_dropout", "hint_to",
+                 "hint_tokens", "max_new_tokens", "max_prompt_tokens", "w_correct", "w_div", "div_anneal",
+                 "lambda_cm", "rescue_bonus", "w_format", "dpp_eps", "ngram_dim", "lr", "weight_decay",
+                 "grad_clip", "beta_kl", "round_b_weight", "round_b_context", "adv_group", "adv_scale",
+                 "batch_questions", "train_n", "no_eval_before", "eval_every"}
+
+
 SECTIONS = {"data": "what to run", "k": "cross-teaching protocol", "temperature": "sampling",
             "w_correct": "reward", "lora_rank": "update", "eval_n": "evaluation", "save_every": "bookkeeping"}
 
@@ -2189,8 +2197,8 @@ def flag_name(field_name):
     return "--" + field_name.replace("_", "-")
 
 
-def validate(cfg):
-    """Reject impossible settings before anything is loaded or written."""
+def validate(cfg, given=frozenset()):
+    """Reject impossible settings before anything is loaded or written (`given`: the flags set)."""
     checks = [
         (cfg.k >= 1, "--k must be >= 1"),
         (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
@@ -2217,8 +2225,8 @@ def validate(cfg):
         (not cfg.data_dir or Path(cfg.data_dir).is_dir(), f"--data-dir '{cfg.data_dir}' is not a folder"),
         (not (cfg.single and cfg.no_rescue), "--no-rescue does nothing with --single or --model2 none (no "
                                              "round B)"),
-        (not (cfg.eval_only and (cfg.single or cfg.no_rescue)), "--single and --no-rescue change training, "
-                                                                "which --eval-only does not do"),
+        (not (cfg.eval_only and given & TRAINING_ONLY), "--eval-only does not train, so "
+         f"{', '.join(map(flag_name, sorted(given & TRAINING_ONLY)))} would do nothing (see --eval-*)"),
         (not Path(cfg.out).is_file(), f"--out '{cfg.out}' is a file; the output is a folder"),
     ]
     for m, name in ((1, cfg.model1), (2, cfg.model2)):

@@ -1381,8 +1381,7 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     assert compare.main([str(tmp_path / "core"), str(tmp_path)]) == 2  # not a run folder
     # an --eval-only run beside a training run: training flags do not count as differences
     assert core.main(["--eval-only", "--model1", warm_pair[0], "--model2", warm_pair[1], "--data", str(data),
-                      "--out", str(tmp_path / "ev"), "--eval-n", "2", "--eval-max-new-tokens", "4", "--lr", "0.5",
-                      "--steps", "3", "--lora-rank", "4"]) == 0
+                      "--out", str(tmp_path / "ev"), "--eval-n", "2", "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
     capsys.readouterr()
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "ev")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -1564,6 +1563,8 @@ BAD_INPUTS = {
     "folder with a config only": (["--data", "{good}", "--model2", "{configonly}"], "it lacks weights (*.safetensors)"),
     "flags that do nothing": (["--data", "{good}", "--single", "--no-rescue"], "--no-rescue does nothing with"),
     "nothing to train with --eval-only": (["--data", "{good}", "--eval-only", "--single"], "--eval-only does not"),
+    "a training budget with --eval-only": (["--data", "{good}", "--eval-only", "--max-new-tokens", "64"],
+                                           "--eval-only does not train, so --max-new-tokens would do nothing"),
     "no test problem fits in training": (["--data", "{good}", "--max-new-tokens", "16", "--eval-max-new-tokens", "600"],
                                          "longer than the model context (prompt + --eval-max-new-tokens 600)"),
     "unknown device": (["--data", "{good}", "--device1", "gpu"], "unknown device 'gpu'"),

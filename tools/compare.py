@@ -12,14 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
 
 
-# flags that only change training: they do not matter to an --eval-only run
-TRAINING = {"steps", "single", "no_rescue", "k", "k_rescue", "hint_dropout", "hint_to", "hint_tokens",
-            "max_new_tokens", "max_prompt_tokens", "w_correct", "w_div", "div_anneal", "lambda_cm", "rescue_bonus",
-            "w_format", "dpp_eps", "ngram_dim", "lr", "weight_decay", "grad_clip", "beta_kl", "round_b_weight",
-            "adv_group", "adv_scale", "batch_questions", "train_n", "no_eval_before", "eval_every", "single_samples",
-            "round_b_context"}
-
-
 def compare(folders):
     """The table of core.comparison_rows, then the config flags whose values differ among the runs they matter
     to (execution flags aside; training flags only between training runs)."""
@@ -27,7 +19,7 @@ def compare(folders):
         if not (folder / "config.json").is_file():
             raise core.UsageError(f"'{folder}' is not a run folder (no config.json)")
     configs = [json.loads((Path(f) / "config.json").read_text()) for f in folders]
-    shown = [{k: "-" if config.get("eval_only") and k in TRAINING else shown_value(v, Path(f))
+    shown = [{k: "-" if config.get("eval_only") and k in core.TRAINING_ONLY else shown_value(v, Path(f))
               for k, v in config.items()} for f, config in zip(folders, configs)]
     ignored = {"out", "resume"} | core.RESUME_OVERRIDES
     differing = sorted(k for k in set().union(*shown) - ignored
