@@ -2126,11 +2126,14 @@ def run(cfg, given=frozenset()):
 
 
 def run_finished(cfg):
-    """Whether --resume names a run that has trained all its steps and evaluated them (nothing to do)."""
+    """Whether --resume names a run with nothing left to do: all its steps trained and evaluated, or (an
+    --eval-only run) its evaluation written."""
     found = checkpoints(cfg.resume)
     step = json.loads((found[-1] / "state.json").read_text())["step"] if found else 0
-    if step == cfg.steps and (Path(cfg.resume) / "eval_after.json").is_file():
-        print(f"{cfg.resume} is finished (step {step} of {cfg.steps}); nothing to do")
+    evaluation = Path(cfg.resume) / ("eval.json" if cfg.eval_only else "eval_after.json")
+    if (cfg.eval_only or step == cfg.steps) and evaluation.is_file():
+        done = "its evaluation is in eval.json" if cfg.eval_only else f"step {step} of {cfg.steps}"
+        print(f"{cfg.resume} is finished ({done}); nothing to do")
         return True
     return False
 

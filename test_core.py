@@ -1847,6 +1847,14 @@ def test_resuming_a_finished_run_says_so_and_rewrites_nothing(warm_pair, tmp_pat
     assert core.main(["--resume", str(out)]) == 0
     assert f"{out} is finished (step 2 of 2)" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    ev = tmp_path / "ev"  # an --eval-only run: its evaluation is not run again
+    assert core.main(["--eval-only", "--model1", warm_pair[0], "--model2", warm_pair[1], "--out", str(ev), "--data",
+                      str(arithmetic_file(tmp_path)), "--eval-n", "2", "--eval-max-new-tokens", "4"]) == 0
+    written = (ev / "eval.json").read_bytes()
+    capsys.readouterr()
+    assert core.main(["--resume", str(ev)]) == 0
+    assert f"{ev} is finished (its evaluation is in eval.json)" in capsys.readouterr().out
+    assert (ev / "eval.json").read_bytes() == written
 
 
 def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_path, monkeypatch, capsys):
