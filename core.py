@@ -947,7 +947,7 @@ def pick_sampler(policy, prompts, cfg):
     if not fast_decoding(policy.model, cfg):
         return sample
     fast = functools.partial(sample_fast, compile_backend="inductor" if cfg.decoder == "compiled" else None)
-    if policy.fast_agrees is None:
+    if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
         rows = prompts[:4]
         policy.fast_agrees = (fast(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0)
                               == sample(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0))
@@ -1573,8 +1573,8 @@ def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
 def print_table(tag, m, names):
     """The evaluation as one block: Pass@j and maj@k per model, the team, and (k even) the team at an equal
     budget of k candidates beside each model's best-of-k and self-consistency."""
-    k = m["k"]
-    print(f"\n{tag}: {m['questions']} questions, {k} samples per model")
+    k, n = m["k"], m["questions"]
+    print(f"\n{tag}: {n} question{'s' * (n != 1)}, {k} sample{'s' * (k != 1)} per model")
     header = "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1))
     print(f"  {'':<28}{header}{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):

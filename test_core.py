@@ -831,6 +831,7 @@ def test_the_fast_path_checks_itself_against_the_reference_loop(tiny_models, mon
 
     monkeypatch.setattr(core, "sample_fast", fast)
     monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
+    assert core.generate(policy, [], 8, cfg) == [] and policy.fast_agrees is None  # a torchrun rank without questions
     for _ in range(2):
         assert [ids for ids, _ in core.generate(policy, prompts, 8, cfg)] == reference
     warnings = capsys.readouterr().err.count("differ from the reference loop's")
@@ -1833,10 +1834,13 @@ def test_ctrl_c_during_the_imports_exits_130_without_a_traceback():
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_long_model_name_is_cut_at_its_end(capsys):
+def test_the_table_cuts_a_long_model_name_at_its_end_and_counts_in_words(capsys):
     metrics = core.eval_metrics(records_of([[True, False]], [[False, False]]), 2)
     core.print_table("after", metrics, ["Qwen/Qwen2.5-Coder-0.5B-Instruct-with-a-long-suffix", "m2"])
-    assert "  Qwen/Qwen2.5-Coder-0.5B-I... " in capsys.readouterr().out  # its start kept
+    out = capsys.readouterr().out
+    assert "  Qwen/Qwen2.5-Coder-0.5B-I... " in out and "after: 1 question, 2 samples per model" in out  # start kept
+    core.print_table("after", core.eval_metrics(records_of([[True]] * 3, [[False]] * 3), 1), ["m1", "m2"])
+    assert "after: 3 questions, 1 sample per model" in capsys.readouterr().out
 
 
 def test_resuming_a_finished_run_says_so_and_rewrites_nothing(warm_pair, tmp_path, capsys):
