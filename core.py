@@ -431,7 +431,8 @@ def update_policy(policy, traces, cfg, lr):
             group["lr"] = lr
         policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum / total_tokens, "kl": kl_sum / total_tokens, "grad_norm": grad_norm,
+    kl = kl_sum / total_tokens if cfg.beta_kl > 0 else None  # --beta-kl 0: pi_ref is never run, KL unmeasured
+    return {"loss": loss_sum / total_tokens, "kl": kl, "grad_norm": grad_norm,
             "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped)}
 
 
@@ -500,15 +501,17 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
         if nonfinite:
             print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: "
                   f"update skipped")
-    shards = all_gather((groups, len(batch) - len(usable)))
-    all_groups, skipped = [g for shard, _ in shards for g in shard], sum(n for _, n in shards)
+    shards = all_gather((groups, len(batch) - len(usable), t1 - t0))
+    all_groups = [g for shard, _, _ in shards for g in shard]
+    skipped, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
     counters["skipped_problems"] += skipped
     if skipped:
         print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than "
               f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
-    row = step_log(step, cfg, all_groups, stats, (t1 - t0, time.time() - t1), skipped)
+    row = step_log(step, cfg, all_groups, stats, (rollout_s, time.time() - t0 - rollout_s), skipped)
+    row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
     totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
         totals[m - 1] += row[f"sampled_tokens_m{m}"]
@@ -1611,21 +1614,33 @@ COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1"
 def comparison_rows(folders):
     """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only
     run's single value. The demo ends with its own; tools/compare.py puts several runs side by side."""
-    files = [[Path(f) / f"{name}.json" for name in ("eval_before", "eval_after", "eval")] for f in folders]
-    runs = [[e for e in (json.loads(p.read_text()) for p in paths if p.is_file()) if e] for paths in files]
+    runs = [run_evaluations(f) for f in folders]
+    firsts = [next(iter(evals.values()), None) for evals in runs]
     rows = [("", [Path(f).name for f in folders]),
-            ("k, questions", [f"{e[0]['k']}, {e[0]['questions']}" if e else "-" for e in runs])]
+            ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts])]
     return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in COMPARED]
 
 
+def run_evaluations(folder):
+    """A run's evaluations by name: eval_before and eval_after (training), or eval (--eval-only)."""
+    files = {name: Path(folder) / f"{name}.json" for name in ("eval_before", "eval_after", "eval")}
+    evals = {name: json.loads(path.read_text()) for name, path in files.items() if path.is_file()}
+    return {name: e for name, e in evals.items() if e}  # {}: no test question fitted
+
+
 def compared_cell(evals, key):
-    """'before -> after (change)' of one metric of a run, its single value (--eval-only), or '-'."""
-    k = evals[0]["k"] if evals else 0
+    """'before -> after (change)' of one metric of a run, an --eval-only run's value, 'before X' or 'after X'
+    for a run with only that evaluation (stopped early, or --no-eval-before), or '-'."""
+    k = next(iter(evals.values()))["k"] if evals else 0
     key = key.format(k=k, h=k // 2)
-    values = [e[key] for e in evals if key in e]
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{values[0]:.3f} -> {values[-1]:.3f} ({values[-1] - values[0]:+.3f})"
+    values = {name: e[key] for name, e in evals.items() if key in e}
+    if len(values) == 2:
+        before, after = values["eval_before"], values["eval_after"]
+        return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+    if not values:
+        return "-"
+    name, value = next(iter(values.items()))
+    return f"{value:.3f}" if name == "eval" else f"{name.removeprefix('eval_')} {value:.3f}"
 
 
 def print_rows(rows):
@@ -1886,7 +1901,7 @@ def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
 
 def step_log(step, cfg, groups, stats, seconds, skipped_problems):
     """One metrics row: accuracy and length per model and round, rescues, hint leaks, reward terms, per-model
-    loss, KL, advantage and entropy diagnostics, speed. seconds = (rollouts, update) of this rank."""
+    loss, KL, advantage and entropy diagnostics, speed. seconds: (the slowest rank's rollouts, the rest)."""
     traces = [t for g in groups for t in g]
     row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
     for m in (1, 2):
@@ -1942,22 +1957,23 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
     """Warn when, for `patience` steps in a row, `most` or more of a model's traces had a negative advantage
     while its KL to the base or its entropy rose over those steps: its updates push it away from its own
     samples (README: the weaker partner). Traces at zero advantage push nothing: they do not count."""
-    flags = (("--adv-group model", cfg.adv_group == "model"), ("--adv-scale none", cfg.adv_scale == "none"))
+    flags = (("--adv-group model", cfg.adv_group == "model" or cfg.single),  # --single: per model already
+             ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
-    start = counters["entropy_before"]
+    kl_start, start = counters["kl_before"], counters["entropy_before"]
     for m, name in names.items():
         i, kl, entropy, negative = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"neg_adv_m{m}"]
         streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if negative >= most else 0
         if streak and (streak - 1) % patience == 0:  # a window starts: where its KL and entropy were
-            counters["kl_before"][i], start[i] = kl, entropy
-        if streak and streak % patience == 0 and (kl > counters["kl_before"][i] or entropy > start[i]):
-            print(f"warning: {name}: for {streak} steps {most:.0%} or more of its traces had a negative "
-                  f"advantage ({negative:.0%} now) while its KL to the base went "
-                  f"{counters['kl_before'][i]:.4f} -> {kl:.4f} and its entropy {start[i]:.2f} -> "
-                  f"{entropy:.2f}: it is pushed away from its own samples (README: the weaker partner; "
-                  f"{advice})", flush=True)
-
+            kl_start[i], start[i] = kl, entropy
+        kl_rose = kl is not None and kl > kl_start[i]  # None: --beta-kl 0, the KL is not measured
+        if streak and streak % patience == 0 and (kl_rose or entropy > start[i]):
+            went = "" if kl is None else f"its KL to the base went {kl_start[i]:.4f} -> {kl:.4f} and "
+            print(f"warning: {name}: for {streak} steps in a row {most:.0%} or more of its traces had a "
+                  f"negative advantage ({negative:.0%} now); over the last {patience} steps {went}its "
+                  f"entropy went {start[i]:.2f} -> {entropy:.2f}: its updates push it away from its own "
+                  f"samples (README: the weaker partner; {advice})", flush=True)
 
 def show_group(problem, group, hint, names):
     """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""

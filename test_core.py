@@ -433,7 +433,9 @@ def test_bfloat16_weights_train_float32_adapters(tiny_models):
     traces = [core.Trace(1, r, prompt, [5 + i, 6, 7, 8][:2 + i], "", False, advantage=a)
               for i, (r, a) in enumerate([("A", 1.0), ("A", -0.5), ("B", -0.5)])]
     stats = core.update_policy(policy, traces, cfg, cfg.lr)
-    assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9
+    assert stats["skipped"] == 0 and math.isfinite(stats["loss"]) and stats["tokens"] == 9 and stats["kl"] >= 0
+    # --beta-kl 0: the reference policy never runs, so no KL is measured: logged as None ("-"), never as 0
+    assert core.update_policy(policy, traces, core.replace(cfg, beta_kl=0.0), cfg.lr)["kl"] is None
     assert layer.lora_B.abs().sum() > 0 and layer.lora_B.dtype == torch.float32
     base = layer.base.weight.clone()
     with core.lora_merged(policy.model):
@@ -1368,6 +1370,8 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "single_k", steps=1) + ["--single", "--no-eval-before",
                                                                                        "--single-samples", "2"]) == 0
     assert len(json.loads(open(tmp_path / "single_k" / "samples.jsonl").readline())["traces"]) == 2 * 2
+    after = json.loads((tmp_path / "single_k" / "eval_after.json").read_text())["team_pass@2"]  # --no-eval-before
+    assert core.compared_cell(core.run_evaluations(tmp_path / "single_k"), "team_pass@{k}") == f"after {after:.3f}"
     capsys.readouterr()
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "single")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -1384,6 +1388,8 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
     assert core.main(["--eval-only", "--model1", warm_pair[0], "--model2", warm_pair[1], "--data", str(data),
                       "--out", str(tmp_path / "ev"), "--eval-n", "2", "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
     capsys.readouterr()
+    value = json.loads((tmp_path / "ev" / "eval.json").read_text())["pass@1_m1"]
+    assert core.compared_cell(core.run_evaluations(tmp_path / "ev"), "pass@1_m1") == f"{value:.3f}"
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "ev")]) == 0
     lines = capsys.readouterr().out.splitlines()
     differing = [line.split()[0] for line in lines[lines.index("flags that differ:") + 1:]]
@@ -1521,10 +1527,16 @@ def test_the_collapse_warning_reads_negative_advantages_and_a_rising_kl(capsys):
     warnings = collapse_warnings(capsys, rising)
     assert len(warnings) == 2 and warnings[0].startswith("warning: weak: for 3 steps")
     assert "0.0000 -> 0.0800" in warnings[0] and "try --adv-group model --adv-scale none" in warnings[0]
+    # the second window's KL and entropy are those of its own 3 steps, and the message says so
+    assert "for 6 steps in a row" in warnings[1] and "over the last 3 steps its KL to the base went 0.1000 -> 0.1300" in warnings[1]
     in_force = core.Config(adv_group="model", adv_scale="none")
     warnings = collapse_warnings(capsys, rising[:3], in_force)
     assert len(warnings) == 1 and "--adv-group" not in warnings[0] and "in force" in warnings[0]
     assert "try --adv-scale none" in collapse_warnings(capsys, rising[:3], core.Config(adv_group="model"))[0]
+    assert "try --adv-scale none" in collapse_warnings(capsys, rising[:3], core.Config(single=True))[0]  # per model
+    # --beta-kl 0: no KL measured (None); a rising entropy alone warns, without a KL reading
+    no_kl = collapse_warnings(capsys, [(0.83, 0.17, None, h) for _, h in ((0.0, 1.2), (0.0, 1.6), (0.0, 2.0))])
+    assert len(no_kl) == 1 and "KL" not in no_kl[0] and "its entropy went 1.20 -> 2.00" in no_kl[0]
     # the same share of negative advantages while KL and entropy fall: nothing is drifting
     assert collapse_warnings(capsys, [(0.9, 0.1, kl, 1 + kl) for kl in (0.05, 0.04, 0.03, 0.02, 0.01, 0.0)]) == []
     # all-wrong groups under per-model advantages: every advantage 0, nothing pushes, KL rising or not
@@ -1904,7 +1916,9 @@ def test_too_long_prompts_are_skipped_and_counted(warm_pair, tmp_path, capsys):
     assert core.main(flags) == 0
     assert "problem(s) skipped" in capsys.readouterr().out
     state = json.loads((core.find_checkpoint(tmp_path / "run") / "state.json").read_text())
-    assert state["counters"]["skipped_problems"] > 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert state["counters"]["skipped_problems"] == rows[-1]["skipped_problems_total"] > 0
+    assert [r["skipped_problems_total"] for r in rows] == list(itertools.accumulate(r["skipped_problems"] for r in rows))
 
 
 def test_answer_parsing_never_raises_on_random_strings():

@@ -2,7 +2,8 @@
 
     python tools/compare.py RUN [RUN ...]
 
-Each cell is before -> after (change) for a training run, or the one evaluation of an --eval-only run.
+Each cell is before -> after (change) for a training run, the one evaluation of an --eval-only run, or
+"before X" / "after X" for a training run with only that evaluation (stopped early, or --no-eval-before).
 """
 import json
 import sys

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
 
 PANELS = [  # title, metrics keys (evals.jsonl keys for the last panel; {k}: the evaluation's k)
-    ("reward and its terms (unweighted)", ["reward", "correct", "div", "cm", "rescue", "format"]),
+    ("reward and its terms (c, div, cm unweighted)", ["reward", "correct", "div", "cm", "rescue", "format"]),
     ("training accuracy, round A (cold) and B", ["acc_A_m1", "acc_A_m2", "acc_B_m1", "acc_B_m2"]),
     ("rescue rate and hint leak", ["rescue_rate", "hint_leak"]),
     ("KL to the base model", ["kl_m1", "kl_m2"]),
