@@ -1066,17 +1066,18 @@ class DecodeStep:
 
     def capture(self):
         """Run the step on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
         with torch.cuda.stream(side):
             logits = self.run()  # compiles, the first time a backend is given
-        torch.cuda.current_stream().wait_stream(side)
+        main.wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):  # its default stream is on the first model's GPU
                 self.logits = self.run()  # recorded, not run: buffers are unchanged
             self.graph = graph
         except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
+            torch.cuda.set_stream(main)  # a failed capture leaves its stream the current one
             DecodeStep.capture_failed = True
             print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
                   f"graphs from now on", file=sys.stderr, flush=True)

@@ -739,19 +739,26 @@ def test_decode_step_runs_no_op_that_would_break_a_cuda_graph(tiny_models):
 
 def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkeypatch, capsys):
     """The capture path with torch.cuda faked (no GPU here): a capture that raises leaves one warning and the
-    same tokens, decoded eagerly from then on."""
+    same tokens, decoded eagerly from then on, on the stream that was current before."""
     model, tokenizer = loaded(tiny_models[0])
     lively(model)
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
     ref = core.sample(model, prompts, 9, set(), 0, temperature=0)
 
+    streams, captured_on, restored = [], [], []
+
     class FakeStream:
+        def __init__(self):
+            streams.append(self)
+
         def wait_stream(self, other):
             pass
 
-    def failing_capture(graph):
+    def failing_capture(graph, stream=None):
+        captured_on.append(stream)
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    monkeypatch.setattr(torch.cuda, "set_stream", restored.append)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -762,6 +769,9 @@ def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkey
     fast = core.sample_fast(model, prompts, 9, set(), 0, temperature=0, segment=4, cuda_graph=True)
     assert fast == ref
     assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
+    # captured on the model's own side stream (torch's default capture stream lives on the first GPU that
+    # captured: with --device2 on another GPU, model 2's graph would be empty); the main stream made current again
+    assert captured_on == [streams[1]] and restored == [streams[0]]
 
 
 def test_compiled_decode_step_gives_the_reference_tokens_from_one_graph(tiny_models):
