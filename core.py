@@ -1931,8 +1931,9 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
                 f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
-    row["constant_groups"] = sum(len({round(t.reward, 12) for t in a}) == 1  # advantage 0: nothing to learn
-                                 for g in groups for a in advantage_groups(g, cfg))
+    baselines = [a for g in groups for a in advantage_groups(g, cfg)]
+    row["advantage_groups"] = len(baselines)
+    row["constant_groups"] = sum(all(t.advantage == 0 for t in a) for a in baselines)  # nothing to learn
     row["skipped_problems"] = skipped_problems
     row["rollout_s"], row["update_s"] = seconds
     row["seconds"] = sum(seconds)
@@ -1947,7 +1948,7 @@ def format_log(row, steps):
     r = row
     return (f"step {r['step']}/{steps} | acc A {pair('acc_A', '.2f')} B {pair('acc_B', '.2f')} | rescue "
             f"{r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/{r['hints_shown']} const "
-            f"{r['constant_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} div {r['div']:.2f}x"
+            f"{r['constant_groups']}/{r['advantage_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} div {r['div']:.2f}x"
             f"{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
             f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
             f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | "

@@ -211,6 +211,8 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
         stats = [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2
         row = core.step_log(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
         assert row["constant_groups"] == (1 if adv_group == "model" else 0)  # counted where the baseline is: model 2's
+        assert row["advantage_groups"] == (4 if adv_group == "model" else 2)  # of 2 questions x (2 models or 1 group)
+        assert f"const {row['constant_groups']}/{row['advantage_groups']} |" in core.format_log(row, 1)
 
 
 def test_hint_cap_in_receiver_tokens():
