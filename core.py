@@ -656,6 +656,9 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     if not names:
         raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
+    narrowest = min(min(model.get_submodule(n).weight.shape) for n in names)
+    if rank > narrowest:  # the update B A has rank <= the layer's width anyway
+        raise UsageError(f"--lora-rank {rank} is over the narrowest adapted layer's width, {narrowest}")
     for name in names:
         set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     return names
@@ -1741,6 +1744,9 @@ def check_in_sync(policies):
     """Data-parallel guard: every rank must hold the same adapters (they take identical steps)."""
     sums = all_gather([sum(p.detach().double().sum().item() for p in lora_parameters(pol.model))
                        for pol in policies])
+    if not all(math.isfinite(x) for rank_sums in sums for x in rank_sums):
+        raise TrainingError("the adapters hold non-finite weights (an --lr or --weight-decay too large?): "
+                            "stopping; the checkpoints saved before are kept")
     if any(not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for other in sums
            for a, b in zip(sums[0], other)):
         raise TrainingError(f"adapters differ across ranks (checksums {sums}): stopping")
@@ -1948,8 +1954,8 @@ def format_log(row, steps):
     r = row
     return (f"step {r['step']}/{steps} | acc A {pair('acc_A', '.2f')} B {pair('acc_B', '.2f')} | rescue "
             f"{r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/{r['hints_shown']} const "
-            f"{r['constant_groups']}/{r['advantage_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} div {r['div']:.2f}x"
-            f"{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
+            f"{r['constant_groups']}/{r['advantage_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} "
+            f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
             f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
             f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | "
             f"{r['tok_per_s']:.0f} tok/s | {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
@@ -2220,7 +2226,10 @@ def flag_name(field_name):
 
 def validate(cfg, given=frozenset()):
     """Reject impossible settings before anything is loaded or written (`given`: the flags set)."""
+    nonfinite = [flag_name(f.name) for f in fields(Config) if type(f.default) is float
+                 and not math.isfinite(getattr(cfg, f.name))]  # argparse reads nan and inf as floats
     checks = [
+        (not nonfinite, f"{', '.join(nonfinite)} must be a finite number, not nan or inf"),
         (cfg.k >= 1, "--k must be >= 1"),
         (cfg.k_rescue >= 1 or cfg.single, "--k-rescue must be >= 1"),
         (cfg.single_samples >= 0 and (cfg.single or not cfg.single_samples),
@@ -2230,15 +2239,17 @@ def validate(cfg, given=frozenset()):
         (cfg.temperature >= 0, "--temperature must be >= 0"),
         (cfg.steps >= 1, "--steps must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"),
-        (cfg.lora_rank >= 1, "--lora-rank must be >= 1"),
+        (cfg.lora_rank >= 1 and cfg.lora_alpha > 0, "--lora-rank must be >= 1 and --lora-alpha > 0"),
         (cfg.max_new_tokens >= 1 and cfg.eval_max_new_tokens >= 1, "token budgets must be >= 1"),
         (cfg.hint_tokens >= 1, "--hint-tokens must be >= 1"),
         (cfg.batch_questions >= 1 and cfg.train_n >= 1, "--batch-questions and --train-n must be >= 1"),
         (cfg.eval_k >= 1 and cfg.eval_n >= 0 and cfg.eval_every >= 0,
          "--eval-k must be >= 1, --eval-n and --eval-every >= 0"),
         (cfg.gen_batch >= 1 and cfg.micro_batch >= 1 and cfg.logprob_chunk >= 1, "batch sizes must be >= 1"),
-        (cfg.save_every >= 1 and cfg.keep >= 1, "--save-every and --keep must be >= 1"),
-        (cfg.grad_clip > 0 and cfg.beta_kl >= 0, "--grad-clip must be > 0 and --beta-kl >= 0"),
+        (cfg.save_every >= 1 and cfg.keep >= 1 and cfg.stop_after >= 0 and cfg.show >= 0,
+         "--save-every and --keep must be >= 1, --stop-after and --show >= 0"),
+        (cfg.grad_clip > 0 and cfg.beta_kl >= 0 and cfg.weight_decay >= 0,
+         "--grad-clip must be > 0, --beta-kl and --weight-decay >= 0"),
         (cfg.dpp_eps > 0 and cfg.ngram_dim >= 1, "--dpp-eps must be > 0 and --ngram-dim >= 1"),
         (cfg.data in DATASET_NAMES or Path(cfg.data).exists() or cfg.demo,
          f"dataset path '{cfg.data}' does not exist" if re.search(r"[/\\.]", cfg.data) else

@@ -94,6 +94,11 @@ def test_help_documents_every_flag_in_the_config_sections():
     (["--top-p", "0"], "--top-p"),
     (["--batch-questions", "0"], "--batch-questions"),
     (["--single-samples", "3"], "--single-samples needs --single"),
+    (["--w-div", "nan"], "--w-div must be a finite number"),  # else every reward is nan and every update skipped
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--weight-decay", "-1"], "--weight-decay >= 0"),  # AdamW's own check: a traceback
+    (["--lora-alpha", "0"], "--lora-alpha > 0"),  # scale 0: the adapters would learn nothing, silently
+    (["--stop-after", "-1"], "--stop-after and --show >= 0"),
 ])
 def test_validate_rejects_bad_settings(flags, message):
     cfg = core.Config(**vars(core.build_parser().parse_args(flags)))
@@ -492,6 +497,19 @@ def test_lora_starts_at_base_merges_and_disables():
     for layer in layers:
         layer.unmerge()
     assert torch.equal(model(x).logits, tuned)
+
+
+def test_a_lora_rank_over_a_layers_width_and_non_finite_adapters_are_refused():
+    model, _ = small_model()  # k_proj: 2 kv heads x head_dim 8 = 16 outputs, the narrowest adapted layer
+    with pytest.raises(core.UsageError, match="--lora-rank 17 is over the narrowest adapted layer's width, 16"):
+        core.add_lora(model, rank=17, alpha=8)
+    core.add_lora(model, rank=16, alpha=8)
+    policy = types.SimpleNamespace(model=model)
+    core.check_in_sync([policy])  # one process: always in sync
+    with torch.no_grad():
+        core.lora_parameters(model)[0][0, 0] = float("nan")
+    with pytest.raises(core.TrainingError, match="non-finite weights"):  # not "adapters differ across ranks"
+        core.check_in_sync([policy])
 
 
 def test_lora_save_load_round_trip_and_export(tmp_path):
