@@ -1393,7 +1393,8 @@ def jsonl_problems(path, kind=None):
         print(f"note: {unusable} row(s) of {path} skipped: no question or no gold answer")
     if kind is None:
         kinds = {guess_kind(p.gold) for p in problems}
-        problems = [replace(p, kind=kinds.pop() if len(kinds) == 1 else "math") for p in problems]
+        guessed = kinds.pop() if len(kinds) == 1 else "math"  # one kind for the whole file
+        problems = [replace(p, kind=guessed) for p in problems]
     return problems
 
 
@@ -1417,9 +1418,10 @@ def gsm8k_gold(solution):
 
 
 def guess_kind(gold):
+    """choice for a letter A-D, number for a plain number ('1,000', '-0.5'), math for anything else."""
     if re.fullmatch(r"[A-D]", gold.strip()):
         return "choice"
-    return "number" if parse_number(gold) is not None else "math"
+    return "number" if NUMBER_RE.fullmatch(gold.strip()) else "math"
 
 
 def gpqa_problems(zip_path, seed):

@@ -1144,8 +1144,14 @@ def test_load_gsm8k_folder_and_generic_file(tmp_path):
     assert len(core.load_problems(str(folder), "test")) == 2  # a folder named like a dataset
     generic = write_jsonl(tmp_path / "mine.jsonl", [{"problem": f"p{i}", "answer": "B"} for i in range(10)])
     probs = core.load_problems(str(generic), "train")
-    assert len(probs) == 8 and probs[0].kind == "choice"  # first 80%
+    assert len(probs) == 8 and {p.kind for p in probs} == {"choice"}  # first 80%, every row the file's kind
     assert len(core.load_problems(str(generic), "test")) == 2
+    kinds = {"numbers": ["7", "12", "1,000", "-0.5"], "letters": ["A", "C", "D"], "math": ["2x+1", "(1,2)", "7"],
+             "expressions": ["2x+1", "\\frac{\\sqrt{3}}{2}", "x^2"]}  # a number only where the whole gold is one
+    for name, golds in kinds.items():
+        mine = write_jsonl(tmp_path / f"{name}.jsonl", [{"question": f"q{i}", "answer": g} for i, g in enumerate(golds)])
+        assert {p.kind for p in core.load_problems(str(mine), "all")} == {
+            {"numbers": "number", "letters": "choice"}.get(name, "math")}, name
 
 
 def test_bad_rows_name_file_and_line(tmp_path):
