@@ -2206,7 +2206,8 @@ def build_parser(with_defaults=True):
     parser.error, group = parse_error, None
     for f in fields(Config):
         group = parser.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
-        text = f.metadata["help"].replace("%", "%%") + (f" (default: {f.default})" if f.default else "")
+        shown = f.default != "" and not isinstance(f.default, bool)  # a switch or an empty text: no default
+        text = f.metadata["help"].replace("%", "%%") + (f" (default: {f.default})" if shown else "")
         default = f.default if with_defaults else argparse.SUPPRESS
         extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices
         if isinstance(f.default, bool):

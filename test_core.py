@@ -81,6 +81,7 @@ def test_help_documents_every_flag_in_the_config_sections():
         assert f.metadata["help"]
     sections = [text.index(f"\n{title}:\n") for title in core.SECTIONS.values()]
     assert sections == sorted(sections) and "(default: )" not in text and "(default: False)" not in text
+    assert re.search(r"--eval-n EVAL_N\s+test questions to evaluate \(0 = all\) \(default: 0\)", text)
 
 
 @pytest.mark.parametrize("flags, message", [
