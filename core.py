@@ -1928,7 +1928,7 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
     row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
     row["reward"] = sum(t.reward for t in traces) / len(traces)
     row |= reward_weights(cfg, step)  # the weights in force: w_div, lambda_cm
-    for term in ("correct", "div", "cm", "rescue", "format"):
+    for term in traces[0].terms:  # correct, div, cm, rescue, format: whatever score_group pays
         row[term] = sum(t.terms[term] for t in traces) / len(traces)
     for m, s in enumerate(stats, 1):
         advantages = [t.advantage for t in traces if t.model == m]
