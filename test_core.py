@@ -215,7 +215,10 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
             assert all_wrong == [0.0, 0.0, 0.0]
             assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
         stats = [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2
+        for t in (t for g in groups for t in g):
+            t.terms["extra"] = 0.5  # a new reward term is logged as it is, with no change to the log
         row = core.step_log(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
+        assert row["extra"] == 0.5 and set(row) >= {"correct", "div", "cm", "rescue", "format"}
         assert row["constant_groups"] == (1 if adv_group == "model" else 0)  # counted where the baseline is: model 2's
         assert row["advantage_groups"] == (4 if adv_group == "model" else 2)  # of 2 questions x (2 models or 1 group)
         assert f"const {row['constant_groups']}/{row['advantage_groups']} |" in core.format_log(row, 1)
