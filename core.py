@@ -658,7 +658,8 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
         raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
     narrowest = min(min(model.get_submodule(n).weight.shape) for n in names)
     if rank > narrowest:  # the update B A has rank <= the layer's width anyway
-        raise UsageError(f"--lora-rank {rank} is over the narrowest adapted layer's width, {narrowest}")
+        raise UsageError(f"--lora-rank {rank} is over the narrowest adapted layer's width, {narrowest} "
+                         f"(see --lora-targets)")
     for name in names:
         set_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     return names
@@ -1418,10 +1419,12 @@ def gsm8k_gold(solution):
 
 
 def guess_kind(gold):
-    """choice for a letter A-D, number for a plain number ('1,000', '-0.5'), math for anything else."""
-    if re.fullmatch(r"[A-D]", gold.strip()):
+    """choice for a letter A-D, number for a plain number ('1,000', '-0.5', '$5', '5%'), math for the rest."""
+    gold = gold.strip()
+    if re.fullmatch(r"[A-D]", gold):
         return "choice"
-    return "number" if NUMBER_RE.fullmatch(gold.strip()) else "math"
+    plain = re.sub(r"^[+$]|[%.]$", "", gold.replace("\u2212", "-"))  # '+5', '$5', '5%', '5.', a Unicode minus
+    return "number" if NUMBER_RE.fullmatch(plain) else "math"
 
 
 def gpqa_problems(zip_path, seed):
@@ -1640,7 +1643,7 @@ def compared_cell(evals, key):
     k = next(iter(evals.values()))["k"] if evals else 0
     key = key.format(k=k, h=k // 2)
     values = {name: e[key] for name, e in evals.items() if key in e}
-    if len(values) == 2:
+    if {"eval_before", "eval_after"} <= values.keys():
         before, after = values["eval_before"], values["eval_after"]
         return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
     if not values:
@@ -1984,6 +1987,7 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
                   f"negative advantage ({negative:.0%} now); over the last {patience} steps {went}its "
                   f"entropy went {start[i]:.2f} -> {entropy:.2f}: its updates push it away from its own "
                   f"samples (README: the weaker partner; {advice})", flush=True)
+
 
 def show_group(problem, group, hint, names):
     """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""

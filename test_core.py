@@ -81,7 +81,7 @@ def test_help_documents_every_flag_in_the_config_sections():
         assert f.metadata["help"]
     sections = [text.index(f"\n{title}:\n") for title in core.SECTIONS.values()]
     assert sections == sorted(sections) and "(default: )" not in text and "(default: False)" not in text
-    assert re.search(r"--eval-n EVAL_N\s+test questions to evaluate \(0 = all\) \(default: 0\)", text)
+    assert "--eval-n EVAL_N test questions to evaluate (0 = all) (default: 0)" in re.sub(r"\s+", " ", text)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -222,6 +222,11 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
         assert row["constant_groups"] == (1 if adv_group == "model" else 0)  # counted where the baseline is: model 2's
         assert row["advantage_groups"] == (4 if adv_group == "model" else 2)  # of 2 questions x (2 models or 1 group)
         assert f"const {row['constant_groups']}/{row['advantage_groups']} |" in core.format_log(row, 1)
+    # "constant" is the update's own rule: a spread of 1e-10 is below its 1e-8, so every advantage is 0
+    twins = [core.Trace(m, "A", [1], [2], "", False, reward=r) for m, r in ((1, 0.5), (2, 0.5 + 1e-10))]
+    for t, a in zip(twins, core.group_advantages([t.reward for t in twins]).tolist()):
+        t.advantage = a
+    assert core.step_log(0, core.Config(), [twins], stats, (1.0, 0.5), 0)["constant_groups"] == 1
 
 
 def test_hint_cap_in_receiver_tokens():
@@ -1150,7 +1155,7 @@ def test_load_gsm8k_folder_and_generic_file(tmp_path):
     probs = core.load_problems(str(generic), "train")
     assert len(probs) == 8 and {p.kind for p in probs} == {"choice"}  # first 80%, every row the file's kind
     assert len(core.load_problems(str(generic), "test")) == 2
-    kinds = {"numbers": ["7", "12", "1,000", "-0.5"], "letters": ["A", "C", "D"], "math": ["2x+1", "(1,2)", "7"],
+    kinds = {"numbers": ["7", " 12 ", "1,000", "-0.5", "$5", "5%", "+5", "\u22127", "12."], "letters": ["A", "C", "D"], "math": ["2x+1", "(1,2)", "7"],
              "expressions": ["2x+1", "\\frac{\\sqrt{3}}{2}", "x^2"]}  # a number only where the whole gold is one
     for name, golds in kinds.items():
         mine = write_jsonl(tmp_path / f"{name}.jsonl", [{"question": f"q{i}", "answer": g} for i, g in enumerate(golds)])
