@@ -1102,7 +1102,7 @@ NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 # next non-blank line when the marker ends its line
 ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=)[*_]*)\s*:?\s*"
 ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"([^\n]*)", re.IGNORECASE)
-LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
+LETTER_RE = re.compile(r"\(([A-D])\)|\b([A-D])\b(?!(?<=A)\s+[a-z])")  # (B), else B; not "A" in "A mass of"
 
 
 def boxed_spans(text):
@@ -1127,19 +1127,24 @@ def boxed_spans(text):
 
 
 def last_boxed(text):
-    spans = boxed_spans(text)
-    return spans[-1][2] if spans else None
+    spans = [content for _, _, content in boxed_spans(text) if content.strip()]  # an empty box: no answer
+    return spans[-1] if spans else None
 
 
 def last_marked(text):
     """Rest of the line after the last '####' / 'answer is' / 'answer:' marker, or None."""
     marks = ANSWER_MARK_RE.findall(text)
+    while marks and ANSWER_MARK_RE.search(marks[-1]):  # "the answer is 20, no: the answer is 18": the later
+        marks = ANSWER_MARK_RE.findall(marks[-1])
     return marks[-1] if marks else None
 
 
 def parse_number(s):
-    """First number in s as an exact Fraction ('1,000' -> 1000, '\\frac{1}{2}' and '1/2' -> 1/2), or None."""
-    s = s.replace("\u2212", "-").replace("\\!", "").replace("$", "").replace("\\%", "%")
+    """First number in s as an exact Fraction ('1,000' and '1{,}000' -> 1000, '\\frac{1}{2}' and '1/2' -> 1/2,
+    '3\\frac{1}{2}' -> 7/2), or None, also when it begins an expression ('2^{10}', '5 \\times 4', '3-4')."""
+    s = s.replace("\u2212", "-").replace("\\!", "").replace("\\$", "").replace("$", "").replace("\\%", "%")
+    s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)  # LaTeX thousands: 1{,}000, 70\,000
+    s = re.sub(r"^\s*-\s+(?=\d)", "-", s)  # '- 5'
     frac = (re.search(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}", s)
             or re.search(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.])", s))
     plain = NUMBER_RE.search(s)
@@ -1147,7 +1152,14 @@ def parse_number(s):
         if frac and (not plain or frac.start() <= plain.start()):
             value = Fraction(int(frac.group(2)), int(frac.group(3)))
             return -value if frac.group(1) else value
-        return Fraction(plain.group().replace(",", "")) if plain else None
+        operator = r"\s*(?:\^(?!\{?\\circ)|\\times|\\cdot|\u00d7|(?<!\*)\*(?!\*)|\+|-\s*\d)"  # not **18**
+        if not plain or re.match(operator, s[plain.end():]):
+            return None
+        value = Fraction(plain.group().replace(",", ""))
+        if frac and not frac.group(1) and "frac" in frac.group() and not s[plain.end():frac.start()].strip():
+            part = Fraction(int(frac.group(2)), int(frac.group(3)))  # a mixed number, 3\frac{1}{2}
+            value += -part if plain.group().startswith("-") else part
+        return value
     except (ValueError, ZeroDivisionError):  # huge digit strings, x/0
         return None
 
@@ -1159,7 +1171,7 @@ def format_number(value):
 def normalize_math(s):
     """MATH answer string -> canonical form (Hendrycks-style string rules, numbers made exact)."""
     s = s.strip().replace("\n", " ").replace("\u2212", "-")
-    for old, new in [("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""),
+    for old, new in [("{,}", ","), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\displaystyle", ""),
                      ("dfrac", "frac"), ("tfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\u00b0", ""),
                      ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\\dollars", "")]:
         s = s.replace(old, new)
@@ -1171,6 +1183,9 @@ def normalize_math(s):
     s = s.replace(" ", "").rstrip(".")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # a base: 4210_{5} -> 4210_5
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # an option: (C) -> C
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     if re.fullmatch(r"-?(\d+(,\d{3})*(\.\d+)?|\.\d+|\d+/\d+|\\frac\{-?\d+\}\{-?\d+\})", s):
         value = parse_number(s)
@@ -1191,15 +1206,16 @@ def extract_answer(text, kind, fallback=True):
     if kind == "choice":
         bare = text.strip() if fallback and len(text.strip()) <= 4 else None
         for span in (boxed, last_marked(text), bare):
-            letter = LETTER_RE.search(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else None
-            if letter:
-                return letter.group(1)
+            letters = LETTER_RE.findall(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else []
+            if letters:  # a letter in parentheses first
+                return next((p for p, _ in letters if p), letters[0][1])
         return None
     value = None
-    for span in (boxed, last_marked(text)):
+    in_box = None if boxed is None else boxed.rsplit("=", 1)[-1]  # \boxed{9 \times 2 = 18}: 18
+    for span in (in_box, last_marked(text)):
         if span is not None and (value := parse_number(span)) is not None:
             break
-    if value is None and fallback:
+    if value is None and fallback and boxed is None:  # a boxed answer that is no one number is no answer
         numbers = NUMBER_RE.findall(text.replace("\u2212", "-"))
         value = parse_number(numbers[-1]) if numbers else None
     if value is None or (kind == "integer" and value.denominator != 1):

@@ -942,6 +942,12 @@ def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
     ("\\boxed{5} wait, recheck: \\boxed{6}", "6"),
     ("The answer is: 0.5", "1/2"),
     ("answer is \u22124", "-4"),
+    ("\\boxed{5 \\times 4 = 20}", "20"),   # a box's value is after its last '='
+    ("\\boxed{3\\frac{1}{2}}", "7/2"),      # a mixed number
+    ("\\boxed{1{,}000}", "1000"), ("\\boxed{70\\,000}", "70000"), ("\\boxed{-\\$5}", "-5"), ("\\boxed{- 5}", "-5"),
+    ("The answer is **18**.", "18"), ("\\boxed{18} and \\boxed{}", "18"),  # bold is not a product; an empty box no answer
+    ("I first thought the answer is 20, but rechecking, the answer is 18.", "18"),  # the later marker on a line
+    ("The answer is 9 \u00d7 2 = 18 dollars.", "18"),
 ])
 def test_number_answers(text, gold):
     assert core.is_correct(text, gold, "number")
@@ -952,6 +958,10 @@ def test_number_answers(text, gold):
     ("\\boxed{17}", "18"),
     ("\\boxed{18.5}", "18"),
     ("", "0"),
+    ("\\boxed{5 \\times 4 = 20}", "5"), ("\\boxed{3\\frac{1}{2}}", "3"), ("\\boxed{1{,}000}", "1"),  # a first number
+    ("\\boxed{3-4}", "3"), ("\\boxed{2^{10}}", "2"), ("\\boxed{2^{10}}", "10"),  # an expression: no answer, no fallback
+    ("\\boxed{- 5}", "5"), ("I first thought the answer is 20, but rechecking, the answer is 18.", "20"),
+    ("The answer is 9 \u00d7 2 = 18 dollars.", "9"),
 ])
 def test_number_answers_wrong(text, gold):
     assert not core.is_correct(text, gold, "number")
@@ -971,6 +981,8 @@ def test_number_answers_wrong(text, gold):
     ("\\boxed{10,000}", "10000"),
     ("\\boxed{-\\frac{3}{4}}", "-0.75"),
     ("\\boxed{\\!2\\,}", "2"),
+    ("\\boxed{2{,}220}", "2220"), ("\\boxed{4210_5}", "4210_{5}"), ("\\boxed{\\frac{9}{19}}", "\\frac9{19}"),
+    ("\\boxed{C}", "\\text{(C)}"), ("\\boxed{7} \\boxed{ }", "7"),
 ])
 def test_math_answers(text, gold):
     assert core.is_correct(text, gold, "math")
@@ -997,6 +1009,9 @@ def test_integer_answers(text, gold, ok):
 @pytest.mark.parametrize("text, gold, ok", [
     ("\\boxed{B}", "B", True), ("\\boxed{\\text{(C)}}", "C", True), ("The answer is (D).", "D", True),
     ("Answer: A", "A", True), ("C", "C", True), ("A cat says \\boxed{B}", "A", False), ("no letter", "A", False),
+    ("**Answer:** A concentration of 2.5 M, option (C).", "A", False), ("... option (C).", "C", False),
+    ("**Answer:** A concentration of 2.5 M, option (C).", "C", True), ("The correct answer is **(D)**.", "D", True),
+    ("At first the answer is B, but rechecking, the answer is D.", "D", True),
 ])
 def test_choice_answers(text, gold, ok):
     assert core.is_correct(text, gold, "choice") == ok
