@@ -1471,8 +1471,11 @@ def test_one_model_alone_trains_and_evaluates_without_team_numbers(warm_pair, tm
     assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "pair", steps=1) + ["--no-eval-before"]) == 0
     capsys.readouterr()
     assert compare.main([str(tmp_path / "alone"), str(tmp_path / "pair")]) == 0
-    team = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Team Pass@k "))
+    lines = capsys.readouterr().out.splitlines()
+    team = next(line for line in lines if line.startswith("Team Pass@k "))
     assert team.split()[2] == "-"
+    tokens = next(line for line in lines if line.startswith("sampled tokens m1 + m2"))
+    assert re.fullmatch(r"sampled tokens m1 \+ m2 +[\d,]+ \+ - +[\d,]+ \+ [1-9][\d,]*", tokens)  # no model 2: "-"
     common = ["--eval-only", "--adapters", str(tmp_path / "alone"), "--model1", warm_pair[0], "--data", str(data),
               "--eval-n", "2", "--eval-max-new-tokens", "4"]
     assert core.main(common + ["--model2", "none", "--out", str(tmp_path / "ev")]) == 0  # its adapter, evaluated

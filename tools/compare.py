@@ -38,7 +38,8 @@ def training_tokens(folder):
     last = rows[-1] if rows else {}
     if "sampled_tokens_total_m1" not in last:
         return "-"
-    return f"{last['sampled_tokens_total_m1']:,} + {last['sampled_tokens_total_m2']:,}"
+    alone = json.loads((Path(folder) / "config.json").read_text()).get("model2") == "none"  # no model 2
+    return f"{last['sampled_tokens_total_m1']:,} + " + ("-" if alone else f"{last['sampled_tokens_total_m2']:,}")
 
 
 def shown_value(value, folder):
