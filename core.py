@@ -1176,14 +1176,20 @@ def normalize_math(s):
                      ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("\\dollars", "")]:
         s = s.replace(old, new)
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}$", "", s).strip()  # trailing unit: "5\text{ cm}"
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s+[^{}]*\}(?:\^\{?[23]\}?)?$", "", s).strip()  # "5\text{ cm}^2"
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\s*(?:degrees?|units?|cm|inches|meters?)$", "", s)
-    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
+    s = re.sub(r"^[a-zA-Z]\s*(?:=|\\in\b)\s*", "", s)  # "x = 5" -> "5", "x \in [-2,7]" -> "[-2,7]"
+    s = re.sub(r"^\\\{(.*)\\\}$", r"\1", s)  # a set: \{1, -2\} -> 1, -2
     s = s.replace(" ", "").rstrip(".")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
+    mixed = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{([1-9]\d*)\}", s)  # 1\frac{2}{3} -> 5/3
+    if mixed:
+        value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
+        return format_number(-value if mixed.group(1) else value)
+    s = re.sub(r"(?<!\d)\\frac\{(-?\d+)\}\{(-?\d+)\}", r"\1/\2", s)  # \frac{1}{5} -> 1/5, in a vector too
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # a base: 4210_{5} -> 4210_5
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # an option: (C) -> C
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)

@@ -983,6 +983,10 @@ def test_number_answers_wrong(text, gold):
     ("\\boxed{\\!2\\,}", "2"),
     ("\\boxed{2{,}220}", "2220"), ("\\boxed{4210_5}", "4210_{5}"), ("\\boxed{\\frac{9}{19}}", "\\frac9{19}"),
     ("\\boxed{C}", "\\text{(C)}"), ("\\boxed{7} \\boxed{ }", "7"),
+    ("\\boxed{864}", "864 \\mbox{ inches}^2"), ("\\boxed{[-2, 7]}", "x \\in [-2,7]"),  # MATH-500 golds
+    ("\\boxed{1 \\pm \\sqrt{5}, -2}", "\\{1\\pm\\sqrt{5},-2\\}"),
+    ("\\boxed{\\frac{5}{3}}", "1\\frac{2}{3}"), ("\\boxed{1.8}", "1\\frac45"),  # mixed numbers
+    ("\\boxed{\\begin{pmatrix} \\frac{1}{5} \\\\ -\\frac{18}{5} \\end{pmatrix}}", "\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}"),
 ])
 def test_math_answers(text, gold):
     assert core.is_correct(text, gold, "math")
@@ -993,6 +997,7 @@ def test_math_answers(text, gold):
     ("\\boxed{\\frac{1}{3}}", "\\frac{1}{2}"),
     ("\\boxed{x^2+1", "x^2+1"),                 # unbalanced
     ("\\boxed{}", ""),
+    ("\\boxed{4}", "1\\frac{2}{3}"), ("\\boxed{12/3}", "1\\frac{2}{3}"),  # not 1 and 2/3 run together
 ])
 def test_math_answers_wrong(text, gold):
     assert not core.is_correct(text, gold, "math")
