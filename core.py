@@ -1522,9 +1522,8 @@ def evaluate(policies, usable, cfg, tag):
 
 
 def sample_result(ids, text, problem, eos_ids, budget):
-    answer = extract_answer(text, problem.kind)
-    correct = answer is not None and answer == normalize_gold(problem.gold, problem.kind)
-    return {"answer": answer, "correct": correct, "tokens": len(ids),
+    correct = is_correct(text, problem.gold, problem.kind)  # c(tau), as in training
+    return {"answer": extract_answer(text, problem.kind), "correct": correct, "tokens": len(ids),
             "truncated": hit_budget(ids, budget, eos_ids), "text": text}
 
 
