@@ -975,7 +975,7 @@ def test_number_answers_wrong(text, gold):
     ("\\boxed{90^\\circ}", "90"),
     ("\\boxed{5\\text{ cm}}", "5"),
     ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}"),
-    ("\\boxed{x = 3}", "3"),
+    ("\\boxed{x = 3}", "3"), ("\\boxed{x=3}", "x = 3"), ("\\boxed{3}", "y = 3"),
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt3}{2}"),
     ("first \\boxed{1} then \\boxed{{a}^{2}+\\{b\\}}", "{a}^{2}+\\{b\\}"),
     ("\\boxed{10,000}", "10000"),
@@ -985,7 +985,7 @@ def test_number_answers_wrong(text, gold):
     ("\\boxed{C}", "\\text{(C)}"), ("\\boxed{7} \\boxed{ }", "7"),
     ("\\boxed{864}", "864 \\mbox{ inches}^2"), ("\\boxed{[-2, 7]}", "x \\in [-2,7]"),  # MATH-500 golds
     ("\\boxed{1 \\pm \\sqrt{5}, -2}", "\\{1\\pm\\sqrt{5},-2\\}"),
-    ("\\boxed{\\frac{5}{3}}", "1\\frac{2}{3}"), ("\\boxed{1.8}", "1\\frac45"),  # mixed numbers
+    ("\\boxed{\\text{East}}", "\\text{east}"), ("\\boxed{\\frac{5}{3}}", "1\\frac{2}{3}"), ("\\boxed{1.8}", "1\\frac45"),  # mixed numbers
     ("\\boxed{\\begin{pmatrix} \\frac{1}{5} \\\\ -\\frac{18}{5} \\end{pmatrix}}", "\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}"),
 ])
 def test_math_answers(text, gold):
@@ -998,6 +998,7 @@ def test_math_answers(text, gold):
     ("\\boxed{x^2+1", "x^2+1"),                 # unbalanced
     ("\\boxed{}", ""),
     ("\\boxed{4}", "1\\frac{2}{3}"), ("\\boxed{12/3}", "1\\frac{2}{3}"),  # not 1 and 2/3 run together
+    ("\\boxed{y = \\frac{3}{2}}", "x = \\frac32"),  # another line than the gold's
 ])
 def test_math_answers_wrong(text, gold):
     assert not core.is_correct(text, gold, "math")
