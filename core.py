@@ -1102,7 +1102,11 @@ NUMBER_RE = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 # next non-blank line when the marker ends its line
 ANSWER_MARK = r"(?:####|answer(?:\*\*|__|\*|_)?\s*(?:is\b|:|=)[*_]*)\s*:?\s*"
 ANSWER_MARK_RE = re.compile(ANSWER_MARK + r"([^\n]*)", re.IGNORECASE)
-LETTER_RE = re.compile(r"\(([A-D])\)|\b([A-D])\b(?!(?<=A)\s+[a-z])")  # (B), else B; not "A" in "A mass of"
+LETTER_RE = re.compile(r"\(?\b([A-D])\b\)?")
+# what after a first number makes it part of an expression (2^{10}, 5 \times 4, 2\sqrt{3}, 3-4, 5 * 4), not a
+# degree (30^\circ) or bold (**18**)
+OPERATOR_RE = re.compile(r"\s*(?:\^(?!\s*\{?\s*(?:\\circ|o\b|\\text))|\\times|\\cdot|\u00d7|\\sqrt|\\pi|\+"
+                         r"|-\s*[\d\\]|(?<!\*)\*(?=\s*[\d(\\]))")
 
 
 def boxed_spans(text):
@@ -1131,12 +1135,13 @@ def last_boxed(text):
     return spans[-1] if spans else None
 
 
-def last_marked(text):
-    """Rest of the line after the last '####' / 'answer is' / 'answer:' marker, or None."""
-    marks = ANSWER_MARK_RE.findall(text)
-    while marks and ANSWER_MARK_RE.search(marks[-1]):  # "the answer is 20, no: the answer is 18": the later
-        marks = ANSWER_MARK_RE.findall(marks[-1])
-    return marks[-1] if marks else None
+def marked_spans(text):
+    """The rest of the line after the last '####' / 'answer is' / 'answer:' marker and after each later marker
+    on it, the last first ("the answer is 20, no: the answer is 18" gives '18', then '20, no: ...')."""
+    spans = ANSWER_MARK_RE.findall(text)[-1:]
+    while spans and (inner := ANSWER_MARK_RE.findall(spans[-1])):
+        spans.append(inner[-1])
+    return spans[::-1]
 
 
 def parse_number(s):
@@ -1144,7 +1149,6 @@ def parse_number(s):
     '3\\frac{1}{2}' -> 7/2), or None, also when it begins an expression ('2^{10}', '5 \\times 4', '3-4')."""
     s = s.replace("\u2212", "-").replace("\\!", "").replace("\\$", "").replace("$", "").replace("\\%", "%")
     s = re.sub(r"(?<=\d)(?:\{,\}|\\,)(?=\d{3}(?!\d))", ",", s)  # LaTeX thousands: 1{,}000, 70\,000
-    s = re.sub(r"^\s*-\s+(?=\d)", "-", s)  # '- 5'
     frac = (re.search(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}", s)
             or re.search(r"(-?)(\d+)\s*/\s*(\d+)(?![\d.])", s))
     plain = NUMBER_RE.search(s)
@@ -1152,8 +1156,7 @@ def parse_number(s):
         if frac and (not plain or frac.start() <= plain.start()):
             value = Fraction(int(frac.group(2)), int(frac.group(3)))
             return -value if frac.group(1) else value
-        operator = r"\s*(?:\^(?!\{?\\circ)|\\times|\\cdot|\u00d7|(?<!\*)\*(?!\*)|\+|-\s*\d)"  # not **18**
-        if not plain or re.match(operator, s[plain.end():]):
+        if not plain or OPERATOR_RE.match(s, plain.end()):
             return None
         value = Fraction(plain.group().replace(",", ""))
         if frac and not frac.group(1) and "frac" in frac.group() and not s[plain.end():frac.start()].strip():
@@ -1190,7 +1193,7 @@ def normalize_math(s):
         value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
         return format_number(-value if mixed.group(1) else value)
     s = re.sub(r"(?<!\d)\\frac\{(-?\d+)\}\{(-?\d+)\}", r"\1/\2", s)  # \frac{1}{5} -> 1/5, in a vector too
-    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # a base: 4210_{5} -> 4210_5
+    s = re.sub(r"_\{(\w+)\}(?![\w{\\])", r"_\1", s)  # a base: 4210_{5} -> 4210_5 (not \log_{10}5)
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # an option: (C) -> C
     s = s.lower() if re.fullmatch(r"[A-Za-z]{3,}", s) else s  # a word: East = east
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
@@ -1212,14 +1215,14 @@ def extract_answer(text, kind, fallback=True):
         return normalize_math(boxed) if boxed is not None and boxed.strip() else None
     if kind == "choice":
         bare = text.strip() if fallback and len(text.strip()) <= 4 else None
-        for span in (boxed, last_marked(text), bare):
-            letters = LETTER_RE.findall(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else []
-            if letters:  # a letter in parentheses first
-                return next((p for p, _ in letters if p), letters[0][1])
+        for span in (boxed, *marked_spans(text), bare):
+            letter = LETTER_RE.search(re.sub(r"\\text\{([^{}]*)\}", r"\1", span)) if span else None
+            if letter:
+                return letter.group(1)
         return None
     value = None
-    in_box = None if boxed is None else boxed.rsplit("=", 1)[-1]  # \boxed{9 \times 2 = 18}: 18
-    for span in (in_box, last_marked(text)):
+    in_box = None if boxed is None else re.sub(r"^\s*-\s+", "-", boxed.rsplit("=", 1)[-1])  # {6 \cdot 3 = 18}
+    for span in (in_box, *marked_spans(text)):
         if span is not None and (value := parse_number(span)) is not None:
             break
     if value is None and fallback and boxed is None:  # a boxed answer that is no one number is no answer
@@ -1247,7 +1250,7 @@ def is_correct(text, gold, kind):
         return False
     if kind == "math":  # normalize_math drops 'x =', but 'y = 3/2' is not the asymptote 'x = 3/2'
         named = [re.match(r"\s*([a-zA-Z])\s*=", s) for s in (last_boxed(text), gold)]
-        return len({m.group(1) for m in named if m}) < 2
+        return len({m.group(1).lower() for m in named if m}) < 2
     return True
 
 
@@ -1452,7 +1455,7 @@ def guess_kind(gold):
     if re.fullmatch(r"[A-D]", gold):
         return "choice"
     plain = re.sub(r"^[+$]|[%.]$", "", gold.replace("\u2212", "-"))  # '+5', '$5', '5%', '5.', a Unicode minus
-    return "number" if NUMBER_RE.fullmatch(plain) else "math"
+    return "number" if NUMBER_RE.fullmatch(plain) or re.fullmatch(r"-?\d+/\d+", plain) else "math"
 
 
 def gpqa_problems(zip_path, seed):
