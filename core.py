@@ -1188,16 +1188,14 @@ def normalize_math(s):
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)  # \frac9{19}
-    mixed = re.fullmatch(r"(-?)(\d+)\\frac\{(\d+)\}\{([1-9]\d*)\}", s)  # 1\frac{2}{3} -> 5/3
-    if mixed:
-        value = int(mixed.group(2)) + Fraction(int(mixed.group(3)), int(mixed.group(4)))
-        return format_number(-value if mixed.group(1) else value)
     s = re.sub(r"(?<!\d)\\frac\{(-?\d+)\}\{(-?\d+)\}", r"\1/\2", s)  # \frac{1}{5} -> 1/5, in a vector too
     s = re.sub(r"_\{(\w+)\}(?![\w{\\])", r"_\1", s)  # a base: 4210_{5} -> 4210_5 (not \log_{10}5)
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # an option: (C) -> C
     s = s.lower() if re.fullmatch(r"[A-Za-z]{3,}", s) else s  # a word: East = east
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
-    if re.fullmatch(r"-?(\d+(,\d{3})*(\.\d+)?|\.\d+|\d+/\d+|\\frac\{-?\d+\}\{-?\d+\})", s):
+    # a number, a fraction, or a mixed number (1\frac{2}{3}): parse_number makes it exact
+    number = r"\d+(,\d{3})*(\.\d+)?|\.\d+|\d+/\d+|\\frac\{-?\d+\}\{-?\d+\}|\d+\\frac\{\d+\}\{\d+\}"
+    if re.fullmatch(f"-?({number})", s):
         value = parse_number(s)
         if value is not None:
             return format_number(value)
