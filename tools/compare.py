@@ -25,20 +25,21 @@ def compare(folders):
     ignored = {"out", "resume"} | core.RESUME_OVERRIDES
     differing = sorted(k for k in set().union(*shown) - ignored
                        if len({json.dumps(s.get(k)) for s in shown if s.get(k) != "-"}) > 1)
-    rows = core.comparison_rows(folders) + [("sampled tokens m1 + m2", [training_tokens(f) for f in folders])]
+    tokens = [training_tokens(f, config.get("model2") == "none") for f, config in zip(folders, configs)]
+    rows = core.comparison_rows(folders) + [("sampled tokens m1 + m2", tokens)]
     if len(folders) > 1:
         rows += [("flags that differ:", ["" if differing else "none"] * len(folders))]
         rows += [(f"  {core.flag_name(k)}", [str(s.get(k)) for s in shown]) for k in differing]
     core.print_rows(rows)
 
 
-def training_tokens(folder):
-    """The tokens each model sampled in training (its compute, to compare runs by), from the last metrics row."""
+def training_tokens(folder, alone):
+    """The tokens each model sampled in training (its compute, to compare runs by), from the last metrics row
+    ('-' for model 2 of a run that trained model 1 alone)."""
     rows = core.read_jsonl(Path(folder) / "metrics.jsonl", lenient=True)
     last = rows[-1] if rows else {}
     if "sampled_tokens_total_m1" not in last:
         return "-"
-    alone = json.loads((Path(folder) / "config.json").read_text()).get("model2") == "none"  # no model 2
     return f"{last['sampled_tokens_total_m1']:,} + " + ("-" if alone else f"{last['sampled_tokens_total_m2']:,}")
 
 
