@@ -49,6 +49,7 @@ import tarfile
 import time
 import urllib.parse
 import urllib.request
+import weakref
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -114,8 +115,8 @@ class Config:
     max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
     max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
     gen_batch: int = arg(64, "rows per sampling batch")
-    decoder: str = arg("graphs", "GPU sampler: CUDA graphs, graphs of a torch.compile'd step, or the "
-                                 "reference loop (the CPU's)", choices=("graphs", "compiled", "reference"))
+    decoder: str = arg("graphs", "GPU sampler: each decode step a CUDA graph, or the reference loop (the "
+                                 "CPU's)", choices=("graphs", "reference"))
     # reward
     w_correct: float = arg(1.0, "weight w1 of correctness c")
     w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
@@ -175,6 +176,7 @@ class Trace:
     completion_ids: list      # exact sampled token ids
     text: str                 # decoded completion
     correct: bool             # c(tau)
+    rollout_logprobs: list = None  # log-probability of each sampled token as drawn (softmax(logits / T))
     hint_shown: bool = False  # round B: the hint was in the prompt
     hint_leaks: bool = False  # ... and the gold can be read from it (gold_visible)
     cold_prompt_ids: list = None  # ... and, under --round-b-context cold, the question's prompt without it
@@ -377,24 +379,44 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
     return (per_token * mask).sum(), (kl.detach() * mask).sum()
 
 
-def token_logprobs(model, input_ids, attention_mask, chunk):
-    """log pi(x_{t+1} | x_<=t) in fp32 and the entropy of pi(. | x_<=t) (no gradient), both [b, T-1]. The
-    lm_head and log-softmax run `chunk` positions at a time, checkpointed: [b, T, V] never exists."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = hidden.last_hidden_state[:, :-1]
+def rollout_mismatch(rollout_logp, update_logp, mask):
+    """The rollout-update mismatch: how far the sampler's log-probability of each sampled token (KV cache,
+    merged weights, its kernels) is from the update's (full sequence, adapter unmerged), at the same
+    temperature. Sums over the masked tokens of |difference| and of the k3 estimate of KL(pi_rollout ||
+    pi_update), exp(r) - r - 1 with r = log pi_update - log pi_rollout (in fp64: r is often ~1e-7).
+    All args [b, L] -> two scalars."""
+    r = (update_logp - rollout_logp).double()
+    return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
+
+
+def token_logprobs(model, input_ids, chunk, temperature=None):
+    """log pi(x_{t+1} | x_<=t) in fp32 [b, T-1]. No attention mask: rows are right-padded, so a real token
+    attends only to real ones and the causal mask alone is exact (sdpa keeps its fused kernels). The lm_head
+    and log-softmax run `chunk` positions at a time, checkpointed: [b, T, V] never exists. With a temperature,
+    also (without gradient, once per chunk: a checkpoint's recomputation skips them) the entropy of
+    pi(. | x_<=t) and log softmax(logits / temperature) of each target: (logp, entropy, logp_at_t)."""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
+    diagnostics = {}  # chunk start -> (entropy, log-probs at the temperature)
 
-    def chunk_logprobs(h, y):
-        logp = torch.log_softmax(head(h).float(), dim=-1)
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-        return logp.gather(-1, y[..., None]).squeeze(-1), entropy
+    def chunk_logprobs(h, y, start):
+        logp = torch.log_softmax(head(h).float(), dim=-1)  # [b, chunk, V]
+        target = logp.gather(-1, y[..., None]).squeeze(-1)
+        if temperature is not None and start not in diagnostics:
+            with torch.no_grad():  # the entropy; log softmax(logits / T) = log softmax(logp / T), at y
+                diagnostics[start] = (-logp.exp().mul_(logp).sum(-1),
+                                      target / temperature - torch.logsumexp(logp / temperature, dim=-1))
+        return target
 
-    pieces = [checkpoint(chunk_logprobs, hidden[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
-              if torch.is_grad_enabled() else chunk_logprobs(hidden[:, s:s + chunk], targets[:, s:s + chunk])
-              for s in range(0, hidden.shape[1], chunk)]
-    return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
+    chunks = [(hidden[:, s:s + chunk], targets[:, s:s + chunk], s) for s in range(0, hidden.shape[1], chunk)]
+    pieces = [checkpoint(chunk_logprobs, *c, use_reentrant=False) if torch.is_grad_enabled()
+              else chunk_logprobs(*c) for c in chunks]
+    logp = torch.cat(pieces, dim=1)
+    if temperature is None:
+        return logp
+    entropy, logp_at_t = (torch.cat(parts, dim=1) for parts in zip(*diagnostics.values()))
+    return logp, entropy, logp_at_t
 
 
 def update_policy(policy, traces, cfg, lr):
@@ -405,24 +427,28 @@ def update_policy(policy, traces, cfg, lr):
     total_tokens = float(sum(len(t.completion_ids) for t in traces))
     total_tokens = all_reduce_sum(torch.tensor(total_tokens, device=device)).item()
     if total_tokens == 0:  # no traces on any rank
-        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0}
-    sums = [0.0, 0.0, 0.0]  # loss, KL, entropy
+        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0,
+                "mismatch": None, "mismatch_kl": None}
+    sums = torch.zeros(6, device=device)  # loss, KL, entropy, |mismatch|, mismatch KL, tokens with a mismatch
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for i in range(0, len(ordered), cfg.micro_batch):
         mb = ordered[i:i + cfg.micro_batch]
         on_cold = cfg.round_b_context == "cold" and any(t.cold_prompt_ids for t in mb)
         prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # cold ones exist under that option only
-        ids, attn, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
+        ids, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
         with torch.no_grad(), lora_disabled(model):
-            ref = token_logprobs(model, ids, attn, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
+            ref = token_logprobs(model, ids, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
         model.train(not cfg.no_grad_checkpoint)  # train mode: checkpointing on (Qwen has no dropout)
-        logp, entropy = token_logprobs(model, ids, attn, cfg.logprob_chunk)
+        logp, entropy, logp_at_t = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
         model.eval()
         rho = importance_weights(mb, logp, policy, cfg) if on_cold else None
         loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()
-        sums = [s + x for s, x in zip(sums, (loss.item(), kl.item(), (entropy * mask).sum().item()))]
-    loss_sum, kl_sum, entropy_sum = all_reduce_sum(torch.tensor(sums, device=device)).tolist()
+        rollout_logp, measured = rollout_logprobs(mb, mask)
+        mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_at_t, measured)
+        sums += torch.stack([loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl,
+                             measured.sum()])
+    loss_sum, kl_sum, entropy_sum, mismatch_sum, mismatch_kl_sum, measured = all_reduce_sum(sums).tolist()
     all_reduce_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # the norm before clipping
     skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
@@ -433,25 +459,38 @@ def update_policy(policy, traces, cfg, lr):
     policy.optimizer.zero_grad(set_to_none=True)
     kl = kl_sum / total_tokens if cfg.beta_kl > 0 else None  # --beta-kl 0: pi_ref is never run, KL unmeasured
     return {"loss": loss_sum / total_tokens, "kl": kl, "grad_norm": grad_norm,
-            "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped)}
+            "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped),
+            "mismatch": mismatch_sum / measured if measured else None,
+            "mismatch_kl": mismatch_kl_sum / measured if measured else None}
 
 
 def micro_batch(traces, prompts, policy, cfg):
-    """Right-padded prompt + completion ids [b, T], attention mask [b, T], the mask of the log-prob positions
-    that predict completion tokens [b, T-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
+    """Right-padded prompt + completion ids [b, T], the mask of the log-prob positions that predict completion
+    tokens [b, T-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
     device = policy.device
     width = max(len(p) + len(t.completion_ids) for p, t in zip(prompts, traces))
     ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
     mask = torch.zeros((len(traces), width - 1), device=device)
     for row, (prompt, t) in enumerate(zip(prompts, traces)):
         seq = prompt + t.completion_ids
         ids[row, :len(seq)] = torch.tensor(seq, device=device)
-        attn[row, :len(seq)] = 1
         mask[row, len(prompt) - 1:len(seq) - 1] = 1
     adv = torch.tensor([t.advantage for t in traces], device=device)
     w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in traces], device=device)
-    return ids, attn, mask, adv, w
+    return ids, mask, adv, w
+
+
+def rollout_logprobs(traces, mask):
+    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the
+    mask of the tokens it is known for [b, T-1]: those of traces that carry them and are trained on the prompt
+    they were sampled from (not a hinted trace trained on its cold prompt, --round-b-context cold)."""
+    logp, measured = torch.zeros_like(mask), torch.zeros_like(mask)
+    for row, t in enumerate(traces):
+        if t.rollout_logprobs is not None and t.cold_prompt_ids is None:
+            span = slice(len(t.prompt_ids) - 1, len(t.prompt_ids) - 1 + len(t.completion_ids))
+            logp[row, span] = torch.tensor(t.rollout_logprobs, device=mask.device)
+            measured[row, span] = 1
+    return logp, measured
 
 
 def importance_weights(traces, logp, policy, cfg):
@@ -459,8 +498,8 @@ def importance_weights(traces, logp, policy, cfg):
     token of a hinted trace trained on its cold prompt (1 for the others): the sampling policy saw the hint,
     the trained one does not (Guide-GRPO's correction, truncated at 1 as in V-trace). logp: [b, T-1]."""
     with torch.no_grad():
-        ids, attn, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
-        sampled = token_logprobs(policy.model, ids, attn, cfg.logprob_chunk)[0]
+        ids, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+        sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)
     shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
                          device=logp.device)  # where each completion starts later in the hinted layout
     index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
@@ -626,26 +665,33 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.enabled = True       # False: behave as the base layer (the frozen reference policy)
-        self.merged_from = None   # the base weight saved by merge(), restored by unmerge()
+        self.merged = False       # B A is folded into W (merge()); unmerge() restores W
+        self.host_copy = None     # W on the host, taken by merge() and copied back by unmerge()
+        self.host_version = None  # W's version counter when W and host_copy last agreed
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled and self.merged_from is None:
+        if self.enabled and not self.merged:
             y = y + (x @ self.lora_A.T.to(x.dtype)) @ (self.scale * self.lora_B.T).to(x.dtype)
         return y
 
     @torch.no_grad()
     def merge(self):
-        """W += scale B A; unmerge() restores W exactly."""
-        if self.merged_from is None:
-            self.merged_from = self.base.weight.data.clone()
-            self.base.weight.data += (self.scale * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
+        """W += scale B A. W is first copied to the host, once (W is frozen: later merges reuse the copy,
+        unless W changed since), so that unmerge() restores it bit for bit with no second copy on the GPU."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        if self.host_copy is None or weight._version != self.host_version:
+            self.host_copy = weight.detach().to("cpu", copy=True)
+        weight += (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
-        if self.merged_from is not None:
-            self.base.weight.data.copy_(self.merged_from)
-            self.merged_from = None
+        if self.merged:
+            self.base.weight.copy_(self.host_copy)
+            self.host_version, self.merged = self.base.weight._version, False
 
 
 def add_lora(model, rank, alpha, targets=LORA_TARGETS):
@@ -813,11 +859,11 @@ def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
         prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
                    for q, hint in asks]
         outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
-        for i, (ids, text) in enumerate(outputs):
+        for i, (ids, text, logprobs) in enumerate(outputs):
             (q, hint), prompt = asks[i // n], prompts[i // n]
             gold, kind = problems[q].gold, problems[q].kind
             groups[q].append(Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
-                                   hint_shown=hint is not None,
+                                   rollout_logprobs=logprobs, hint_shown=hint is not None,
                                    cold_prompt_ids=cold_prompt(policy, problems[q], hint, cfg),
                                    hint_leaks=hint is not None and gold_visible(hint, problems[q]),
                                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids)))
@@ -833,18 +879,20 @@ def cold_prompt(policy, problem, hint, cfg):
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
     """n completions per prompt, about cfg.gen_batch rows at a time, the LoRA merged into the weights, from
-    `generator` (default: the policy's training stream). Returns (ids, text) per row, prompt-major."""
+    `generator` (default: the policy's training stream). Returns (ids, text, log-probs) per row, prompt-major:
+    each token's log-probability as the sampler drew it (pick_tokens)."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     with lora_merged(policy.model):
         sampler = pick_sampler(policy, prompts, cfg)
         for i in range(0, len(prompts), per_batch):
-            batch = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
-                            policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator, n,
-                            progress=progress)
-            results += [(ids, policy.tokenizer.decode(ids, skip_special_tokens=True)) for ids in batch]
+            ids, logprobs = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
+                                    policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator,
+                                    n, progress=progress)
+            results += [(row, policy.tokenizer.decode(row, skip_special_tokens=True), logp)
+                        for row, logp in zip(ids, logprobs)]
             if progress is not None:
-                progress.add(len(batch), sum(map(len, batch)))
+                progress.add(len(ids), sum(map(len, ids)))
     return results
 
 
@@ -852,20 +900,22 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
 def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
            progress=None):
     """KV-cached batched sampling: prompts (token-id lists) each sampled n times -> the exact sampled ids of
-    every row, prompt-major, EOS included. After the shared prefill, one token per step for every live row;
-    a row stops at an EOS id or its budget and leaves the batch and the cache."""
+    every row, prompt-major, EOS included, and each token's log-probability under softmax(logits / T)
+    (pick_tokens). After the shared prefill, one token per step for every live row; a row stops at an EOS id
+    or its budget and leaves the batch and the cache."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
-    out = [[] for _ in live]
+    out, out_logp = [[] for _ in live], [[] for _ in live]
     sampled = 0
     for step in range(max_new_tokens):
         sampled += len(live)
         if progress is not None and progress.due():
             progress.show(len(out) - len(live), sampled)
-        tokens = pick_tokens(logits, temperature, top_p, generator)
-        for row, token in zip(live.tolist(), tokens.tolist()):
+        tokens, logp, _ = pick_tokens(logits, temperature, top_p, generator)
+        for row, token, token_logp in zip(live.tolist(), tokens.tolist(), logp.tolist()):
             out[row].append(token)
+            out_logp[row].append(token_logp)
         keep = ~torch.isin(tokens, eos)
         if step + 1 == max_new_tokens or not keep.any():
             break
@@ -877,7 +927,7 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                        cache=cache, use_cache=True).logits[:, -1].float()
         next_pos = next_pos + 1
-    return out
+    return out, out_logp
 
 
 def prefill(model, prompts, pad_id, n):
@@ -907,20 +957,28 @@ def left_pad(prompts, pad_id, device):
     return ids, mask
 
 
-def pick_tokens(logits, temperature, top_p, generator, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p. The
-    nucleus is sought among the `candidates` likeliest tokens, the whole vocabulary sorted only when they hold
-    less than top_p: either way the exact top-p distribution."""
+def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
+    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p, the
+    nucleus sought among the `candidates` likeliest tokens. Returns the tokens [b], their log-probability
+    under softmax(logits / T) before the top-p cut (T = 0: T = 1) [b], and whether each row's nucleus reached
+    past the candidates [b] (its token then did not come from the exact top-p distribution). checked: such
+    rows are looked for at once (the host waits for the device) and every row draws from the whole vocabulary
+    sorted instead, so every token is exact; unchecked, the caller looks (sample_fast, once per window)."""
+    exact = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # no row reached past them
     if temperature == 0:
-        return logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1), exact
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), exact
     top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
-    if (top.sum(-1) < top_p).any():
-        top, order = probs.sort(dim=-1, descending=True)
-    top[top.cumsum(-1) - top > top_p] = 0  # mass before this token already > top_p: outside the nucleus
-    return order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
+    short = top.sum(-1) < top_p
+    if checked and short.any():
+        top, order, short = *probs.sort(dim=-1, descending=True), exact
+    top = top.masked_fill(top.cumsum(-1) - top > top_p, 0)  # mass before this token > top_p: outside
+    tokens = order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
+    return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), short
 
 
 def hit_budget(ids, budget, eos_ids):
@@ -950,62 +1008,87 @@ def fast_decoding(model, cfg):
 
 def pick_sampler(policy, prompts, cfg):
     """sample_fast where it can run, else sample. On first use for a model the fast path checks itself: a few
-    rows decoded greedily by both samplers must agree, or the run warns once and keeps the reference loop."""
+    rows decoded greedily by both samplers must agree, and the fast path must not fail; else the run warns
+    once, naming the cause, and keeps the reference loop for this model."""
     if not fast_decoding(policy.model, cfg):
         return sample
-    fast = functools.partial(sample_fast, compile_backend="inductor" if cfg.decoder == "compiled" else None)
     if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
-        rows = prompts[:4]
-        policy.fast_agrees = (fast(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0)
-                              == sample(policy.model, rows, 16, policy.eos_ids, policy.pad_id, temperature=0))
-        if not policy.fast_agrees:
-            print(f"warning: {policy.name}: the GPU sampler's greedy tokens differ from the reference "
-                  f"loop's; sampling with the reference loop from now on", file=sys.stderr, flush=True)
-    return fast if policy.fast_agrees else sample
+        greedy = dict(prompts=prompts[:4], max_new_tokens=16, eos_ids=policy.eos_ids, pad_id=policy.pad_id,
+                      temperature=0)
+        try:
+            agree = sample_fast(policy.model, **greedy)[0] == sample(policy.model, **greedy)[0]
+            problem = None if agree else "the GPU sampler's greedy tokens differ from the reference loop's"
+        except Exception as e:  # a changed transformers internal, out of memory, ...: the reference loop
+            problem = f"the GPU sampler failed ({type(e).__name__}: {first_line(e)})"
+        policy.fast_agrees = problem is None
+        if problem:
+            print(f"warning: {policy.name}: {problem}; sampling with the reference loop from now on",
+                  file=sys.stderr, flush=True)
+    return sample_fast if policy.fast_agrees else sample
+
+
+def first_line(error, width=200):
+    return (str(error).splitlines() or [""])[0][:width]
 
 
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None,
-                n=1, segment=256, cuda_graph=None, compile_backend=None, progress=None):
-    """sample() for the GPU: the same prefill, then a StaticCache, each step replayed as a CUDA graph
-    (cuda_graph=None: on CUDA) and compiled first with a compile_backend ("inductor"). Finished rows decode on
-    (tokens discarded) to the next `segment` boundary, where they leave and the cache is rebuilt with room for
-    one more segment. Greedy tokens equal sample()'s, sampled ones too while no row has finished."""
+                n=1, segment=256, cuda_graph=None, progress=None):
+    """sample() for the GPU: the same prefill, then a StaticCache and each decode step replayed as a CUDA
+    graph (cuda_graph=None: on CUDA). The host reads from the device only after each window of up to 8 steps
+    (have all rows finished? did a nucleus reach past pick_tokens' candidates? then the window is decoded
+    again from the same random state, checked at every step: the exact top-p distribution) and at each
+    `segment` boundary, where finished rows leave (they decode on until then, tokens discarded) and the cache
+    is rebuilt with room for one more segment. Greedy tokens equal sample()'s, sampled ones too while no row
+    has finished."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
-    rows, width = mask.shape
-    device = logits.device
+    (rows, width), device = mask.shape, logits.device
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    generator = generator or (torch.cuda.default_generators[device.index] if device.type == "cuda"
+                              else torch.default_generator)
     eos = torch.tensor(sorted(eos_ids), device=device)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros(rows, max_new_tokens, device=device)
     live = torch.arange(rows, device=device)          # original row of each batch row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    attn, positions = mask.bool()[:, None, None, :], next_pos[:, None]
-    sampled = 0
-    for s in range(max_new_tokens):
-        if s % segment == 0:  # drop finished rows; a cache (and a graph) for the next segment
-            keep = (~finished).nonzero().squeeze(1)
-            if len(keep) == 0:
-                break
-            filled, length = width + s, width + min(s + segment, max_new_tokens)
-            cache = static_cache(model, cache, keep, filled, length)
-            grown = torch.zeros(len(keep), 1, 1, length, dtype=torch.bool, device=device)
-            grown[..., :filled] = attn[keep]
-            live, logits, finished, positions = live[keep], logits[keep], finished[keep], positions[keep]
-            attn = grown
-            cursor = torch.tensor([filled], device=device)
-            step = DecodeStep(model, cache, attn, positions, cursor, cuda_graph, compile_backend)
-        sampled += len(live)
-        if progress is not None and progress.due():  # the only sync between segments, at most once a second
-            progress.show(rows - len(live) + int(finished.sum()), sampled)
-        tokens = pick_tokens(logits, temperature, top_p, generator).masked_fill(finished, pad_id)
-        out[live, s] = tokens
-        finished |= torch.isin(tokens, eos)
-        if s + 1 == max_new_tokens or (s % 8 == 7 and finished.all()):  # checked every 8 steps: fewer syncs
+    attn, positions, checked, sampled = mask.bool()[:, None, None, :], next_pos[:, None], False, 0
+    for first in range(0, max_new_tokens, segment):
+        keep = (~finished).nonzero().squeeze(1)  # drop finished rows; a cache (and a graph) for this segment
+        if len(keep) == 0:
             break
-        logits = step(tokens)
-    return [until_eos(ids, eos_ids) for ids in out.tolist()]
+        last = min(first + segment, max_new_tokens)
+        cache = static_cache(model, cache, keep, width + first, width + last)
+        live, logits, finished, positions = live[keep], logits[keep], finished[keep], positions[keep]
+        attn = torch.cat([attn[keep], attn.new_zeros(len(keep), 1, 1, last - first)], dim=-1)
+        step = DecodeStep(model, cache, attn, positions, torch.tensor([width + first], device=device),
+                          cuda_graph)
+        for start in range(first, last, 8):
+            window = range(start, min(start + 8, last))
+            sampled += len(live) * len(window)
+            if progress is not None and progress.due():
+                progress.show(rows - len(live) + int(finished.sum()), sampled)
+            saved = logits.clone(), finished.clone(), step.snapshot(), generator.get_state()
+            while True:  # once; again, checked, when a nucleus reached past the candidates
+                short = torch.zeros((), dtype=torch.bool, device=device)
+                for s in window:
+                    tokens, logp, cut = pick_tokens(logits, temperature, top_p, generator, checked)
+                    tokens = tokens.masked_fill(finished, pad_id)
+                    out[live, s], out_logp[live, s] = tokens, logp
+                    short |= (cut & ~finished).any()
+                    finished |= torch.isin(tokens, eos)
+                    logits = step(tokens) if s + 1 < max_new_tokens else logits
+                verdict = (short.int() + 2 * finished.all().int()).item()  # the window's one device read
+                if not verdict & 1:
+                    break
+                logits, finished, checked = saved[0], saved[1].clone(), True
+                step.restore(saved[2])
+                generator.set_state(saved[3])
+            if verdict & 2:
+                break
+    kept = [until_eos(row, eos_ids) for row in out.tolist()]
+    return kept, [logp[:len(row)] for row, logp in zip(kept, out_logp.tolist())]
 
 
 def static_cache(model, source, rows, filled, length):
@@ -1022,18 +1105,20 @@ def static_cache(model, source, rows, filled, length):
     return cache
 
 
+# out of memory, and a CUDA error that leaves the device unusable: a failed capture re-raises them
+FATAL_CUDA_ERRORS = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
+GRAPHLESS = weakref.WeakSet()  # the models whose CUDA graph capture failed: their steps run eagerly
+
+
 class DecodeStep:
     """One decode step on fixed buffers, for CUDA to record once as a graph and replay. One row per live
     sample: tokens [rows, 1], position ids [rows, 1], attn [rows, 1, 1, length] (bool: the cache positions
     each row may see), cursor [1] (the cache position written this step)."""
 
-    capture_failed = False  # set once a capture fails: every later step runs eagerly
-    compile_failed = False  # set once torch.compile fails: every later step runs forward() as written
-
-    def __init__(self, model, cache, attn, positions, cursor, cuda_graph, compile_backend=None):
+    def __init__(self, model, cache, attn, positions, cursor, cuda_graph):
         self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
         self.tokens = torch.zeros_like(positions)
-        self.cuda_graph, self.compile_backend = cuda_graph, compile_backend
+        self.cuda_graph = cuda_graph
         self.graph = self.logits = None
 
     def forward(self):
@@ -1044,24 +1129,11 @@ class DecodeStep:
         self.positions.add_(1)
         return logits
 
-    def run(self):
-        """forward(), through torch.compile when a backend is given (dynamic shapes: one graph for all row
-        counts and cache lengths). A failed compile warns once and runs forward() as written from then on."""
-        if not self.compile_backend or DecodeStep.compile_failed:
-            return self.forward()
-        try:
-            return compiled_decode_forward(self.compile_backend)(self)
-        except torch._dynamo.exc.TorchDynamoException as e:  # raised while compiling, before anything ran
-            DecodeStep.compile_failed = True
-            print(f"warning: torch.compile of the decode step failed ({str(e).splitlines()[0][:200]}); "
-                  f"decoding uncompiled from now on", file=sys.stderr, flush=True)
-            return self.forward()
-
     def __call__(self, tokens):
         """Feed tokens [rows]; returns next-token logits [rows, V] (fp32; on the GPU, the graph's buffer)."""
         self.tokens.copy_(tokens[:, None])
-        if not self.cuda_graph or DecodeStep.capture_failed:
-            return self.run()
+        if not self.cuda_graph or self.model in GRAPHLESS:
+            return self.forward()
         with torch.cuda.device(self.tokens.device):  # streams and graphs belong to the current device
             if self.graph is None:
                 return self.capture()
@@ -1069,28 +1141,59 @@ class DecodeStep:
             return self.logits
 
     def capture(self):
-        """Run the step on a side stream (the warm-up a capture needs), then record it as a CUDA graph."""
-        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            logits = self.run()  # compiles, the first time a backend is given
-        main.wait_stream(side)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):  # its default stream is on the first model's GPU
-                self.logits = self.run()  # recorded, not run: buffers are unchanged
-            self.graph = graph
-        except RuntimeError as e:  # keep the run alive: the eager step computes the same thing
-            torch.cuda.set_stream(main)  # a failed capture leaves its stream the current one
-            DecodeStep.capture_failed = True
-            print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
-                  f"graphs from now on", file=sys.stderr, flush=True)
+        """This step, run on the device's capture stream (the warm-up a capture needs), then recorded as a
+        CUDA graph in the device's graph memory pool. A failed capture warns and turns graphs off for this
+        model only; out of memory and CUDA errors propagate."""
+        stream, pool = capture_stream_and_pool(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = self.forward()
+            try:
+                self.graph, self.logits = record_graph(self.forward, pool)  # recorded, not run
+            except FATAL_CUDA_ERRORS:
+                raise
+            except RuntimeError as e:  # the eager step computes the same thing
+                GRAPHLESS.add(self.model)
+                print(f"warning: CUDA graph capture failed ({first_line(e)}); decoding "
+                      f"{self.model.config.name_or_path} without graphs from now on", file=sys.stderr,
+                      flush=True)
+        torch.cuda.current_stream().wait_stream(stream)
         return logits
+
+    def snapshot(self):
+        """Copies of the buffers a step changes (attn, positions, cursor), for restore()."""
+        return [x.clone() for x in (self.attn, self.positions, self.cursor)]
+
+    def restore(self, saved):
+        """Back to a snapshot: the steps since are undone (the cache positions they wrote get rewritten)."""
+        for buffer, value in zip((self.attn, self.positions, self.cursor), saved):
+            buffer.copy_(value)
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(self.cursor[0])  # where the cache writes next, as in static_cache()
+
+
+def record_graph(fn, pool):
+    """fn() recorded as a CUDA graph on the current stream, in `pool`: (graph, fn's output). A failed capture
+    is ended before its first error propagates."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool.id)
+    try:
+        output = fn()
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # ending a broken capture raises too
+            graph.capture_end()
+        raise
+    graph.capture_end()
+    return graph, output
 
 
 @functools.cache
-def compiled_decode_forward(backend):
-    return torch.compile(DecodeStep.forward, backend=backend, dynamic=True, fullgraph=True)
+def capture_stream_and_pool(device):
+    """The stream that records the decode steps on `device` and the memory pool their graphs share, one each
+    per device for the whole run: a segment's capture reuses the memory of the one before (entering
+    torch.cuda.graph would wait for the device and empty the allocator's cache each time)."""
+    with torch.cuda.device(device):
+        return torch.cuda.Stream(), torch.cuda.MemPool()
 
 
 # -----------------------------------------------------------------------------
@@ -1520,7 +1623,7 @@ def evaluate(policies, usable, cfg, tag):
         outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, stream, progress)
         for q, (r, (_, p)) in enumerate(zip(records, mine)):
             r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
-                          for ids, text in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
+                          for ids, text, _ in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
     progress.close()
     records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
     metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
@@ -1803,11 +1906,13 @@ def find_checkpoint(path):
 
 
 def saved_config(path):
-    """The Config in a checkpoint's state.json or a run's config.json (older runs' decoder flags read too)."""
+    """The Config in a checkpoint's state.json or a run's config.json. Older runs' decoder settings read too:
+    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs."""
     saved = json.loads(Path(path).read_text())
     saved = saved.get("config", saved)
-    for old, decoder in (("eager_decode", "reference"), ("compile_decode", "compiled")):
+    for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
         saved["decoder"] = decoder if saved.pop(old, False) else saved.get("decoder", "graphs")
+    saved["decoder"] = "graphs" if saved["decoder"] == "compiled" else saved["decoder"]
     return Config(**saved)
 
 
@@ -1967,6 +2072,7 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         n = max(1, len(advantages))
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
                 f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
+                f"mismatch_m{m}": s["mismatch"], f"mismatch_kl_m{m}": s["mismatch_kl"],
                 f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
@@ -1990,8 +2096,9 @@ def format_log(row, steps):
             f"{r['constant_groups']}/{r['advantage_groups']} | R {r['reward']:.3f} c {r['correct']:.2f} "
             f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
             f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
-            f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | "
-            f"{r['tok_per_s']:.0f} tok/s | {r['rollout_s']:.1f}+{r['update_s']:.1f}s")
+            f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | mismatch "
+            f"{pair('mismatch', '.1e')} | {r['tok_per_s']:.0f} tok/s | "
+            f"{r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
 def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
@@ -2567,7 +2674,7 @@ def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=3
         if step % 10 == 0:
             model.eval()
             outs = sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, 0.7, 0.9,
-                          generator, n=4)
+                          generator, n=4)[0]
             texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outs]
             right = [is_correct(t, checks[i // 4].gold, "number") for i, t in enumerate(texts)]
             accuracy = sum(right) / len(outs)

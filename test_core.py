@@ -117,6 +117,9 @@ def test_paper_defaults():
 # -----------------------------------------------------------------------------
 # The CORE step: round A, teacher hint, round B, rewards and advantages
 
+NO_UPDATE = {"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0, "mismatch": None, "mismatch_kl": None}
+
+
 class FakePolicy:
     """Stands in for a model in the protocol; its answers come from the patched `generate`."""
 
@@ -135,7 +138,7 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
     def fake_generate(policy, prompts, max_new_tokens, cfg, n=1, **_):
         m = policy.index
         seen[m] += [tokenizer.decode(p) for p in prompts]
-        return [([1, 2], next(scripts[m])) for _ in prompts for _ in range(n)]
+        return [([1, 2], next(scripts[m]), [-0.5, -0.5]) for _ in prompts for _ in range(n)]
 
     monkeypatch.setattr(core, "generate", fake_generate)
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
@@ -156,7 +159,7 @@ def protocol_step(monkeypatch, problems, scripts, cfg):
     tokenizer = core.demo_tokenizer()
     scripts = {m: iter(texts) for m, texts in scripts.items()}
     monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
-                        [([1, 2], next(scripts[policy.index])) for _ in prompts for _ in range(n)])
+                        [([1, 2], next(scripts[policy.index]), [-0.5, -0.5]) for _ in prompts for _ in range(n)])
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
     return core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
 
@@ -182,7 +185,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
     groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
     assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
     assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
-    row = core.step_log(0, cfg, groups, [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2, (1.0, 0.5), 0)
+    row = core.step_log(0, cfg, groups, [NO_UPDATE] * 2, (1.0, 0.5), 0)
     assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
     assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
 
@@ -214,7 +217,7 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
         else:  # each model against its own traces: nothing to learn from an all-wrong group
             assert all_wrong == [0.0, 0.0, 0.0]
             assert all(abs(sum(t.advantage for t in g if t.model == m)) < 1e-9 for g in groups for m in (1, 2))
-        stats = [{"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0}] * 2
+        stats = [NO_UPDATE] * 2
         for t in (t for g in groups for t in g):
             t.terms["extra"] = 0.5  # a new reward term is logged as it is, with no change to the log
         row = core.step_log(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
@@ -317,15 +320,98 @@ def test_policy_loss_matches_definition():
     assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
 
 
-def test_chunked_logprobs_and_entropy_equal_full_logits():
+def test_chunked_logprobs_entropy_and_tempered_logprobs_equal_full_logits():
     model, _ = small_model()
     ids = torch.randint(0, 300, (2, 11))
-    full = torch.log_softmax(model(ids).logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logits = model(ids).logits[:, :-1].float()
+    full = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    tempered = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     for chunk in (1, 3, 100):
-        logp, entropy = core.token_logprobs(model, ids, torch.ones_like(ids), chunk)
-        assert torch.allclose(logp, full, atol=1e-5)
-        dist = torch.distributions.Categorical(logits=model(ids).logits[:, :-1].float())
-        assert torch.allclose(entropy, dist.entropy(), atol=1e-4)
+        assert torch.allclose(core.token_logprobs(model, ids, chunk), full, atol=1e-5)
+        logp, entropy, at_temperature = core.token_logprobs(model, ids, chunk, temperature=0.7)
+        assert torch.allclose(logp, full, atol=1e-5) and torch.allclose(at_temperature, tempered, atol=1e-5)
+        assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-4)
+
+
+def test_logprobs_of_right_padded_rows_need_no_attention_mask(tiny_models, monkeypatch):
+    """Right padding: a real token attends only to real tokens before it, so the causal mask alone gives the
+    same log-probs as the 2-D padding mask, and the update passes none (sdpa keeps its flash kernel; with a mask,
+    transformers builds a [b, 1, T, T] one for every layer)."""
+    cfg = core.Config(lora_rank=4, micro_batch=4)
+    policy = make_policy(tiny_models[1], cfg)
+    lively(policy.model)
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    traces = [core.Trace(1, "A", prompt, list(range(5, 5 + n)), "", False, advantage=a) for n, a in ((2, 1.0), (9, -1.0))]
+    ids, mask, _, _ = core.micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+    assert (ids[0, len(prompt) + 2:] == policy.pad_id).all()  # the short row is padded on the right
+    padding = (ids != policy.pad_id).long()
+    padding[:, :len(prompt)] = 1
+    with torch.no_grad():
+        masked = torch.log_softmax(policy.model(ids, attention_mask=padding).logits[:, :-1].float(), -1)
+        masked = masked.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        unmasked = core.token_logprobs(policy.model, ids, cfg.logprob_chunk)
+    assert torch.allclose(unmasked * mask, masked * mask, atol=1e-6)
+    masks, decoder = [], policy.model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **kw: (masks.append(kw.get("attention_mask")), forward(*a, **kw))[1])
+    core.update_policy(policy, traces, cfg, 0.0)
+    assert len(masks) == 2 and masks == [None, None]  # the reference and the policy pass
+
+
+def test_diagnostics_are_computed_once_where_they_are_logged(tiny_models, monkeypatch):
+    """The entropy and the tempered log-probs (the mismatch) come from the policy pass only, once per chunk: not
+    in the reference pass, and not again when the checkpointed chunk is recomputed for the backward pass."""
+    cfg = core.Config(lora_rank=4, micro_batch=4, logprob_chunk=8)
+    policy = make_policy(tiny_models[1], cfg)
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    traces = [core.Trace(1, "A", prompt, list(range(5, 25)), "", False, advantage=1.0)]
+    calls, logsumexp = [], torch.logsumexp
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **kw: (calls.append(1), logsumexp(*a, **kw))[1])
+    heads, head = [], policy.model.get_output_embeddings()
+    head.register_forward_hook(lambda *_: heads.append(1))
+    core.update_policy(policy, traces, cfg, 0.0)
+    chunks = math.ceil((len(prompt) + 20 - 1) / 8)
+    assert len(heads) == 3 * chunks  # reference pass, policy pass, and its recomputation in the backward pass
+    assert len(calls) == chunks  # the diagnostics: once per chunk of the policy pass
+
+
+def test_the_rollout_update_mismatch_is_the_mean_difference_and_k3(tiny_models):
+    """Rollout log-probs made 0.1 higher than the update's own: |difference| 0.1 and KL k3 = e^-0.1 + 0.1 - 1
+    per token; tokens without rollout log-probs (or of a hinted trace trained on its cold prompt) do not count."""
+    cfg = core.Config(lora_rank=4, micro_batch=4, temperature=0.7)
+    policy = make_policy(tiny_models[0], cfg)
+    prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
+    completion = [5, 6, 7, 8]
+    with torch.no_grad():
+        ids = torch.tensor([prompt + completion])
+        own = torch.log_softmax(policy.model(ids).logits[0, len(prompt) - 1:-1] / 0.7, -1)
+        own = own.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+    traces = [core.Trace(1, "A", prompt, completion, "", False, rollout_logprobs=(own + 0.1).tolist(), advantage=1.0),
+              core.Trace(1, "A", prompt, completion, "", False, advantage=-1.0),  # no rollout log-probs
+              core.Trace(1, "B", prompt, completion, "", False, rollout_logprobs=[0.0] * 4, cold_prompt_ids=prompt)]
+    stats = core.update_policy(policy, traces, cfg, 0.0)
+    assert math.isclose(stats["mismatch"], 0.1, rel_tol=1e-4)
+    assert math.isclose(stats["mismatch_kl"], math.exp(-0.1) + 0.1 - 1, rel_tol=1e-3)
+    assert core.update_policy(policy, traces[1:2], cfg, 0.0)["mismatch"] is None  # nothing measured
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_rollout_update_mismatch_of_a_core_step(warm_pair, dtype):
+    """The sampler's log-probs (KV cache, LoRA merged into the weights) against the update's (full sequence,
+    adapter apart) on the demo's models: in float32 the same up to rounding, in bfloat16 measurably apart."""
+    cfg = core.Config(lora_rank=4, dtype=dtype, max_new_tokens=12, micro_batch=16, single=True, k=4, temperature=0.7)
+    policy = make_policy(warm_pair[0], cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that changes the model: merged and unmerged weights really differ
+        for p in core.lora_parameters(policy.model):
+            p.add_(0.02 * torch.randn_like(p))
+    problems = core.arithmetic_problems(4, 0)
+    groups, _ = core.core_step([policy], problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    stats = core.update_policy(policy, [t for g in groups for t in g], cfg, 0.0)
+    if dtype == "float32":
+        assert 0 <= stats["mismatch"] < 1e-4 and 0 <= stats["mismatch_kl"] < 1e-8
+    else:
+        assert 1e-4 < stats["mismatch"] < 1 and 0 < stats["mismatch_kl"] < 1
 
 
 def make_policy(path, cfg):
@@ -346,7 +432,7 @@ def test_policy_gradient_raises_reward(tmp_path):
     prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
     means = []
     for step in range(30):
-        outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)
+        outs = core.sample(policy.model, [prompt], 6, set(), policy.pad_id, 1.0, 1.0, policy.generator, n=16)[0]
         rewards = [sum(t < half for t in o) / len(o) for o in outs]
         traces = [core.Trace(1, "A", prompt, o, "", False) for o in outs]
         for t, a in zip(traces, core.group_advantages(rewards).tolist()):
@@ -508,6 +594,30 @@ def test_lora_starts_at_base_merges_and_disables():
     assert torch.equal(model(x).logits, tuned)
 
 
+def test_merging_keeps_the_base_weights_on_the_host_and_restores_them_bit_for_bit():
+    """A rollout folds B A into W; W is restored from a host copy (no second copy of the weights on the GPU), taken
+    once and reused while W is unchanged, and taken again when W changed in between (never a stale restore)."""
+    model, _ = small_model()
+    core.add_lora(model, rank=4, alpha=8)
+    model.to(torch.bfloat16)  # the GPU's dtype: W + B A rounds, so W can only come back from a copy
+    layer = next(iter(core.lora_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    base = layer.base.weight.clone()
+    with core.lora_merged(model):
+        assert not torch.equal(layer.base.weight, base) and layer.host_copy.device.type == "cpu"
+    copy = layer.host_copy
+    assert torch.equal(layer.base.weight, base)
+    with core.lora_merged(model):
+        pass
+    assert layer.host_copy is copy and torch.equal(layer.base.weight, base)  # the same copy, W restored again
+    with torch.no_grad():
+        layer.base.weight.mul_(2)  # W changes between rollouts (the frozen base never does in a run)
+    with core.lora_merged(model):
+        pass
+    assert layer.host_copy is not copy and torch.equal(layer.base.weight, 2 * base)
+
+
 def test_a_lora_rank_over_a_layers_width_and_non_finite_adapters_are_refused():
     model, _ = small_model()  # k_proj: 2 kv heads x head_dim 8 = 16 outputs, the narrowest adapted layer
     with pytest.raises(core.UsageError, match="--lora-rank 17 is over the narrowest adapted layer's width, 16"):
@@ -593,7 +703,7 @@ def test_greedy_equals_transformers_generate(tiny_models):
         model, tokenizer = loaded(path)
         lively(model)
         prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ? Hint: add", "Hi"])
-        ours = core.sample(model, prompts, 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0)
+        ours = core.sample(model, prompts, 12, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0)[0]
         for p, o in zip(prompts, ours):
             ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
                                  max_new_tokens=12, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -620,12 +730,12 @@ def test_samplers_call_the_models_without_deprecated_arguments(tiny_models):
 def test_eos_stops_a_row_and_left_padding_changes_nothing(tiny_models):
     model, tokenizer = loaded(tiny_models[0])
     short, long = prompts_of(tokenizer, ["Hi", "What is 4 + 4 ? Think about it very carefully please"])
-    alone = core.sample(model, [short], 10, set(), tokenizer.pad_token_id, temperature=0)[0]
-    batched = core.sample(model, [long, short], 10, set(), tokenizer.pad_token_id, temperature=0)
+    alone = core.sample(model, [short], 10, set(), tokenizer.pad_token_id, temperature=0)[0][0]
+    batched = core.sample(model, [long, short], 10, set(), tokenizer.pad_token_id, temperature=0)[0]
     assert batched[1] == alone and len(alone) == 10
     stop = alone[3]  # make the 4th greedy token an EOS: that row ends there, the other runs on
     first = alone.index(stop)
-    out = core.sample(model, [short, long], 10, {stop}, tokenizer.pad_token_id, temperature=0)
+    out = core.sample(model, [short, long], 10, {stop}, tokenizer.pad_token_id, temperature=0)[0]
     assert out[0] == alone[:first + 1]
     assert out[1] == batched[0][:len(out[1])] and (len(out[1]) == 10 or out[1][-1] == stop)
 
@@ -633,7 +743,7 @@ def test_eos_stops_a_row_and_left_padding_changes_nothing(tiny_models):
 def test_seeded_sampling_is_deterministic(tiny_models):
     model, tokenizer = loaded(tiny_models[1])
     prompts = prompts_of(tokenizer, ["What is 1 + 1 ?"] * 4)
-    runs = [core.sample(model, prompts, 12, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    runs = [core.sample(model, prompts, 12, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(s))[0] for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
@@ -644,11 +754,13 @@ def test_progress_shows_rows_tokens_and_time_left_while_sampling(tiny_models, ca
     progress = core.Progress("round A", total=12)
     progress.every = 0  # due at every decode step (a terminal: 1 s, a log file: 10 s)
     outs = getattr(core, sampler)(model, prompts, 5, set(), 0, 1.0, 1.0, torch.Generator().manual_seed(0), n=3,
-                                  progress=progress)
+                                  progress=progress)[0]
     progress.add(len(outs), sum(map(len, outs)))
     progress.close()
     lines = capsys.readouterr().out.splitlines()  # plain lines: pytest's stdout is not a terminal
-    assert len(lines) == 6 and lines[0].startswith("  round A: 0/12 rows | ") and lines[0].endswith("time left: ?")
+    shown = {"sample": 5, "sample_fast": 1}[sampler]  # every step; every window of up to 8 steps (5 tokens: 1)
+    assert len(lines) == shown + 1 and lines[0].startswith("  round A: 0/12 rows | ")
+    assert lines[0].endswith("time left: ?")
     assert lines[-1].startswith("  round A: 6/12 rows") and lines[-1].endswith(", done") and " tok/s | " in lines[-1]
 
 
@@ -659,16 +771,16 @@ def test_samples_of_a_prompt_share_one_prefill(tiny_models):
     for temperature in (0, 1.0):
         shared = core.sample(model, prompts, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3), n=3)
         separate = core.sample(model, repeated, 8, set(), 0, temperature, 0.9, torch.Generator().manual_seed(3))
-        assert shared == separate and len(shared) == 6
+        assert shared[0] == separate[0] and len(shared[0]) == 6
 
 
 def greedy_reference(model, tokenizer):
     """Three left-padded prompts sampled twice each for 12 greedy tokens by sample(), with EOS ids chosen so
     that rows end at different steps: (prompts, eos ids, reference rows)."""
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ? Think about it carefully please"])
-    free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)
+    free = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0, n=2)[0]
     stops = {free[0][2], free[3][5]}
-    return prompts, stops, core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)
+    return prompts, stops, core.sample(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2)[0]
 
 
 def test_fast_sampler_greedy_equals_the_reference(tiny_models):
@@ -681,7 +793,7 @@ def test_fast_sampler_greedy_equals_the_reference(tiny_models):
         assert len({len(r) for r in ref}) > 1
         for segment in (1, 3, 5, 12, 256):
             fast = core.sample_fast(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2, segment=segment)
-            assert fast == ref, segment
+            assert fast[0] == ref, segment
 
 
 def test_bfloat16_fast_sampler_greedy_equals_the_reference_and_generate(tiny_models):
@@ -691,8 +803,8 @@ def test_bfloat16_fast_sampler_greedy_equals_the_reference_and_generate(tiny_mod
         model, tokenizer = loaded(path)
         lively(model).to(torch.bfloat16)
         prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ? Think about it carefully please"])
-        ref = core.sample(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0)
-        assert core.sample_fast(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0, segment=5) == ref
+        ref = core.sample(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0)[0]
+        assert core.sample_fast(model, prompts, 16, set(), tokenizer.pad_token_id, temperature=0, segment=5)[0] == ref
         for prompt, row in zip(prompts, ref):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -703,16 +815,20 @@ def test_fast_sampler_draws_the_same_samples_while_no_row_ends(tiny_models):
     model, tokenizer = loaded(tiny_models[1])
     lively(model)
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
-    ref = core.sample(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3)
-    fast = core.sample_fast(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3, segment=4)
+    ref, ref_logp = core.sample(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3)
+    fast, fast_logp = core.sample_fast(model, prompts, 10, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(5), n=3,
+                                       segment=4)
     assert fast == ref and len(set(map(tuple, fast))) > 1
+    # each token's log-probability as drawn (softmax(logits / T) before the top-p cut), the same in both samplers
+    assert all(len(lp) == len(row) for lp, row in zip(fast_logp, fast))
+    assert torch.allclose(torch.tensor(fast_logp), torch.tensor(ref_logp), atol=1e-5)
 
 
 def test_fast_sampler_cache_holds_only_live_rows_and_the_next_segment(tiny_models, monkeypatch):
     model, tokenizer = loaded(tiny_models[0])
     lively(model)
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
-    free = core.sample(model, prompts, 9, set(), 0, temperature=0)
+    free = core.sample(model, prompts, 9, set(), 0, temperature=0)[0]
     shapes = []  # (rows, positions) of every cache sample_fast builds
     real = core.static_cache
 
@@ -766,81 +882,200 @@ def test_decode_step_runs_no_op_that_would_break_a_cuda_graph(tiny_models):
         assert cache.layers[0].keys is keys and step.cursor.item() == width + 1 and attn[:, 0, 0, width].all()
 
 
-def test_failed_cuda_graph_capture_falls_back_to_eager_steps(tiny_models, monkeypatch, capsys):
-    """The capture path with torch.cuda faked (no GPU here): a capture that raises leaves one warning and the
-    same tokens, decoded eagerly from then on, on the stream that was current before."""
-    model, tokenizer = loaded(tiny_models[0])
-    lively(model)
-    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
-    ref = core.sample(model, prompts, 9, set(), 0, temperature=0)
-
-    streams, captured_on, restored = [], [], []
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda's devices, streams and memory pools faked (no GPU here), so that sample_fast(cuda_graph=True)
+    takes the capture path on the CPU; the tests fake the capture itself. Returns the streams and pools made."""
+    made = types.SimpleNamespace(streams=[], pools=[])
 
     class FakeStream:
-        def __init__(self):
-            streams.append(self)
+        def __init__(self, main=False):
+            made.streams += [] if main else [self]
 
         def wait_stream(self, other):
             pass
 
-    def failing_capture(graph, stream=None):
-        captured_on.append(stream)
-        raise RuntimeError("operation not permitted when stream is capturing")
+    made.current = [FakeStream(main=True)]  # the stack of current streams: the main one first
 
-    monkeypatch.setattr(torch.cuda, "set_stream", restored.append)
+    @contextlib.contextmanager
+    def stream(s):
+        made.current.append(s)
+        try:
+            yield
+        finally:
+            made.current.pop()
+
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: made.current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
-    monkeypatch.setattr(core.DecodeStep, "capture_failed", False)
-    fast = core.sample_fast(model, prompts, 9, set(), 0, temperature=0, segment=4, cuda_graph=True)
-    assert fast == ref
-    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
-    # captured on the model's own side stream (torch's default capture stream lives on the first GPU that
-    # captured: with --device2 on another GPU, model 2's graph would be empty); the main stream made current again
-    assert captured_on == [streams[1]] and restored == [streams[0]]
+    monkeypatch.setattr(torch.cuda, "MemPool", lambda: made.pools.append(types.SimpleNamespace(id=(0, 9))) or made.pools[-1])
+    core.capture_stream_and_pool.cache_clear()
+    core.GRAPHLESS.clear()
+    yield made
+    core.capture_stream_and_pool.cache_clear()
+    core.GRAPHLESS.clear()
 
 
-def test_compiled_decode_step_gives_the_reference_tokens_from_one_graph(tiny_models):
-    """--compile-decode: the step through torch.compile traces as one graph (fullgraph: no break), and dynamic
-    shapes keep that graph for every segment, row count and cache length, and for new weights (the LoRA merge
-    changes them in place). The "eager" backend runs dynamo's trace without generating kernels (inductor's
-    code is what the GPU adds)."""
-    from torch._dynamo.utils import counters
-    for path in tiny_models:
-        model, tokenizer = loaded(path)
-        prompts, stops, ref = greedy_reference(lively(model), tokenizer)
-        torch._dynamo.reset()
-        counters.clear()
-        for segment in (3, 5):
-            fast = core.sample_fast(model, prompts, 12, stops, tokenizer.pad_token_id, temperature=0, n=2,
-                                    segment=segment, compile_backend="eager")
-            assert fast == ref, segment
-        lively(model, seed=2)  # new weights in place, as a LoRA merge does: read as inputs, not baked in
-        ref = core.sample(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0)
-        assert core.sample_fast(model, prompts, 12, set(), tokenizer.pad_token_id, temperature=0,
-                                compile_backend="eager") == ref
-        assert counters["stats"]["unique_graphs"] == 1
+class EagerGraph:
+    """A recorded step stand-in: replay() runs the step for real and points the output buffer at its logits."""
+
+    def __init__(self, step):
+        self.step, self.output, self.replays = step, torch.empty(0), 0
+
+    def replay(self):
+        self.replays += 1
+        self.output.set_(self.step())
 
 
-def test_failed_compile_warns_once_and_decodes_uncompiled(tiny_models, monkeypatch, capsys):
-    def broken_backend(graph, example_inputs):
-        raise RuntimeError("no compiler here")
+def test_a_failed_capture_turns_graphs_off_for_that_model_only(tiny_models, fake_cuda, monkeypatch, capsys):
+    """Model 1's capture fails: one warning, its steps run eagerly from then on (the same tokens), and it is never
+    captured again. Model 2 keeps its graphs: captured once per segment and replayed, on one capture stream and one
+    memory pool for the device, reused across segments and models."""
+    models = [lively(loaded(path)[0]) for path in tiny_models]
+    tokenizer = loaded(tiny_models[0])[1]
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    refs = [core.sample(model, prompts, 9, set(), 0, temperature=0)[0] for model in models]
+    graphs, recorded_on = [], []
 
-    monkeypatch.setattr(core.DecodeStep, "compile_failed", False)
+    def record(step, pool):
+        recorded_on.append(torch.cuda.current_stream())
+        if step.__self__.model is models[0]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graphs.append(EagerGraph(step))
+        return graphs[-1], graphs[-1].output
+
+    monkeypatch.setattr(core, "record_graph", record)
+    for _ in range(2):
+        for model, ref in zip(models, refs):
+            assert core.sample_fast(model, prompts, 9, set(), 0, temperature=0, segment=4, cuda_graph=True)[0] == ref
+    assert capsys.readouterr().err.count("CUDA graph capture failed (operation not permitted") == 1
+    assert models[0] in core.GRAPHLESS and models[1] not in core.GRAPHLESS
+    # model 2: segments of 4, 4 and 1 steps per call; a step that feeds the model (not the budget's last) is
+    # captured at the first feed of its segment (run eagerly as the capture's warm-up) and replayed after it
+    assert [g.replays for g in graphs] == [3, 3] * 2
+    assert len(fake_cuda.streams) == 1 and len(fake_cuda.pools) == 1
+    # recorded on the device's own capture stream (torch's default capture stream lives on the GPU that captured
+    # first: with --device2 on another GPU, model 2's graph would be empty), the main stream current again after
+    assert set(recorded_on) == set(fake_cuda.streams) and len(fake_cuda.current) == 1
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   torch.AcceleratorError("CUDA error: an illegal memory access was encountered")])
+def test_out_of_memory_or_a_cuda_error_at_capture_propagates(tiny_models, fake_cuda, monkeypatch, error):
+    """Not a reason to decode without graphs for hours: the error reaches the run (out of memory: its handler
+    saves and says how to resume), the capture is ended first, and the model keeps its graphs."""
+    calls = []
+
+    class FailingGraph:
+        def capture_begin(self, pool=None):
+            calls.append(("begin", pool))
+
+        def capture_end(self):
+            calls.append("end")
+
+    model, tokenizer = loaded(tiny_models[0])
+    real_forward = core.DecodeStep.forward
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FailingGraph)
+    monkeypatch.setattr(core.DecodeStep, "forward",  # the warm-up step runs, the recorded one fails
+                        lambda self: real_forward(self) if not calls else (_ for _ in ()).throw(error))
+    with pytest.raises(type(error)):
+        core.sample_fast(model, prompts_of(tokenizer, ["Hi"]), 4, set(), 0, temperature=0, cuda_graph=True)
+    assert calls == [("begin", (0, 9)), "end"] and model not in core.GRAPHLESS
+
+
+def test_a_broken_capture_is_ended_and_its_first_error_reported(fake_cuda, monkeypatch):
+    ended = []
+
+    class Graph:
+        def capture_begin(self, pool=None):
+            pass
+
+        def capture_end(self):
+            ended.append(1)
+            raise RuntimeError("the capture was invalidated")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        core.record_graph(lambda: (_ for _ in ()).throw(RuntimeError("operation not permitted")), torch.cuda.MemPool())
+    assert ended == [1]
+
+
+def test_a_fast_path_that_fails_on_first_use_warns_and_samples_with_the_reference_loop(tiny_models, monkeypatch,
+                                                                                        capsys):
+    """A transformers internal the GPU sampler uses changed (here StaticCache's layers lose lazy_initialization):
+    one warning naming the error, and this model's rollouts come from the reference loop."""
+    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8)
+    policy = make_policy(tiny_models[1], cfg)
+    lively(policy.model)
+    prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "Hi"])
+    reference = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)[0]
+
+    def changed(*args):
+        raise AttributeError("'StaticLayer' object has no attribute 'lazy_initialization'")
+
+    monkeypatch.setattr(core, "static_cache", changed)
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
+    for _ in range(2):
+        assert [ids for ids, _, _ in core.generate(policy, prompts, 8, cfg)] == reference
+    err = capsys.readouterr().err
+    assert err.count(f"warning: {policy.name}: the GPU sampler failed (AttributeError: 'StaticLayer' object has no "
+                     f"attribute 'lazy_initialization'); sampling with the reference loop from now on") == 1
+    assert policy.fast_agrees is False
+
+
+def test_the_fast_sampler_reads_from_the_device_once_per_window_and_segment(tiny_models, monkeypatch):
+    """Each read of a value back to Python (aten::_local_scalar_dense) makes the host wait for the GPU. Outside the
+    prefill, the decode step's forward (replayed as a CUDA graph on the GPU, without Python) and multinomial's
+    check (asynchronous on CUDA), sample_fast reads at most once per window of 8 steps and once per segment."""
+    from torch.profiler import profile
     model, tokenizer = loaded(tiny_models[0])
     lively(model)
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
-    ref = core.sample(model, prompts, 8, set(), tokenizer.pad_token_id, temperature=0)
-    torch._dynamo.reset()
-    for _ in range(2):
-        fast = core.sample_fast(model, prompts, 8, set(), tokenizer.pad_token_id, temperature=0, segment=3,
-                                compile_backend=broken_backend)
-        assert fast == ref
-    assert capsys.readouterr().err.count("torch.compile of the decode step failed") == 1
-    assert core.DecodeStep.compile_failed
+    real_forward, real_prefill = core.DecodeStep.forward, core.prefill
+    monkeypatch.setattr(core.DecodeStep, "forward", lambda self: record_marked(real_forward, self))
+    monkeypatch.setattr(core, "prefill", lambda *a: record_marked(real_prefill, *a))
+    excluded = {"marked", "aten::multinomial", "aten::_assert_async"}
+    for segment, windows in ((256, 3), (8, 3), (5, 5)):  # 24 tokens: windows of 8, cut at segment ends
+        with profile() as prof:
+            out = core.sample_fast(model, prompts, 24, set(), 0, 1.0, 0.9, torch.Generator().manual_seed(0),
+                                   segment=segment)
+        assert all(len(row) == 24 for row in out[0])
+        reads = [e for e in prof.events() if e.name == "aten::_local_scalar_dense" and not ancestors(e) & excluded]
+        assert 0 < len(reads) <= windows + math.ceil(24 / segment), segment
+
+
+def record_marked(fn, *args):
+    from torch.profiler import record_function
+    with record_function("marked"):
+        return fn(*args)
+
+
+def ancestors(event):
+    names = set()
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        names.add(event.name)
+    return names
+
+
+def test_a_nucleus_wider_than_the_candidates_redecodes_its_window_exactly(tiny_models, monkeypatch):
+    """sample_fast does not wait for the device to learn whether each step's nucleus fitted in pick_tokens'
+    candidates: a window where one did not is decoded again from the same random state, checking every step. The
+    result is the always-checked sampler's, token for token (sample(), which checks at every step; no row ends
+    here, so both draw the same random numbers)."""
+    model, tokenizer = loaded(tiny_models[1])
+    lively(model, seed=3)
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    real_pick, restores = core.pick_tokens, []
+    monkeypatch.setattr(core, "pick_tokens", lambda *a: real_pick(*a, candidates=8))  # often too few at T = 1.5
+    real_restore = core.DecodeStep.restore
+    monkeypatch.setattr(core.DecodeStep, "restore", lambda self, saved: (restores.append(1), real_restore(self, saved)))
+    ref, ref_logp = core.sample(model, prompts, 20, set(), 0, 1.5, 0.95, torch.Generator().manual_seed(1), n=2)
+    fast, fast_logp = core.sample_fast(model, prompts, 20, set(), 0, 1.5, 0.95, torch.Generator().manual_seed(1),
+                                       n=2, segment=12)
+    assert restores and fast == ref
+    assert torch.allclose(torch.tensor(fast_logp), torch.tensor(ref_logp), atol=1e-5)
 
 
 def test_fast_decoding_is_the_gpu_default_only():
@@ -862,19 +1097,19 @@ def test_the_fast_path_checks_itself_against_the_reference_loop(tiny_models, mon
     policy = make_policy(tiny_models[1], cfg)
     lively(policy.model)
     prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?", "Hi"])
-    reference = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)
+    reference = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)[0]
     calls, real_fast = [], core.sample_fast
 
     def fast(*args, **kwargs):
         calls.append(1)
-        rows = real_fast(*args, **kwargs)
-        return [[row[0] + 1] + row[1:] for row in rows] if diverges else rows
+        rows, logprobs = real_fast(*args, **kwargs)
+        return ([[row[0] + 1] + row[1:] for row in rows] if diverges else rows), logprobs
 
     monkeypatch.setattr(core, "sample_fast", fast)
     monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
     assert core.generate(policy, [], 8, cfg) == [] and policy.fast_agrees is None  # a torchrun rank without questions
     for _ in range(2):
-        assert [ids for ids, _ in core.generate(policy, prompts, 8, cfg)] == reference
+        assert [ids for ids, _, _ in core.generate(policy, prompts, 8, cfg)] == reference
     warnings = capsys.readouterr().err.count("differ from the reference loop's")
     assert (warnings, policy.fast_agrees) == ((1, False) if diverges else (0, True))
     assert len(calls) == (1 if diverges else 3)  # the check, then (agreeing) both rollouts
@@ -885,7 +1120,7 @@ def test_cuda_graph_sampler_greedy_equals_the_reference(tiny_models):
     model, tokenizer = loaded(tiny_models[0])
     model = lively(model).cuda()
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi", "What is 3 + 4 ?"])
-    ref = core.sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0, n=2)
+    ref = core.sample(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0, n=2)[0]
     fast = core.sample_fast(model, prompts, 20, {tokenizer.eos_token_id}, tokenizer.pad_token_id, temperature=0, n=2,
                             segment=8, cuda_graph=True)
     assert fast == ref
@@ -899,8 +1134,8 @@ def test_rollouts_with_merged_lora_match_and_restore_the_weights(tiny_models):
             p.add_(0.05 * torch.randn_like(p))
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?"])
-    merged = [ids for ids, _ in core.generate(policy, prompts, 8, cfg)]
-    unmerged = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)
+    merged = [ids for ids, _, _ in core.generate(policy, prompts, 8, cfg)]
+    unmerged = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)[0]
     assert merged == unmerged
     assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
 
@@ -908,11 +1143,11 @@ def test_rollouts_with_merged_lora_match_and_restore_the_weights(tiny_models):
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    picks = {core.pick_tokens(logits, 1.0, 0.7, g).item() for _ in range(300)}
+    picks = {core.pick_tokens(logits, 1.0, 0.7, g)[0].item() for _ in range(300)}
     assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7
-    assert core.pick_tokens(logits, 0, 0.7, g).item() == 0
+    assert core.pick_tokens(logits, 0, 0.7, g)[0].item() == 0
     flat = torch.zeros(1, 5000)  # uniform: the nucleus is wider than the topk candidates, so the full sort is used
-    picks = {core.pick_tokens(flat, 1.0, 0.5, g, candidates=16).item() for _ in range(200)}
+    picks = {core.pick_tokens(flat, 1.0, 0.5, g, candidates=16)[0].item() for _ in range(200)}
     assert len(picks) > 100 and max(picks) < 5000
 
 
@@ -925,7 +1160,7 @@ def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
     expected = torch.zeros(50)
     expected[keep] = probs[keep] / probs[keep].sum()
     g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(core.pick_tokens(logits.expand(20000, 50), 1.0, 0.8, g, candidates=20), minlength=50)
+    counts = torch.bincount(core.pick_tokens(logits.expand(20000, 50), 1.0, 0.8, g, candidates=20)[0], minlength=50)
     assert torch.allclose(counts / 20000, expected, atol=0.015)
 
 
@@ -1973,7 +2208,8 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_pa
 
 
 def test_three_non_finite_updates_in_a_row_stop_the_run(warm_pair, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(core, "update_policy", lambda *a: {"loss": float("nan"), "kl": 0.0, "entropy": 0.0, "grad_norm": float("nan"), "tokens": 1, "skipped": 1})
+    monkeypatch.setattr(core, "update_policy", lambda *a: NO_UPDATE | {"loss": float("nan"), "grad_norm": float("nan"), "tokens": 1,
+                                                                       "skipped": 1})
     flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=10) + ["--no-eval-before"]
     assert core.main(flags) == 1
     captured = capsys.readouterr()

@@ -22,6 +22,8 @@ PANELS = [  # title, metrics keys (evals.jsonl keys for the last panel; {k}: the
     ("traces with a negative advantage", ["neg_adv_m1", "neg_adv_m2"]),
     ("truncated samples", ["truncated"]),
     ("gradient norm before clipping", ["grad_norm_m1", "grad_norm_m2"]),
+    ("rollout-update mismatch, mean |log p difference|", ["mismatch_m1", "mismatch_m2"]),
+    ("rollout-update mismatch, KL (k3)", ["mismatch_kl_m1", "mismatch_kl_m2"]),
     ("evaluation (before, during, after)", ["team_pass@{k}", "pass@1_m1", "pass@1_m2", "p_12@{k}", "team_vote@{k}"]),
 ]
 MODEL_COLORS = {"m1": "#1f77b4", "m2": "#d62728"}
