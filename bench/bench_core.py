@@ -1,19 +1,19 @@
 """
 Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B shapes (no download):
 
-  0. greedy identity: core.sample_fast's greedy tokens (plain and compiled step) vs generate's, first 32 tokens
-     of 8 rows;
-  1. rollout speed: core.sample_fast (static cache + CUDA graphs; also with the step through torch.compile, as
-     --decoder compiled does) and core.sample (eager) vs transformers' generate (dynamic cache, and static cache
-     with its automatic compile) at several batch sizes, in tokens/s, as a fraction of the memory-bandwidth
-     floor, with peak memory and the warm-up (compile) time;
+  0. greedy identity: core.sample_fast's greedy tokens vs generate's, first 32 tokens of 8 rows;
+  1. rollout speed: core.sample_fast (static cache + CUDA graphs) and core.sample (the reference loop) vs
+     transformers' generate (dynamic cache; with --static also the static cache and its automatic compile) at
+     the training (8 rows) and evaluation (64 rows) batch sizes, in tokens/s, as a fraction of the
+     memory-bandwidth floor, with peak memory and the warm-up time;
   2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
   3. one full CORE step (core.train_step) for the pair: 4 questions, K=2, K'=1, every response forced to
-     --new-tokens tokens (no EOS), with its time and peak memory.
+     --step-tokens tokens (no EOS), with its time, peak memory and each model's rollout-update mismatch, and
+     what a rollout's LoRA merge costs (the base weights copied back from the host).
 
   python bench/bench_core.py                  # on a GPU, the real shapes (bf16)
   python bench/bench_core.py --tiny           # a smoke run of the same code on CPU with tiny shapes
-  python bench/bench_core.py --models qwen2.5-3b --parts greedy sampler --batches 64   # one slice (10-min calls)
+  python bench/bench_core.py --models qwen2.5-3b --parts greedy sampler --batches 64   # one slice
 
 Prints a table and writes JSON (--out; default bench/out/bench_results.json, a folder git ignores: copy the
 figures worth keeping to bench/results/).
@@ -100,9 +100,7 @@ def bench_sampler(name, shape, model, args, device):
         prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
         mask = torch.ones_like(prompts)
         gen = torch.Generator(device=device).manual_seed(0)
-        def fast(backend):
-            return lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen,
-                                              compile_backend=backend)
+        fast = lambda n: core.sample_fast(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
         eager = lambda n: core.sample(model, prompts.tolist(), n, set(), 0, 0.7, 0.9, gen)  # noqa: E731
         theirs = {
             "generate (dynamic cache)": lambda n: model.generate(prompts, attention_mask=mask, do_sample=True, temperature=0.7,
@@ -111,9 +109,8 @@ def bench_sampler(name, shape, model, args, device):
                                                                 top_p=0.9, top_k=0, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
                                                                 cache_implementation="static"),
         }
-        methods = {"core.sample_fast": fast(None), "core.sample_fast (compiled)": fast("inductor"),
-                   "core.sample (eager)": eager}
-        methods |= {k: v for k, v in theirs.items() if "static" not in k or not args.no_static}
+        methods = {"core.sample_fast (graphs)": fast, "core.sample (reference loop)": eager}
+        methods |= {k: v for k, v in theirs.items() if "static" not in k or args.static}
         floor = bandwidth_floor(model, shape, batch, args.prompt_len, args.new_tokens, args.bandwidth)
         for method, fn in methods.items():
             _, warmup = timed(lambda: fn(min(8, args.new_tokens)), device)  # (and compile, where there is one)
@@ -129,8 +126,7 @@ def bench_sampler(name, shape, model, args, device):
 
 
 def greedy_check(name, shape, model, args, device, batch=8, tokens=32):
-    """Greedy tokens of core.sample_fast (plain, and with the compiled step) vs generate's, row by row, for the
-    first `tokens` tokens. generate runs with its default dynamic cache and with a static cache (uncompiled):
+    """Greedy tokens of core.sample_fast vs generate's, row by row, for the first `tokens` tokens. generate runs with its default dynamic cache and with a static cache (uncompiled):
     without padding the dynamic cache attends with no mask (sdpa may pick another kernel, whose bf16 rounding
     can flip a near-tie of a random model), the static cache with a mask as ours does."""
     prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device)
@@ -141,15 +137,15 @@ def greedy_check(name, shape, model, args, device, batch=8, tokens=32):
     distinct = [len(set(r)) for r in refs["dynamic"]]  # a row of one repeated token makes the check weak
     print(f"  {name:<11} greedy: distinct tokens per generate row: {distinct}", flush=True)
     rows = []
-    for label, backend in (("core.sample_fast", None), ("core.sample_fast (compiled)", "inductor")):
-        ours, seconds = timed(lambda: core.sample_fast(model, prompts.tolist(), tokens, set(), 0, temperature=0,
-                                                       compile_backend=backend), device)
+    for label in ("core.sample_fast",):
+        ours, seconds = timed(lambda: core.sample_fast(model, prompts.tolist(), tokens, set(), 0, temperature=0)[0],
+                              device)
         for cache, ref in refs.items():
             equal = sum(o == r for o, r in zip(ours, ref))
             first_diff = [next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), tokens) for o, r in zip(ours, ref)]
             print(f"  {name:<11} greedy: {label} == generate ({cache} cache) for the first {tokens} tokens in "
-                  f"{equal}/{batch} rows (equal prefix per row: {first_diff}; first call, with any compile: "
-                  f"{seconds:.1f} s)", flush=True)
+                  f"{equal}/{batch} rows (equal prefix per row: {first_diff}; first call: {seconds:.1f} s)",
+                  flush=True)
             rows.append({"model": name, "method": label, "generate_cache": cache, "rows": batch, "tokens": tokens,
                          "rows_equal": equal, "equal_prefix": first_diff, "first_call_s": seconds,
                          "distinct_tokens": distinct})
@@ -200,42 +196,66 @@ def bench_update(name, shape, policy, args, device):
 
 
 def bench_core_step(policies, args, device):
-    """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens."""
-    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2, decoder=args.decoder)
+    """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens, with each
+    model's rollout-update mismatch (the sampler's log-probs against the update's, metrics mismatch_m1/m2)."""
+    cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2)
     sentence = "Consider the following numbers carefully."
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
     counters = core.new_counters()
     step = lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, [])  # noqa: E731
-    _, warmup = timed(step, device)  # the first step also compiles, with --decoder compiled
+    _, warmup = timed(step, device)  # the first step also checks the fast path and takes the host copies
     reset_peak(device)
     result, seconds = timed(step, device)
-    sampler = ("core.sample_fast" + (" (compiled)" if args.decoder == "compiled" else "")
-               if core.fast_decoding(policies[0].model, cfg) else "core.sample")
+    metrics = result[0]
+    sampler = "core.sample_fast" if all(p.fast_agrees for p in policies) else "core.sample"
     row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
-           "peak_gb": peak_gb(device), "sampled_tokens_per_s": result[0]["tok_per_s"], "sampler": sampler,
-           "first_step_seconds": warmup}
-    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each, {sampler}): {seconds:.2f} s  "
-          f"peak {fmt_gb(row['peak_gb'])}  (first step {warmup:.2f} s)", flush=True)
+           "rollout_s": metrics["rollout_s"], "update_s": metrics["update_s"], "peak_gb": peak_gb(device),
+           "sampled_tokens_per_s": metrics["tok_per_s"], "sampler": sampler, "first_step_seconds": warmup,
+           **{f"{key}_m{m}": metrics[f"{key}_m{m}"] for key in ("mismatch", "mismatch_kl") for m in (1, 2)}}
+    print(f"  CORE step (pair, 4 questions, K=2, K'=1, {args.new_tokens} new tokens each, {sampler}): {seconds:.2f} s "
+          f"({metrics['rollout_s']:.2f} s rollouts + {metrics['update_s']:.2f} s updates)  peak "
+          f"{fmt_gb(row['peak_gb'])}  (first step {warmup:.2f} s)", flush=True)
+    for m, policy in enumerate(policies, 1):
+        print(f"    {policy.name}: rollout-update mismatch, mean |log p difference| {row[f'mismatch_m{m}']:.2e}, "
+              f"KL (k3) {row[f'mismatch_kl_m{m}']:.2e}", flush=True)
+    row["merge"] = [bench_merge(policy, device) for policy in policies]
     return row
+
+
+def bench_merge(policy, device, repeats=3):
+    """What a rollout's LoRA merge costs once the host copy exists: W += B A, then W copied back from the host."""
+    layers = core.lora_layers(policy.model).values()
+    gigabytes = sum(layer.base.weight.numel() * layer.base.weight.element_size() for layer in layers) / 1e9
+    with core.lora_merged(policy.model):  # the host copies, if no rollout took them yet
+        pass
+    start = time.perf_counter()
+    for _ in range(repeats):
+        with core.lora_merged(policy.model):
+            sync(device)
+    sync(device)
+    seconds = (time.perf_counter() - start) / repeats
+    print(f"    {policy.name}: LoRA merge + restore of {gigabytes:.2f} GB of adapted weights: {seconds:.3f} s per "
+          f"rollout ({gigabytes / seconds:.1f} GB/s)", flush=True)
+    return {"model": policy.name, "adapted_weight_gb": gigabytes, "seconds_per_rollout": seconds}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke run of the same code)")
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256], help="sampler batch sizes")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 64],
+                        help="sampler batch sizes (a training round: 8 rows per model, an evaluation batch: 64)")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256, help="sampled tokens per row (the CORE step uses 300)")
     parser.add_argument("--step-tokens", type=int, default=300, help="forced response length in the CORE step")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="memory bandwidth in bytes/s for the floor")
-    parser.add_argument("--no-static", action="store_true", help="skip generate with the static cache (slow to compile)")
+    parser.add_argument("--static", action="store_true", help="also generate with the static cache (minutes to compile)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the fast sampler")
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (the CORE step needs both models)")
-    parser.add_argument("--decoder", default="graphs", choices=("graphs", "compiled"), help="the CORE step's --decoder")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_results.json"))
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3 in three slices, each sized for one 10-minute job on one H100:
-#   bash bench/gpu_checks.sh 1 OUT   CUDA tests (graphs, bf16, compile), then the Qwen2.5-3B shape at batch 64:
-#                                    greedy identity, our sampler vs generate, a kernel profile
-#   bash bench/gpu_checks.sh 2 OUT   the Qwen3-4B shape at batch 16, the 3B shape at batch 16 and 256
-#   bash bench/gpu_checks.sh 3 OUT   the LoRA updates and a full CORE step for the pair (plain, then with
-#                                    --decoder compiled)
-# Each slice writes its JSON (and a log) under OUT.
+# The GPU checks in one call (about 6 minutes on one H100/H200, estimated: not yet timed on a GPU):
+#   bash bench/gpu_checks.sh OUT
+# 1. the CUDA tests of test_core.py (the graph sampler against the reference loop, bf16);
+# 2. bench/bench_core.py on random-weight models of the real Qwen2.5-3B and Qwen3-4B shapes (bf16): greedy
+#    identity with generate, tokens/s of the graphs sampler against the reference loop and generate at 8 and 64
+#    rows, the update's tokens/s and peak memory, one CORE step of the pair with each model's rollout-update
+#    mismatch, and the cost of a rollout's LoRA merge.
+# It writes OUT/bench.json and OUT/gpu_checks.log (copy them to bench/results/ to keep them).
+# BENCH_EXTRA="--tiny" runs the same on a CPU with tiny shapes (a smoke run).
 set -euo pipefail
-slice=${1:?slice 1, 2 or 3}
-out=${2:?output folder}
+out=${1:?output folder}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-bench() { "$py" bench/bench_core.py "$@" ${BENCH_EXTRA:-}; }  # BENCH_EXTRA="--tiny ...": a CPU smoke run
-case "$slice" in
-  1) "$py" -m pytest -q test_core.py -k "cuda or fast or bfloat16 or compile" 2>&1 | tail -5
-     bench --models qwen2.5-3b --parts greedy sampler --batches 64 --profile --out "$out/slice1.json" ;;
-  2) bench --models qwen3-4b --parts greedy sampler --batches 16 --out "$out/slice2a.json"
-     bench --models qwen2.5-3b --parts sampler --batches 16 256 --no-static --out "$out/slice2b.json" ;;
-  3) bench --parts update step --out "$out/slice3a.json"
-     bench --parts step --decoder compiled --out "$out/slice3b.json" ;;
-  *) echo "slice must be 1, 2 or 3" >&2; exit 2 ;;
-esac 2>&1 | tee "$out/slice$slice.log"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$py" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  "$py" -m pytest -q test_core.py -k "cuda or fast or bfloat16 or capture or mismatch" 2>&1 | tail -5
+  "$py" bench/bench_core.py --out "$out/bench.json" ${BENCH_EXTRA:-}
+} 2>&1 | tee "$out/gpu_checks.log"
