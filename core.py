@@ -611,7 +611,7 @@ def start_or_resume(cfg, policies, test_set, out, rng):
 def new_counters():
     """What the loop counts across steps (saved in every checkpoint): per model, non-finite updates in a row,
     the collapse watch's streak and window start, sampled tokens; problems skipped as too long."""
-    return {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0],
+    return {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "nothing_to_learn": 0,
             "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
 
@@ -699,9 +699,13 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
-    if not names:
-        raise UsageError(f"no module matches --lora-targets {','.join(sorted(targets))}")
+    linear = {n: n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unmatched = sorted(targets - set(linear.values()))
+    if unmatched:
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise UsageError(f"--lora-targets: {', '.join(unmatched)} {verb} no linear layer of the model (its "
+                         f"layers: {', '.join(sorted(set(linear.values())))})")
+    names = [n for n, last in linear.items() if last in targets]
     narrowest = min(min(model.get_submodule(n).weight.shape) for n in names)
     if rank > narrowest:  # the update B A has rank <= the layer's width anyway
         raise UsageError(f"--lora-rank {rank} is over the narrowest adapted layer's width, {narrowest} "
@@ -1446,7 +1450,11 @@ def load_data(cfg):
     test_split = "all" if cfg.eval_only and single_file else "test"
     test_set = load_problems(cfg.data, test_split, cfg.data_dir, cfg.seed)
     random.Random(cfg.seed).shuffle(train_set)
-    return train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
+    train_set, test_set = train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
+    public = cfg.data in DATASET_NAMES or Path(cfg.data).name in DATASET_NAMES
+    print(f"data: {cfg.data}: {len(train_set)} train / {len(test_set)} test questions, answer kind "
+          f"{test_set[0].kind}{'' if public else ' (inferred from the golds)'}")
+    return train_set, test_set
 
 
 def load_problems(name, split, data_dir="", seed=42):
@@ -1503,8 +1511,11 @@ def locate(name, filename, data_dir):
             payload = response.read()
     except Exception as e:
         files = ", ".join(f"{CACHE_DIR / name / f} ({u})" for f, u in SOURCES[name].items())
-        raise UsageError(f"cannot download {url} ({type(e).__name__}); offline? put the files of '{name}' at "
-                         f"{files}, or pass --data-dir DIR with them in DIR/{name}/") from None
+        looked = f"{Path(data_dir) / name / filename} does not exist and " if data_dir else ""
+        elsewhere = (f"in {Path(data_dir) / name}/" if data_dir
+                     else f"pass --data-dir DIR with them in DIR/{name}/")
+        raise UsageError(f"{looked}cannot download {url} ({type(e).__name__}); offline? put the files of "
+                         f"'{name}' at {files}, or {elsewhere}") from None
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.with_suffix(".part").write_bytes(payload)
     os.replace(cached.with_suffix(".part"), cached)
@@ -1784,10 +1795,11 @@ def compared_cell(evals, key):
 
 
 def print_rows(rows):
+    """(label, cells) rows as a table: each column as wide as its widest cell (long paths included)."""
     label_width = max(22, *(len(label) + 2 for label, _ in rows))
-    width = max(26, *(len(name) + 2 for name in rows[0][1]))
+    widths = [max(26, *(len(cells[c]) + 2 for _, cells in rows)) for c in range(len(rows[0][1]))]
     for label, cells in rows:
-        print((f"{label:<{label_width}}" + "".join(f"{c:<{width}}" for c in cells)).rstrip())
+        print((f"{label:<{label_width}}" + "".join(f"{c:<{w}}" for c, w in zip(cells, widths))).rstrip())
 
 
 # -----------------------------------------------------------------------------
@@ -1950,10 +1962,13 @@ def resume_config(cfg, given):
     return replace(saved, **overrides | {"resume": cfg.resume, "stop_after": cfg.stop_after})
 
 
-def adapters_config(cfg):
-    """--adapters: the LoRA rank, alpha and targets are the checkpoint's own; a warning when it was trained on
-    other models (a different name, or model 1 and model 2 swapped)."""
+def adapters_config(cfg, given=frozenset()):
+    """--adapters: the models it was trained on, unless --model1/--model2 are given (`given`: the flags set; a
+    given model of another name than the trained one is warned about, model 1 and model 2 swapped too), and
+    the checkpoint's own LoRA rank, alpha and targets."""
     saved = saved_config(find_checkpoint(cfg.adapters) / "state.json")
+    trained = {f"model{m}": getattr(saved, f"model{m}") for m in (1, 2) if f"model{m}" not in given}
+    cfg = replace(cfg, **trained)
     if saved.model2 == "none" and cfg.model2 != "none":
         raise UsageError(f"{cfg.adapters} trained one model alone: evaluate it with --model2 none")
     for m in (1, 2):
@@ -2035,6 +2050,7 @@ def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
     """Print the step's line (and cfg.show questions in full); rank 0 appends its metrics and sample rows."""
     print(format_log(row, cfg.steps), flush=True)
     names = {m: policy.name for m, policy in enumerate(policies, 1)}
+    watch_for_nothing_to_learn(row, counters, cfg)
     watch_for_collapse(row, counters, names, cfg)
     for q in range(min(cfg.show, len(problems))):
         show_group(problems[q], groups[q], hints[q], names)
@@ -2101,40 +2117,69 @@ def format_log(row, steps):
             f"{r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
-def watch_for_collapse(row, counters, names, cfg, patience=3, most=0.75):
-    """Warn when, for `patience` steps in a row, `most` or more of a model's traces had a negative advantage
-    while its KL to the base or its entropy rose over those steps: its updates push it away from its own
-    samples (README: the weaker partner). Traces at zero advantage push nothing: they do not count."""
+def watch_for_nothing_to_learn(row, counters, cfg, every=5):
+    """Warn when every sample of a step hit the token budget, or every advantage group had equal rewards
+    (all right or all wrong): no advantage is nonzero and the update learns nothing from the step's rewards.
+    Said at the first such step and again every `every` steps while it goes on."""
+    truncated, constant = row["truncated"] == 1, row["constant_groups"] == row["advantage_groups"]
+    streak = counters["nothing_to_learn"] = counters["nothing_to_learn"] + 1 if truncated or constant else 0
+    if streak == 0 or (streak - 1) % every:
+        return
+    verdict = {0.0: "wrong", 1.0: "right"}.get(row["correct"], "equally rewarded")
+    if truncated:
+        why = (f"every sample hit --max-new-tokens {cfg.max_new_tokens} before its end: raise it, or use "
+               f"easier data or stronger models")
+    elif verdict == "wrong":
+        why = "every question's samples were all wrong: use easier data or stronger models (or more tokens)"
+    else:
+        why = f"every question's samples were all {verdict}: use harder data"
+    steps = f"{streak} step{'s' * (streak != 1)} in a row"
+    print(f"warning: step {row['step']}: nothing to learn ({steps}): {why}", flush=True)
+
+
+def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
+    """Warn when, for `patience` steps in a row, a model's cold (round-A) traces had a mean advantage of
+    `push` or less while its KL to the base or its entropy rose over those steps: its updates push it away
+    from its own cold behaviour (README: the weaker partner). Round B is not read: rescued and lucky traces
+    there are positive even while the cold ones are pushed down. Traces at zero advantage push nothing."""
     flags = (("--adv-group model", cfg.adv_group == "model" or cfg.single),  # --single: per model already
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
     kl_start, start = counters["kl_before"], counters["entropy_before"]
     for m, name in names.items():
-        i, kl, entropy, negative = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"neg_adv_m{m}"]
-        streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if negative >= most else 0
+        i, kl, entropy, cold = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"adv_A_m{m}"]
+        pushed = cold is not None and cold <= push
+        streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if pushed else 0
         if streak and (streak - 1) % patience == 0:  # a window starts: where its KL and entropy were
             kl_start[i], start[i] = kl, entropy
         kl_rose = kl is not None and kl > kl_start[i]  # None: --beta-kl 0, the KL is not measured
         if streak and streak % patience == 0 and (kl_rose or entropy > start[i]):
             went = "" if kl is None else f"its KL to the base went {kl_start[i]:.4f} -> {kl:.4f} and "
-            print(f"warning: {name}: for {streak} steps in a row {most:.0%} or more of its traces had a "
-                  f"negative advantage ({negative:.0%} now); over the last {patience} steps {went}its "
-                  f"entropy went {start[i]:.2f} -> {entropy:.2f}: its updates push it away from its own "
-                  f"samples (README: the weaker partner; {advice})", flush=True)
+            print(f"warning: {name}: for {streak} steps in a row its cold (round-A) traces had a mean "
+                  f"advantage of {push:+.2f} or less ({cold:+.2f} now); over the last {patience} steps "
+                  f"{went}its entropy went {start[i]:.2f} -> {entropy:.2f}: its updates push it away from "
+                  f"its own cold samples (README: the weaker partner; {advice})", flush=True)
 
 
 def show_group(problem, group, hint, names):
-    """Print one question's rounds, teacher hint and rewards (the protocol, visible)."""
-    print(f"  Q: {problem.question!r}  gold {problem.gold}")
+    """Print one question's rounds, teacher hint and rewards (the protocol, visible), each text as the model
+    wrote it, on one line."""
+    print(f"  Q: {one_line(problem.question, 100)}  gold {problem.gold}")
     for rnd in ("A", "B"):
         if rnd == "B" and hint:
-            print(f"    hint (teacher's trace, answer stripped): {hint[:70]!r}")
+            print(f"    hint (teacher's trace, answer stripped): {one_line(hint, 70)}")
         for t in (t for t in group if t.round == rnd):
-            tag = f"{t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
+            tag = f"round {t.round} {names[t.model]}" + (" +hint" if t.hint_shown else "")
             rescued = "  RESCUED" if t.terms.get("rescue") else ""
-            print(f"    {tag:<22} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  "
-                  f"A {t.advantage:+.2f}  {t.text.strip()[:70]!r}{rescued}")
+            print(f"    {tag:<28} {'right' if t.correct else 'wrong'}  R {t.reward:+.3f}  adv "
+                  f"{t.advantage:+.2f}  {one_line(t.text, 70)}{rescued}")
+
+
+def one_line(text, width):
+    """The text stripped, each line break shown as \\n, cut to `width` characters ('...' at the cut)."""
+    text = text.strip().replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def sample_record(step, problem, group, hint):
@@ -2152,7 +2197,7 @@ class Progress:
         self.label, self.total, self.always = label, total, always
         self.tty = sys.stdout.isatty()
         self.every = 1.0 if self.tty else 10.0
-        self.start = self.last = time.time()
+        self.start = self.last = self.batch_end = time.time()
         self.rows = self.tokens = 0  # of the batches done
         self.shown = False
 
@@ -2160,13 +2205,17 @@ class Progress:
         return time.time() - self.last >= self.every
 
     def add(self, rows, tokens):
-        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
+        """A batch is done: its rows and tokens."""
+        self.rows, self.tokens, self.batch_end = self.rows + rows, self.tokens + tokens, time.time()
 
     def show(self, rows=0, tokens=0, closing=False):
-        """rows, tokens: those done so far in the batch being sampled."""
+        """rows, tokens: those done so far in the batch being sampled. The time left is that of the rows left
+        at the pace of the batches done, less what the current batch has run (none before a batch is done)."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
-        left = f"{(self.total - done) * elapsed / done:.0f}s left" if done else "time left: ?"
+        pace = (self.batch_end - self.start) / self.rows if self.rows else None  # seconds per row
+        left = (f"{max(0.0, (self.total - self.rows) * pace - (self.last - self.batch_end)):.0f}s left"
+                if pace is not None else "time left: ?")
         line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
                 f"{elapsed:.0f}s, {'done' if closing else left}")
         end = "\n" if closing or not self.tty else ""
@@ -2248,6 +2297,8 @@ def run(cfg, given=frozenset()):
             return 0
     elif cfg.demo:
         cfg = replace(cfg, **{k: v for k, v in DEMO_SETTINGS.items() if k not in given})  # a flag given wins
+    if cfg.adapters and not cfg.resume:  # a resumed run's config holds what its --adapters set
+        cfg = adapters_config(cfg, given)
     cfg = replace(cfg, single=not cfg.eval_only) if cfg.model2 == "none" else cfg  # one model alone: GRPO
     validate(cfg, given)
     cfg = replace(cfg, model1=absolute(cfg.model1), model2=absolute(cfg.model2))  # resumable from anywhere
@@ -2258,7 +2309,6 @@ def run(cfg, given=frozenset()):
     devices = [resolve_device(cfg.device1 or local), resolve_device(cfg.device2 or cfg.device1 or local)]
     train_set, test_set = demo_data(cfg, out) if cfg.demo else load_data(cfg)
     check_models(cfg)
-    cfg = adapters_config(cfg) if cfg.adapters else cfg
     policies = [load_policy(m, path, device, cfg)
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import core
+from bench import study
 from tools import compare, curves
 
 HERE = Path(__file__).resolve().parent
@@ -230,6 +231,15 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
     for t, a in zip(twins, core.group_advantages([t.reward for t in twins]).tolist()):
         t.advantage = a
     assert core.step_log(0, core.Config(), [twins], stats, (1.0, 0.5), 0)["constant_groups"] == 1
+
+
+def test_shown_samples_name_round_and_advantage_and_keep_the_text_as_written(capsys):
+    problem = core.Problem("p", "What is 2 + 2 ?", "4", "number")
+    trace = core.Trace(1, "A", [], [], "2 + 2 = 4 .\nSo \\boxed{4}", True, reward=1.1, advantage=-0.4)
+    core.show_group(problem, [trace], None, {1: "tiny-qwen2"})
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.split()[:4] == ["round", "A", "tiny-qwen2", "right"] and "  adv -0.40  " in line
+    assert line.endswith("2 + 2 = 4 .\\nSo \\boxed{4}")  # one backslash, as the model wrote it; \n marks the break
 
 
 def test_hint_cap_in_receiver_tokens():
@@ -622,6 +632,9 @@ def test_a_lora_rank_over_a_layers_width_and_non_finite_adapters_are_refused():
     model, _ = small_model()  # k_proj: 2 kv heads x head_dim 8 = 16 outputs, the narrowest adapted layer
     with pytest.raises(core.UsageError, match="--lora-rank 17 is over the narrowest adapted layer's width, 16"):
         core.add_lora(model, rank=17, alpha=8)
+    with pytest.raises(core.UsageError, match=r"--lora-targets: foo_proj matches no linear layer of the model \(its "
+                                              r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj"):
+        core.add_lora(small_model()[0], rank=4, alpha=8, targets="q_proj,foo_proj")  # not q_proj alone, silently
     core.add_lora(model, rank=16, alpha=8)
     policy = types.SimpleNamespace(model=model)
     core.check_in_sync([policy])  # one process: always in sync
@@ -762,6 +775,24 @@ def test_progress_shows_rows_tokens_and_time_left_while_sampling(tiny_models, ca
     assert len(lines) == shown + 1 and lines[0].startswith("  round A: 0/12 rows | ")
     assert lines[0].endswith("time left: ?")
     assert lines[-1].startswith("  round A: 6/12 rows") and lines[-1].endswith(", done") and " tok/s | " in lines[-1]
+
+
+def test_progress_estimates_the_time_left_from_the_batches_done(monkeypatch, capsys):
+    """16 rows in 2 batches: no estimate before a batch is done; then the rows left at the pace of the batches done,
+    less what the current batch has run, so the estimate falls as time passes (it used to grow with it)."""
+    now = [0.0]
+    monkeypatch.setattr(core.time, "time", lambda: now[0])
+    progress = core.Progress("evaluating", total=16)
+    for t, rows, done in ((10, 3, None), (80, 0, 8), (120, 2, None), (150, 6, None)):
+        now[0] = t
+        if done:
+            progress.add(done, 100)
+        else:
+            progress.show(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("10s, time left: ?")
+    assert lines[1].startswith("  evaluating: 10/16 rows") and lines[1].endswith("120s, 40s left")
+    assert lines[2].endswith("150s, 10s left")
 
 
 def test_samples_of_a_prompt_share_one_prefill(tiny_models):
@@ -1424,6 +1455,13 @@ def test_load_gsm8k_folder_and_generic_file(tmp_path):
             {"numbers": "number", "letters": "choice"}.get(name, "math")}, name
 
 
+def test_the_data_line_gives_the_split_sizes_and_the_answer_kind(tmp_path, capsys):
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)])
+    train, test = core.load_data(core.Config(data=str(mine), eval_n=0))
+    assert (len(train), len(test)) == (8, 2)
+    assert capsys.readouterr().out == f"data: {mine}: 8 train / 2 test questions, answer kind number (inferred from the golds)\n"
+
+
 def test_bad_rows_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "1"}\n{not json\n')
@@ -1444,6 +1482,11 @@ def test_offline_download_error_names_url_and_place(tmp_path, monkeypatch):
         core.load_problems("gsm8k", "train")
     assert all(str(tmp_path / "cache" / "gsm8k" / f) in str(e.value) for f in ("train.jsonl", "test.jsonl"))
     assert not (tmp_path / "cache").exists()
+    (tmp_path / "data").mkdir()
+    with pytest.raises(core.UsageError) as e:  # --data-dir given: the advice names the path it looked in
+        core.load_problems("gsm8k", "train", data_dir=str(tmp_path / "data"))
+    assert f"{tmp_path / 'data' / 'gsm8k' / 'train.jsonl'} does not exist and cannot download" in str(e.value)
+    assert str(e.value).endswith(f"or in {tmp_path / 'data' / 'gsm8k'}/") and "pass --data-dir" not in str(e.value)
 
 
 def test_training_order_is_a_seeded_permutation_per_epoch():
@@ -1660,6 +1703,11 @@ def test_eval_only_adapters_reproduce_the_run_take_its_lora_settings_and_export(
     assert {k: v for k, v in evaluated.items() if k != "seconds"} == {k: v for k, v in after.items() if k != "seconds"}
     assert (tmp_path / "ev" / "eval_samples.jsonl").read_text() == (out / "eval_after_samples.jsonl").read_text()
     assert all((tmp_path / "ev" / f"merged_{m}" / "config.json").exists() for m in (1, 2))
+    # without --model1/--model2 (the README's own example) the models are those the checkpoint was trained on
+    assert core.main(common + ["--out", str(tmp_path / "ev2")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    again = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in after.items() if k != "seconds"}
     # the two tiny models have the same LoRA shapes: swapped adapters would load silently, so a warning says so
     assert core.main(common + ["--model1", warm_pair[1], "--model2", warm_pair[0], "--out", str(tmp_path / "swapped")]) == 0
     out_text = capsys.readouterr().out
@@ -1795,6 +1843,37 @@ def test_curves_keep_model_colours_and_break_where_nothing_was_counted(tmp_path)
     assert (tmp_path / "curves.svg").exists()
 
 
+def text_boxes(svg):
+    """(left, top, right, bottom, text) of every <text> of an SVG, at curves.CHAR_WIDTH a character."""
+    boxes = []
+    for e in ElementTree.fromstring(svg).iter("{http://www.w3.org/2000/svg}text"):
+        x, y, size = float(e.get("x")), float(e.get("y")), float(e.get("font-size", 11))
+        width = len(e.text) * curves.CHAR_WIDTH * size / 11
+        left = x - {"end": width, "middle": width / 2}.get(e.get("text-anchor"), 0)
+        boxes.append((left, y - size * 0.8, left + width, y + size * 0.2, e.text))
+    return boxes
+
+
+def test_curves_stay_legible_with_real_model_names(tmp_path):
+    """Long model paths and names: every text inside the picture and none over another (legends one line per
+    curve, cut to their panel; the title on three lines)."""
+    names = ["/home/researcher/models/huggingface/qwen2.5-coder-0.5b-instruct",
+             "/home/researcher/models/huggingface/smollm2-135m-instruct"]
+    (tmp_path / "config.json").write_text(json.dumps({"model1": names[0], "model2": names[1]}))
+    keys = {key for _, panel in curves.PANELS for key in panel if "{k}" not in key}
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": s, **{key: 1e-5 * s for key in keys}} for s in (1, 2, 3)])
+    write_jsonl(tmp_path / "evals.jsonl", [{"step": s, "k": 2, "team_pass@2": 0.5, "pass@1_m1": 0.3, "pass@1_m2": 0.2,
+                                            "p_12@2": 0.1, "team_vote@2": 0.4} for s in (0, 3)])
+    curves.write_curves(tmp_path)
+    svg = (tmp_path / "curves.svg").read_text()
+    width = float(ElementTree.fromstring(svg).get("width"))
+    boxes = text_boxes(svg)
+    assert any("smollm2-135m-instruct" in b[4] for b in boxes) and all(0 <= b[0] and b[2] <= width for b in boxes)
+    overlapping = [(a[4], b[4]) for a, b in itertools.combinations(boxes, 2)
+                   if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
+    assert overlapping == []
+
+
 def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_away(warm_pair, tmp_path, capsys):
     """Model 2 barely writes a right answer. Without hints (--no-rescue) and with the paper's joint advantages,
     most of its traces are pushed down while its KL rises: the log says so and warns; with --adv-group model
@@ -1819,40 +1898,79 @@ def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_awa
     assert all(r["adv_A_m2"] is not None and r["adv_B_m2"] is not None for r in rows)
 
 
+def test_a_step_with_nothing_to_learn_says_so_and_again_while_it_goes_on(warm_pair, tmp_path, capsys):
+    counters = core.new_counters()
+    cases = [(1.0, 8, 0.0)] * 7 + [(0.2, 3, 0.5), (0.0, 8, 1.0)]  # (truncated, constant groups of 8, correct)
+    for step, (truncated, constant, correct) in enumerate(cases, 1):
+        row = {"step": step, "truncated": truncated, "constant_groups": constant, "advantage_groups": 8,
+               "correct": correct}
+        core.watch_for_nothing_to_learn(row, counters, core.Config(max_new_tokens=128))
+    warnings = capsys.readouterr().out.splitlines()
+    assert [w.split(":")[0] for w in warnings] == ["warning"] * 3
+    assert warnings[0] == ("warning: step 1: nothing to learn (1 step in a row): every sample hit --max-new-tokens 128 "
+                           "before its end: raise it, or use easier data or stronger models")
+    assert warnings[1].startswith("warning: step 6: nothing to learn (6 steps in a row)")  # said again
+    assert warnings[2].startswith("warning: step 9: nothing to learn (1 step in a row): every question's samples were "
+                                  "all right: use harder data")
+    # a real run whose every sample hits a 1-token budget
+    data = arithmetic_file(tmp_path)
+    assert core.main(tiny_run_flags(warm_pair, data, tmp_path / "run", steps=1) + ["--max-new-tokens", "1"]) == 0
+    assert "warning: step 1: nothing to learn (1 step in a row): every sample hit --max-new-tokens 1" in capsys.readouterr().out
+
+
 def collapse_warnings(capsys, steps, cfg=None):
-    """watch_for_collapse over synthetic steps of model 2: (fraction negative, fraction positive, KL, entropy)."""
+    """watch_for_collapse over synthetic steps of model 2: (mean round-A advantage, KL, entropy[, fraction of all
+    its traces negative])."""
     counters = {"pushed_away": [0, 0], "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
-    for negative, positive, kl, entropy in steps:
-        row = {"neg_adv_m1": 0.3, "pos_adv_m1": 0.5, "kl_m1": 0.01, "entropy_m1": 1.0,
-               "neg_adv_m2": negative, "pos_adv_m2": positive, "kl_m2": kl, "entropy_m2": entropy}
+    for cold, kl, entropy, *negative in steps:
+        row = {"adv_A_m1": 0.05, "neg_adv_m1": 0.3, "kl_m1": 0.01, "entropy_m1": 1.0,
+               "adv_A_m2": cold, "neg_adv_m2": (negative or [0.9])[0], "kl_m2": kl, "entropy_m2": entropy}
         core.watch_for_collapse(row, counters, {1: "strong", 2: "weak"}, cfg or core.Config())
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
 
 
-def test_the_collapse_warning_reads_negative_advantages_and_a_rising_kl(capsys):
-    # the real case: 83 % of the weak model's traces negative, 17 % positive (rescued and lucky ones), KL rising
-    rising = [(0.83, 0.17, kl, h) for kl, h in ((0.0, 1.2), (0.03, 1.6), (0.08, 2.0), (0.1, 2.3), (0.12, 2.5),
-                                                (0.13, 2.7))]
-    warnings = collapse_warnings(capsys, rising)
-    assert len(warnings) == 2 and warnings[0].startswith("warning: weak: for 3 steps")
-    assert "0.0000 -> 0.0800" in warnings[0] and "try --adv-group model --adv-scale none" in warnings[0]
-    # the second window's KL and entropy are those of its own 3 steps, and the message says so
-    assert "for 6 steps in a row" in warnings[1] and "over the last 3 steps its KL to the base went 0.1000 -> 0.1300" in warnings[1]
+# A real collapse (SmolLM2-135M beside Qwen2.5-Coder-0.5B, joint std advantages, lr 2e-4): the weak model's cold
+# accuracy fell 0.28 -> 0.00 while its round-A traces averaged below -0.45 at every step; its rescued round-B
+# traces kept the share of all its traces with a negative advantage under 0.75 three steps in a row
+REAL_COLD = [-0.80, -1.04, -0.45, -0.83, -0.94, -1.39, -0.84, -1.09]
+REAL_NEGATIVE = [0.83, 0.83, 0.58, 0.92, 0.83, 0.67, 0.67, 0.92]
+REAL_KL = [0.0, 0.004, 0.012, 0.02, 0.03, 0.038, 0.05, 0.06]
+REAL_ENTROPY = [1.24, 1.30, 1.42, 1.51, 1.62, 1.74, 1.85, 1.96]
+# the demo's weaker model at its default options (per-model advantages in reward units), seeds 42 and 1: its cold
+# accuracy rises while its round-A advantages stay within +-0.1 and its KL rises as it learns
+DEMO_COLD = {42: [0.02, -0.03, 0.03, 0.04, 0.02, -0.01, -0.00, -0.02, 0.01, -0.04, -0.06, -0.04, -0.00, 0.03, -0.04],
+             1: [0.03, -0.01, -0.04, -0.04, -0.07, 0.04, 0.02, -0.03, 0.06, -0.03, -0.01, 0.03, -0.02, -0.01, -0.08]}
+
+
+def test_the_collapse_warning_reads_the_cold_rounds_advantages(capsys):
+    steps = list(zip(REAL_COLD, REAL_KL, REAL_ENTROPY, REAL_NEGATIVE))
+    warnings = collapse_warnings(capsys, steps)
+    assert len(warnings) == 2 and warnings[0].startswith("warning: weak: for 3 steps in a row its cold (round-A) traces")
+    assert "(-0.45 now)" in warnings[0] and "its KL to the base went 0.0000 -> 0.0120" in warnings[0]
+    assert "its entropy went 1.24 -> 1.42" in warnings[0] and "try --adv-group model --adv-scale none" in warnings[0]
+    # the second window's KL and entropy are those of its own 3 steps
+    assert "for 6 steps in a row" in warnings[1] and "over the last 3 steps its KL to the base went 0.0200 -> 0.0380" in warnings[1]
+    for seed, cold in DEMO_COLD.items():  # a weak model that learns: silent, its KL rising or not
+        assert collapse_warnings(capsys, [(a, 0.002 * k, 0.7 + 0.01 * k) for k, a in enumerate(cold)]) == [], seed
+
+
+def test_the_collapse_warnings_advice_and_what_keeps_it_silent(capsys):
+    rising = list(zip(REAL_COLD, REAL_KL, REAL_ENTROPY))[:3]
     in_force = core.Config(adv_group="model", adv_scale="none")
-    warnings = collapse_warnings(capsys, rising[:3], in_force)
+    warnings = collapse_warnings(capsys, rising, in_force)
     assert len(warnings) == 1 and "--adv-group" not in warnings[0] and "in force" in warnings[0]
-    assert "try --adv-scale none" in collapse_warnings(capsys, rising[:3], core.Config(adv_group="model"))[0]
-    assert "try --adv-scale none" in collapse_warnings(capsys, rising[:3], core.Config(single=True))[0]  # per model
+    assert "try --adv-scale none" in collapse_warnings(capsys, rising, core.Config(adv_group="model"))[0]
+    assert "try --adv-scale none" in collapse_warnings(capsys, rising, core.Config(single=True))[0]  # per model
     # --beta-kl 0: no KL measured (None); a rising entropy alone warns, without a KL reading
-    no_kl = collapse_warnings(capsys, [(0.83, 0.17, None, h) for _, h in ((0.0, 1.2), (0.0, 1.6), (0.0, 2.0))])
-    assert len(no_kl) == 1 and "KL" not in no_kl[0] and "its entropy went 1.20 -> 2.00" in no_kl[0]
-    # the same share of negative advantages while KL and entropy fall: nothing is drifting
-    assert collapse_warnings(capsys, [(0.9, 0.1, kl, 1 + kl) for kl in (0.05, 0.04, 0.03, 0.02, 0.01, 0.0)]) == []
+    no_kl = collapse_warnings(capsys, [(a, None, h) for a, _, h in rising])
+    assert len(no_kl) == 1 and "KL" not in no_kl[0] and "its entropy went 1.24 -> 1.42" in no_kl[0]
+    # the same push while KL and entropy fall: nothing is drifting
+    assert collapse_warnings(capsys, [(-0.9, kl, 1 + kl) for kl in (0.05, 0.04, 0.03, 0.02, 0.01, 0.0)]) == []
     # all-wrong groups under per-model advantages: every advantage 0, nothing pushes, KL rising or not
-    assert collapse_warnings(capsys, [(0.0, 0.0, kl, 1.0 + kl) for kl in (0.0, 0.01, 0.02, 0.05, 0.08, 0.1)]) == []
-    # a streak broken before `patience` steps: silent
-    assert collapse_warnings(capsys, [(0.9, 0.1, 0.0, 1), (0.9, 0.1, 0.1, 2), (0.5, 0.5, 0.2, 3),
-                                      (0.9, 0.1, 0.3, 4), (0.9, 0.1, 0.4, 5)]) == []
+    assert collapse_warnings(capsys, [(0.0, kl, 1.0 + kl, 0.0) for kl in (0.0, 0.01, 0.02, 0.05, 0.08, 0.1)]) == []
+    # no round-A trace of this model in a step (None), or a streak broken before `patience` steps: silent
+    assert collapse_warnings(capsys, [(-0.9, 0.0, 1), (None, 0.1, 2), (-0.9, 0.2, 3), (-0.9, 0.3, 4)]) == []
+    assert collapse_warnings(capsys, [(-0.9, 0.0, 1), (-0.9, 0.1, 2), (-0.2, 0.2, 3), (-0.9, 0.3, 4), (-0.9, 0.4, 5)]) == []
 
 
 # -----------------------------------------------------------------------------
@@ -2153,6 +2271,73 @@ def test_ctrl_c_during_the_imports_exits_130_without_a_traceback():
     done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_IMPORTS.format(core=str(HERE / "core.py"))],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_compare_gives_each_run_a_readable_column_with_real_model_paths(tmp_path, capsys):
+    """Three runs on real models (long absolute paths): each value in its own column, none run into the next."""
+    paths = [f"/home/researcher/models/huggingface/{name}" for name in
+             ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct", "smollm2-360m-instruct-long-name")]
+    runs = []
+    for i, (m1, m2) in enumerate([(paths[0], paths[1]), (paths[1], paths[2]), (paths[2], paths[0])]):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"model1": m1, "model2": m2, "lr": 1e-5 * (i + 1)}))
+        (run / "eval_after.json").write_text(json.dumps({"k": 2, "questions": 10, "pass@1_m1": 0.1 * i}))
+        runs.append(str(run))
+    assert compare.main(runs) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model1 = next(line for line in lines if line.startswith("  --model1"))
+    assert re.split(r"\s{2,}", model1.strip()) == ["--model1", paths[0], paths[1], paths[2]]
+    header = lines[0]
+    assert [header.index(f"run{i}") for i in range(3)] == [model1.index(p) for p in paths]  # columns line up
+
+
+STUB_CORE = """
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+out = Path(args[args.index("--resume" if "--resume" in args else "--out") + 1])
+if "--resume" not in args:
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    if out.name == os.environ.get("STUB_STOP"):
+        sys.exit(130)  # stopped after its config was written, as by Ctrl-C
+(out / "metrics.jsonl").write_text(json.dumps({"sampled_tokens_total_m1": 10, "sampled_tokens_total_m2": 20}))
+for when, value in (("before", 0.1), ("after", 0.3)):
+    (out / f"eval_{when}.json").write_text(json.dumps({"pass@1_m1": value, "pass@1_m2": value}))
+"""
+
+
+def test_the_study_names_every_variants_advantages_keeps_its_runs_and_resumes_a_stopped_one(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """bench/study.py with a stub core.py: under any base each variant names its advantage options (the single
+    baselines CORE's scale); its runs stay under --out; a rerun reads finished runs back and resumes a stopped one."""
+    stub, log, out = tmp_path / "core.py", tmp_path / "calls.txt", tmp_path / "study"
+    stub.write_text(STUB_CORE)
+    monkeypatch.setenv("STUB_LOG", str(log))
+    monkeypatch.setenv("STUB_STOP", "core-2")
+    argv = ["--core", str(stub), "--out", str(out), "--seeds", "1", "2", "--base", "--data gsm8k --steps 500"]
+    with pytest.raises(SystemExit, match="core-2 failed \\(exit 130\\); run the study again to resume it"):
+        study.main(argv)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 12 and all(c.startswith("--data gsm8k --steps 500 ") for c in calls)
+    flags = {c.split("--out ")[1]: c for c in calls}
+    assert "--adv-group model --adv-scale none" in flags[str(out / "core-1")]
+    assert "--adv-group joint --adv-scale std" in flags[str(out / "core-paper-1")]
+    assert all("--adv-scale none" in flags[str(out / f"{v}-1")] for v in ("single", "single-k", "alone", "core-cold"))
+    monkeypatch.delenv("STUB_STOP")
+    log.write_text("")
+    study.main(argv)
+    assert log.read_text().splitlines() == [f"--resume {out / 'core-2'}"]  # the finished 11 are read back
+    table = capsys.readouterr().out
+    assert re.search(r"core\s+30\s+0.300 \(\+0.200\)", table) and f"runs in {out}" in table
+    log.write_text("")
+    study.main(argv)
+    assert log.read_text() == ""
+    with pytest.raises(SystemExit, match="holds a study with --base"):
+        study.main(argv[:-2] + ["--base=--demo"])
 
 
 def test_the_table_cuts_a_long_model_name_at_its_end_and_counts_in_words(capsys):

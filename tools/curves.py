@@ -30,25 +30,38 @@ MODEL_COLORS = {"m1": "#1f77b4", "m2": "#d62728"}
 OTHER_COLORS = ["#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f"]
 
 
+CHAR_WIDTH = 6.5  # px per character of the 11 px sans-serif text, a generous average (labels are cut to fit)
+
+
 def write_curves(out):
     """RUN/curves.svg from metrics.jsonl and evals.jsonl: one small line chart per panel of PANELS, every curve
-    named in its legend with the models' names. A plain SVG file: no dependency, opens in any browser."""
+    named in its legend (one line each) with the models' names. A plain SVG file: no dependency, opens in any
+    browser."""
     out = Path(out)
     metrics, evals = (core.read_jsonl(out / name, lenient=True) for name in ("metrics.jsonl", "evals.jsonl"))
     k = next((e["k"] for e in evals if "k" in e), 0)  # an evaluation with no question fitting has none
     config = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
     names = {m: Path(str(config.get(f"model{m[1]}", m))).name for m in MODEL_COLORS}
-    width, height, cols, top = 400, 240, 3, 30
-    parts = [f'<text x="10" y="18" font-size="13">{escape(out.name)}: m1 = {escape(config.get("model1"))}, '
-             f'm2 = {escape(config.get("model2"))} (step {metrics[-1]["step"] if metrics else 0})</text>']
+    width, plot, cols, top = 400, 140, 3, 62
+    height = plot + 66 + 14 * max(len(keys) for _, keys in PANELS)  # the plot, its axes, a legend line per curve
+    title = [f"{out.name} (step {metrics[-1]['step'] if metrics else 0})", f"m1 = {config.get('model1')}",
+             f"m2 = {config.get('model2')}"]
+    parts = [f'<text x="10" y="{18 + 16 * i}" font-size="{13 if i == 0 else 11}">{escape(cut(line, cols * width - 20))}'
+             f'</text>' for i, line in enumerate(title)]
     for i, (title, keys) in enumerate(PANELS):
         rows = evals if i == len(PANELS) - 1 else metrics
-        x0, y0 = (i % cols) * width + 50, (i // cols) * height + 30 + top
-        parts.append(svg_panel(title, [key.format(k=k) for key in keys], rows, names, x0, y0, width - 70, height - 100))
+        x0, y0 = (i % cols) * width + 60, (i // cols) * height + 30 + top  # room for tick labels like 5.84e-05
+        parts.append(svg_panel(title, [key.format(k=k) for key in keys], rows, names, x0, y0, width - 80, plot))
     return (out / "curves.svg").write_text(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{cols * width}" '
         f'height="{-(-len(PANELS) // cols) * height + top}" font-family="sans-serif" font-size="11">'
         f'<rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
+
+
+def cut(text, pixels):
+    """The text, cut (with ...) to fit `pixels` at CHAR_WIDTH a character."""
+    most = int(pixels / CHAR_WIDTH)
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def label_and_style(key, names, j):
@@ -73,10 +86,11 @@ def svg_panel(title, keys, rows, names, x0, y0, w, h, ticks=4):
            f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
            f'<text x="{x0 + w}" y="{y0 + h + 26}" text-anchor="end">step</text>']
     for t in range(ticks + 1):
-        y, x = ylo + (yhi - ylo) * t / ticks, round(xlo + (xhi - xlo) * t / ticks)  # steps: whole numbers
+        y = ylo + (yhi - ylo) * t / ticks
         svg += [f'<line x1="{x0}" y1="{sy(y):.1f}" x2="{x0 + w}" y2="{sy(y):.1f}" stroke="#eee"/>',
-                f'<text x="{x0 - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>',
-                f'<text x="{sx(x):.1f}" y="{y0 + h + 14}" text-anchor="middle">{x:.4g}</text>']
+                f'<text x="{x0 - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>']
+    for x in sorted({round(xlo + (xhi - xlo) * t / ticks) for t in range(ticks + 1)}):  # steps: whole, once each
+        svg.append(f'<text x="{sx(x):.1f}" y="{y0 + h + 14}" text-anchor="middle">{x:.4g}</text>')
     for j, key in enumerate(keys):
         label, color, dash = label_and_style(key, names, j)
         segments, current = [], []
@@ -90,9 +104,9 @@ def svg_panel(title, keys, rows, names, x0, y0, w, h, ticks=4):
             svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"{dash}/>')
             svg += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>'
                     for x, y in pts if len(rows) < 12 or len(pts) == 1]
-        lx, ly = x0 + (j % 2) * (w // 2), y0 + h + 40 + (j // 2) * 14
-        svg.append(f'<line x1="{lx}" y1="{ly - 7}" x2="{lx + 12}" y2="{ly - 7}" stroke="{color}" stroke-width="2"'
-                   f'{dash}/><text x="{lx + 16}" y="{ly - 3}">{escape(label)}</text>')
+        ly = y0 + h + 42 + j * 14  # one legend line per curve, cut to the panel's width
+        svg.append(f'<line x1="{x0}" y1="{ly - 7}" x2="{x0 + 12}" y2="{ly - 7}" stroke="{color}" stroke-width="2"'
+                   f'{dash}/><text x="{x0 + 16}" y="{ly - 3}">{escape(cut(label, w + 4))}</text>')
     return "".join(svg)
 
 
