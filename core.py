@@ -77,8 +77,11 @@ class TrainingError(Exception):
 # -----------------------------------------------------------------------------
 # Config: one field per setting; its help is its comment and its --help line
 
-def arg(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
+def arg(default, help, section=None, kind=None, **extra):
+    """A Config field: its default, its --help line, the --help section it opens, and its kind: "training"
+    (changes only what training computes: --eval-only refuses it) or "execution" (how a run executes, not what
+    it computes: --resume may change it); extra: argparse's (choices)."""
+    return field(default=default, metadata={"help": help, "section": section, "kind": kind, **extra})
 
 
 DATASET_NAMES = ("gsm8k", "math", "math500", "aime24", "aime25", "gpqa")
@@ -87,82 +90,103 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 @dataclass
 class Config:
-    # what to run
-    data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder")
+    data: str = arg("gsm8k", f"dataset: one of {', '.join(DATASET_NAMES)}, or a JSONL file or folder",
+                    section="what to run")
     data_dir: str = arg("", "folder with <dataset>/<split>.jsonl (or gpqa/dataset.zip); else the cache")
     model1: str = arg("Qwen/Qwen2.5-3B-Instruct", "first model: Hugging Face id or local folder")
     model2: str = arg("Qwen/Qwen3-4B-Instruct-2507", "second model: Hugging Face id, local folder, or none "
                                                      "(model 1 alone)")
     out: str = arg("", "output folder (default runs/<data>-<timestamp>); must be new or empty")
-    steps: int = arg(500, "training steps (one AdamW step per model per step)")
+    steps: int = arg(500, "training steps (one AdamW step per model per step)", kind="training")
     eval_only: bool = arg(False, "only evaluate (optionally with --adapters), no training")
     adapters: str = arg("", "checkpoint folder (or run folder: newest checkpoint) whose adapters to load")
     resume: str = arg("", "run folder to continue from its newest checkpoint")
     demo: bool = arg(False, "run the whole pipeline on CPU with two tiny models and generated arithmetic")
-    single: bool = arg(False, "ablation: each model trained alone with GRPO (no round B, no cross terms)")
-    single_samples: int = arg(0, "--single: samples per model and question (0: K + K', CORE's budget)")
-    no_rescue: bool = arg(False, "ablation: round B never shows hints (plain resamples, no rescue bonus)")
+    single: bool = arg(False, "ablation: each model trained alone with GRPO (no round B, no cross terms)",
+                       kind="training")
+    single_samples: int = arg(0, "--single: samples per model and question (0: K + K', CORE's budget)",
+                              kind="training")
+    no_rescue: bool = arg(False, "ablation: round B never shows hints (plain resamples, no rescue bonus)",
+                          kind="training")
     export: bool = arg(False, "at the end, also save each model with its LoRA merged (save_pretrained)")
-    # cross-teaching protocol
-    k: int = arg(2, "cold samples per model per question in round A (paper K)")
-    k_rescue: int = arg(1, "samples per model per question in round B (paper K')")
-    hint_dropout: float = arg(0.5, "probability that an eligible round-B sample is NOT shown the hint")
-    hint_to: str = arg("failed", "who may see the hint in round B", choices=("failed", "all"))
-    hint_tokens: int = arg(1536, "hint cap, in tokens of the receiving model's tokenizer")
-    # sampling
-    temperature: float = arg(0.7, "sampling temperature (0 = greedy)")
+
+    k: int = arg(2, "cold samples per model per question in round A (paper K)",
+                 section="cross-teaching protocol", kind="training")
+    k_rescue: int = arg(1, "samples per model per question in round B (paper K')", kind="training")
+    hint_dropout: float = arg(0.5, "probability that an eligible round-B sample is NOT shown the hint",
+                              kind="training")
+    hint_to: str = arg("failed", "who may see the hint in round B", choices=("failed", "all"),
+                       kind="training")
+    hint_tokens: int = arg(1536, "hint cap, in tokens of the receiving model's tokenizer", kind="training")
+
+    temperature: float = arg(0.7, "sampling temperature (0 = greedy)", section="sampling")
     top_p: float = arg(0.9, "nucleus sampling mass")
-    max_new_tokens: int = arg(3072, "token budget per sampled solution during training")
-    max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training")
-    gen_batch: int = arg(64, "rows per sampling batch")
+    max_new_tokens: int = arg(3072, "token budget per sampled solution during training", kind="training")
+    max_prompt_tokens: int = arg(4096, "longer prompts are skipped (counted) in training", kind="training")
+    gen_batch: int = arg(64, "rows per sampling batch", kind="execution")
     decoder: str = arg("graphs", "GPU sampler: each decode step a CUDA graph, or the reference loop (the "
-                                 "CPU's)", choices=("graphs", "reference"))
-    # reward
-    w_correct: float = arg(1.0, "weight w1 of correctness c")
-    w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training")
-    div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)")
-    lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)")
-    rescue_bonus: float = arg(0.15, "bonus: a correct round-B trace of a model that failed cold, hint shown")
+                                 "CPU's)", choices=("graphs", "reference"), kind="execution")
+
+    w_correct: float = arg(1.0, "weight w1 of correctness c", section="reward", kind="training")
+    w_div: float = arg(0.2, "weight w2 of DPP-lite diversity in the first half of training", kind="training")
+    div_anneal: float = arg(0.25, "second-half diversity weight = w_div * div_anneal (0.2 -> 0.05)",
+                            kind="training")
+    lambda_cm: float = arg(0.1, "weight of cross-model complementarity in the second half (0 in the first)",
+                           kind="training")
+    rescue_bonus: float = arg(0.15, "bonus: a correct round-B trace of a model that failed cold, hint shown",
+                              kind="training")
     w_format: float = arg(0.1, "bonus for an explicit final answer (boxed; numbers, letters also after "
-                               "'####' or 'answer is/:/=')")
-    dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I")
-    ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel")
-    # update
-    lora_rank: int = arg(16, "LoRA rank r")
+                               "'####' or 'answer is/:/=')", kind="training")
+    dpp_eps: float = arg(1e-3, "ridge eps in the DPP kernel K = phi phi^T + eps I", kind="training")
+    ngram_dim: int = arg(4096, "hashed word n-gram feature size for the DPP kernel", kind="training")
+
+    lora_rank: int = arg(16, "LoRA rank r", section="update")
     lora_alpha: float = arg(32.0, "LoRA alpha (scale = alpha / r)")
     lora_targets: str = arg(LORA_TARGETS, "comma-separated module names that get a LoRA adapter")
-    lr: float = arg(1e-5, "AdamW learning rate (10% linear warm-up, then cosine to 0)")
-    weight_decay: float = arg(0.01, "AdamW weight decay")
-    grad_clip: float = arg(1.0, "gradient-norm clip per model")
-    beta_kl: float = arg(0.04, "weight beta of the k3 KL to the adapter-disabled base model")
-    round_b_weight: float = arg(0.8, "loss weight of round-B traces")
+    lr: float = arg(1e-5, "AdamW learning rate (10% linear warm-up, then cosine to 0)", kind="training")
+    weight_decay: float = arg(0.01, "AdamW weight decay", kind="training")
+    grad_clip: float = arg(1.0, "gradient-norm clip per model", kind="training")
+    beta_kl: float = arg(0.04, "weight beta of the k3 KL to the adapter-disabled base model", kind="training")
+    round_b_weight: float = arg(0.8, "loss weight of round-B traces", kind="training")
     round_b_context: str = arg("hinted", "train a hinted trace on its hinted prompt (the paper) or on the "
-                                         "cold one, importance-weighted (cold)", choices=("hinted", "cold"))
+                                         "cold one, importance-weighted (cold)", choices=("hinted", "cold"),
+                               kind="training")
     adv_group: str = arg("joint", "advantage baseline: all traces of the question (joint, the paper) or each "
-                                  "model's own (model)", choices=("joint", "model"))
+                                  "model's own (model)", choices=("joint", "model"), kind="training")
     adv_scale: str = arg("std", "advantage scale: the group's std (std, the paper) or reward units (none, "
-                                "Dr. GRPO)", choices=("std", "none"))
-    batch_questions: int = arg(4, "training questions per step")
-    train_n: int = arg(1000, "training questions drawn (seeded) from the train split")
-    micro_batch: int = arg(8, "sequences per forward pass in the update")
-    no_grad_checkpoint: bool = arg(False, "keep activations, do not recompute them (faster, more memory)")
-    logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)")
-    # evaluation
-    eval_n: int = arg(0, "test questions to evaluate (0 = all)")
+                                "Dr. GRPO)", choices=("std", "none"), kind="training")
+    batch_questions: int = arg(4, "training questions per step", kind="training")
+    train_n: int = arg(1000, "training questions drawn (seeded) from the train split", kind="training")
+    micro_batch: int = arg(8, "sequences per forward pass in the update", kind="execution")
+    no_grad_checkpoint: bool = arg(False, "keep activations, do not recompute them (faster, more memory)",
+                                   kind="execution")
+    logprob_chunk: int = arg(512, "positions per log-softmax chunk (full logits are never materialised)",
+                             kind="execution")
+
+    eval_n: int = arg(0, "test questions to evaluate (0 = all)", section="evaluation")
     eval_k: int = arg(2, "samples per model per test question (the k of Pass@k)")
     eval_max_new_tokens: int = arg(4096, "token budget per evaluation sample")
-    no_eval_before: bool = arg(False, "skip the evaluation before training")
-    eval_every: int = arg(0, "also evaluate every this many steps, into evals.jsonl (0: never)")
-    # bookkeeping
-    save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)")
-    keep: int = arg(3, "checkpoints kept on disk")
-    stop_after: int = arg(0, "stop (with a checkpoint) after this many steps of this invocation (0: never)")
-    show: int = arg(0, "questions per step whose rounds, hints and rewards are printed in full")
+    no_eval_before: bool = arg(False, "skip the evaluation before training", kind="training")
+    eval_every: int = arg(0, "also evaluate every this many steps, into evals.jsonl (0: never)",
+                          kind="training")
+
+    save_every: int = arg(50, "save a checkpoint every this many steps (and always at the end)",
+                          section="bookkeeping", kind="execution")
+    keep: int = arg(3, "checkpoints kept on disk", kind="execution")
+    stop_after: int = arg(0, "stop (with a checkpoint) after this many steps of this invocation (0: never)",
+                          kind="execution")
+    show: int = arg(0, "questions per step whose rounds, hints and rewards are printed in full",
+                    kind="execution")
     seed: int = arg(42, "seed for data order, LoRA init, hint dropout and sampling")
-    device1: str = arg("", "device of model 1 (default cuda if available, else cpu)")
-    device2: str = arg("", "device of model 2 (default: same rule as --device1)")
+    device1: str = arg("", "device of model 1 (default cuda if available, else cpu)", kind="execution")
+    device2: str = arg("", "device of model 2 (default: same rule as --device1)", kind="execution")
     dtype: str = arg("auto", "model weights' dtype (auto: bfloat16 on CUDA, else float32; LoRA is float32)",
                      choices=("auto", "bfloat16", "float32"))
+
+
+# what a Config field's kind says (arg): the flags --eval-only refuses, and those --resume may change
+TRAINING_ONLY = {f.name for f in fields(Config) if f.metadata["kind"] == "training"}
+RESUME_OVERRIDES = {f.name for f in fields(Config) if f.metadata["kind"] == "execution"}
 
 
 # -----------------------------------------------------------------------------
@@ -1936,11 +1960,6 @@ def keep_logged_steps(out, step):
             write_jsonl(out / name, [row for row in rows if row["step"] <= step])
 
 
-# what a resumed run may change: how it executes, not what it computes
-RESUME_OVERRIDES = {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
-                    "decoder", "device1", "device2", "save_every", "keep", "show"}
-
-
 def resume_config(cfg, given):
     """The saved config of the run being resumed (its newest checkpoint's, or its config.json when it stopped
     before its first checkpoint), with the RESUME_OVERRIDES flags among those given (`given`: their names)
@@ -2375,18 +2394,6 @@ def check_sizes(policies, train_set, test_set, cfg):
                          f"--eval-max-new-tokens {cfg.eval_max_new_tokens}); lower --eval-max-new-tokens")
 
 
-# flags that change only what training computes: --eval-only refuses them, tools/compare.py ignores them there
-TRAINING_ONLY = {"steps", "single", "single_samples", "no_rescue", "k", "k_rescue", "hint_dropout", "hint_to",
-                 "hint_tokens", "max_new_tokens", "max_prompt_tokens", "w_correct", "w_div", "div_anneal",
-                 "lambda_cm", "rescue_bonus", "w_format", "dpp_eps", "ngram_dim", "lr", "weight_decay",
-                 "grad_clip", "beta_kl", "round_b_weight", "round_b_context", "adv_group", "adv_scale",
-                 "batch_questions", "train_n", "no_eval_before", "eval_every"}
-
-
-SECTIONS = {"data": "what to run", "k": "cross-teaching protocol", "temperature": "sampling",
-            "w_correct": "reward", "lora_rank": "update", "eval_n": "evaluation", "save_every": "bookkeeping"}
-
-
 def build_parser(with_defaults=True):
     """The command line of Config, in its sections. with_defaults=False: parsing returns only the flags given.
     A parsing error is a UsageError (one line, exit 2)."""
@@ -2394,11 +2401,11 @@ def build_parser(with_defaults=True):
                                                  "(arXiv 2601.21600).")
     parser.error, group = parse_error, None
     for f in fields(Config):
-        group = parser.add_argument_group(SECTIONS[f.name]) if f.name in SECTIONS else group
+        group = parser.add_argument_group(f.metadata["section"]) if f.metadata["section"] else group
         shown = f.default != "" and not isinstance(f.default, bool)  # a switch or an empty text: no default
         text = f.metadata["help"].replace("%", "%%") + (f" (default: {f.default})" if shown else "")
         default = f.default if with_defaults else argparse.SUPPRESS
-        extra = {k: v for k, v in f.metadata.items() if k != "help"}  # choices
+        extra = {k: v for k, v in f.metadata.items() if k not in ("help", "section", "kind")}  # choices
         if isinstance(f.default, bool):
             group.add_argument(flag_name(f.name), action="store_true", default=default, help=text)
         else:

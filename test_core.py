@@ -80,9 +80,20 @@ def test_help_documents_every_flag_in_the_config_sections():
     for f in core.fields(core.Config):
         assert "--" + f.name.replace("_", "-") in text
         assert f.metadata["help"]
-    sections = [text.index(f"\n{title}:\n") for title in core.SECTIONS.values()]
-    assert sections == sorted(sections) and "(default: )" not in text and "(default: False)" not in text
+    titles = [f.metadata["section"] for f in core.fields(core.Config) if f.metadata["section"]]
+    sections = [text.index(f"\n{title}:\n") for title in titles]
+    assert len(titles) == 7 and sections == sorted(sections)
+    assert "(default: )" not in text and "(default: False)" not in text
     assert "--eval-n EVAL_N test questions to evaluate (0 = all) (default: 0)" in re.sub(r"\s+", " ", text)
+
+
+def test_each_flags_kind_is_in_its_field():
+    """Which flags --eval-only refuses and --resume may change come from the Config fields' kinds (arg)."""
+    assert core.RESUME_OVERRIDES == {"stop_after", "gen_batch", "micro_batch", "logprob_chunk", "no_grad_checkpoint",
+                                     "decoder", "device1", "device2", "save_every", "keep", "show"}
+    assert {"steps", "k", "lr", "adv_group", "max_new_tokens", "no_eval_before", "eval_every"} <= core.TRAINING_ONLY
+    assert not core.TRAINING_ONLY & (core.RESUME_OVERRIDES | {"eval_n", "eval_k", "lora_rank", "seed", "data"})
+    assert len(core.TRAINING_ONLY) == 31
 
 
 @pytest.mark.parametrize("flags, message", [
