@@ -1779,53 +1779,6 @@ def shortened(name, width):
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-COMPARED = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
-            ("Pass@k m2", "pass@{k}_m2"), ("maj@k m1", "maj@{k}_m1"), ("maj@k m2", "maj@{k}_m2"),
-            ("Team Pass@k", "team_pass@{k}"), ("team vote@k", "team_vote@{k}"), ("p_12@k", "p_12@{k}"),
-            ("joint failure@k", "joint_failure@{k}"), ("correlated failure@k", "correlated_failure@{k}"),
-            ("Team Pass@k/2", "team_pass@{h}"), ("team vote@k/2", "team_vote@{h}")]
-
-
-def comparison_rows(folders):
-    """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only
-    run's single value. The demo ends with its own; tools/compare.py puts several runs side by side."""
-    runs = [run_evaluations(f) for f in folders]
-    firsts = [next(iter(evals.values()), None) for evals in runs]
-    rows = [("", [Path(f).name for f in folders]),
-            ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts])]
-    return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in COMPARED]
-
-
-def run_evaluations(folder):
-    """A run's evaluations by name: eval_before and eval_after (training), or eval (--eval-only)."""
-    files = {name: Path(folder) / f"{name}.json" for name in ("eval_before", "eval_after", "eval")}
-    evals = {name: json.loads(path.read_text()) for name, path in files.items() if path.is_file()}
-    return {name: e for name, e in evals.items() if e}  # {}: no test question fitted
-
-
-def compared_cell(evals, key):
-    """'before -> after (change)' of one metric of a run, an --eval-only run's value, 'before X' or 'after X'
-    for a run with only that evaluation (stopped early, or --no-eval-before), or '-'."""
-    k = next(iter(evals.values()))["k"] if evals else 0
-    key = key.format(k=k, h=k // 2)
-    values = {name: e[key] for name, e in evals.items() if key in e}
-    if {"eval_before", "eval_after"} <= values.keys():
-        before, after = values["eval_before"], values["eval_after"]
-        return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
-    if not values:
-        return "-"
-    name, value = next(iter(values.items()))
-    return f"{value:.3f}" if name == "eval" else f"{name.removeprefix('eval_')} {value:.3f}"
-
-
-def print_rows(rows):
-    """(label, cells) rows as a table: each column as wide as its widest cell (long paths included)."""
-    label_width = max(22, *(len(label) + 2 for label, _ in rows))
-    widths = [max(26, *(len(cells[c]) + 2 for _, cells in rows)) for c in range(len(rows[0][1]))]
-    for label, cells in rows:
-        print((f"{label:<{label_width}}" + "".join(f"{c:<{w}}" for c, w in zip(cells, widths))).rstrip())
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: each written to a temporary folder and renamed into place (a kill leaves no half)
 
@@ -2351,7 +2304,7 @@ def run(cfg, given=frozenset()):
         print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
         if cfg.demo:
             print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
-            print_rows(comparison_rows([out]))
+            print_changes(out)
     if cfg.export and rank == 0:
         for m, policy in enumerate(policies, 1):
             export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
@@ -2623,6 +2576,30 @@ def demo_data(cfg, out):
           f"'What is a + b ?' (a, b in 0-4): the evaluation measures the trained skill on the questions it "
           f"trains on, not generalisation to new ones")
     return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
+
+
+# the headline numbers, as the demo's closing table and tools/compare.py label them ({k}: the evaluation's k)
+HEADLINE = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1", "pass@{k}_m1"),
+            ("Pass@k m2", "pass@{k}_m2"), ("maj@k m1", "maj@{k}_m1"), ("maj@k m2", "maj@{k}_m2"),
+            ("Team Pass@k", "team_pass@{k}"), ("team vote@k", "team_vote@{k}"), ("p_12@k", "p_12@{k}"),
+            ("joint failure@k", "joint_failure@{k}"), ("correlated failure@k", "correlated_failure@{k}"),
+            ("Team Pass@k/2", "team_pass@{h}"), ("team vote@k/2", "team_vote@{h}")]
+
+
+def print_changes(out):
+    """The demo's closing table: each headline number before -> after (change). tools/compare.py puts several
+    runs side by side."""
+    files = [out / f"eval_{when}.json" for when in ("before", "after")]
+    before, after = (json.loads(f.read_text()) if f.exists() else {} for f in files)
+    k = after["k"]
+    print(f"{'':<22}{out.name}\n{'k, questions':<22}{k}, {after['questions']}")
+    for label, key in HEADLINE:
+        key = key.format(k=k, h=k // 2)
+        if key in before and key in after:
+            b, a = before[key], after[key]
+            print(f"{label:<22}{b:.3f} -> {a:.3f} ({a - b:+.3f})")
+        else:
+            print(f"{label:<22}" + (f"after {after[key]:.3f}" if key in after else "-"))
 
 
 def arithmetic_problems(n, seed):

@@ -1736,7 +1736,7 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
                                                                                        "--single-samples", "2"]) == 0
     assert len(json.loads(open(tmp_path / "single_k" / "samples.jsonl").readline())["traces"]) == 2 * 2
     after = json.loads((tmp_path / "single_k" / "eval_after.json").read_text())["team_pass@2"]  # --no-eval-before
-    assert core.compared_cell(core.run_evaluations(tmp_path / "single_k"), "team_pass@{k}") == f"after {after:.3f}"
+    assert compare.compared_cell(compare.run_evaluations(tmp_path / "single_k"), "team_pass@{k}") == f"after {after:.3f}"
     capsys.readouterr()
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "single")]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -1754,7 +1754,7 @@ def test_single_model_ablation_has_no_round_b_and_compare_shows_both_runs(warm_p
                       "--out", str(tmp_path / "ev"), "--eval-n", "2", "--eval-max-new-tokens", "4", "--lora-rank", "4"]) == 0
     capsys.readouterr()
     value = json.loads((tmp_path / "ev" / "eval.json").read_text())["pass@1_m1"]
-    assert core.compared_cell(core.run_evaluations(tmp_path / "ev"), "pass@1_m1") == f"{value:.3f}"
+    assert compare.compared_cell(compare.run_evaluations(tmp_path / "ev"), "pass@1_m1") == f"{value:.3f}"
     assert compare.main([str(tmp_path / "core"), str(tmp_path / "ev")]) == 0
     lines = capsys.readouterr().out.splitlines()
     differing = [line.split()[0] for line in lines[lines.index("flags that differ:") + 1:]]

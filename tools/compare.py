@@ -14,7 +14,7 @@ import core  # noqa: E402
 
 
 def compare(folders):
-    """The table of core.comparison_rows, then the config flags whose values differ among the runs they matter
+    """The table of comparison_rows, then the config flags whose values differ among the runs they matter
     to (execution flags aside; training flags only between training runs)."""
     for folder in map(Path, folders):
         if not (folder / "config.json").is_file():
@@ -26,11 +26,51 @@ def compare(folders):
     differing = sorted(k for k in set().union(*shown) - ignored
                        if len({json.dumps(s.get(k)) for s in shown if s.get(k) != "-"}) > 1)
     tokens = [training_tokens(f, config.get("model2") == "none") for f, config in zip(folders, configs)]
-    rows = core.comparison_rows(folders) + [("sampled tokens m1 + m2", tokens)]
+    rows = comparison_rows(folders) + [("sampled tokens m1 + m2", tokens)]
     if len(folders) > 1:
         rows += [("flags that differ:", ["" if differing else "none"] * len(folders))]
         rows += [(f"  {core.flag_name(k)}", [str(s.get(k)) for s in shown]) for k in differing]
-    core.print_rows(rows)
+    print_rows(rows)
+
+
+def comparison_rows(folders):
+    """(label, one cell per run) rows of the runs' evaluations: before -> after (change), or an --eval-only
+    run's single value, for each of core.HEADLINE's numbers."""
+    runs = [run_evaluations(f) for f in folders]
+    firsts = [next(iter(evals.values()), None) for evals in runs]
+    rows = [("", [Path(f).name for f in folders]),
+            ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts])]
+    return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in core.HEADLINE]
+
+
+def run_evaluations(folder):
+    """A run's evaluations by name: eval_before and eval_after (training), or eval (--eval-only)."""
+    files = {name: Path(folder) / f"{name}.json" for name in ("eval_before", "eval_after", "eval")}
+    evals = {name: json.loads(path.read_text()) for name, path in files.items() if path.is_file()}
+    return {name: e for name, e in evals.items() if e}  # {}: no test question fitted
+
+
+def compared_cell(evals, key):
+    """'before -> after (change)' of one metric of a run, an --eval-only run's value, 'before X' or 'after X'
+    for a run with only that evaluation (stopped early, or --no-eval-before), or '-'."""
+    k = next(iter(evals.values()))["k"] if evals else 0
+    key = key.format(k=k, h=k // 2)
+    values = {name: e[key] for name, e in evals.items() if key in e}
+    if {"eval_before", "eval_after"} <= values.keys():
+        before, after = values["eval_before"], values["eval_after"]
+        return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+    if not values:
+        return "-"
+    name, value = next(iter(values.items()))
+    return f"{value:.3f}" if name == "eval" else f"{name.removeprefix('eval_')} {value:.3f}"
+
+
+def print_rows(rows):
+    """(label, cells) rows as a table: each column as wide as its widest cell (long paths included)."""
+    label_width = max(22, *(len(label) + 2 for label, _ in rows))
+    widths = [max(26, *(len(cells[c]) + 2 for _, cells in rows)) for c in range(len(rows[0][1]))]
+    for label, cells in rows:
+        print((f"{label:<{label_width}}" + "".join(f"{c:<{w}}" for c, w in zip(cells, widths))).rstrip())
 
 
 def training_tokens(folder, alone):
