@@ -108,7 +108,6 @@ class Config:
                               kind="training")
     no_rescue: bool = arg(False, "ablation: round B never shows hints (plain resamples, no rescue bonus)",
                           kind="training")
-    export: bool = arg(False, "at the end, also save each model with its LoRA merged (save_pretrained)")
 
     k: int = arg(2, "cold samples per model per question in round A (paper K)",
                  section="cross-teaching protocol", kind="training")
@@ -818,21 +817,6 @@ def load_lora(model, folder):
         for name, layer in lora_layers(model).items():
             layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
             layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
-
-
-def export_merged(model, tokenizer, folder):
-    """Save a plain transformers model with every adapter merged in (loadable without this file)."""
-    layers = lora_layers(model)
-    for name, layer in layers.items():
-        layer.merge()
-        set_module(model, name, layer.base)
-    try:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    finally:
-        for name, layer in layers.items():
-            set_module(model, name, layer)
-            layer.unmerge()
 
 
 # -----------------------------------------------------------------------------
@@ -1895,10 +1879,12 @@ def find_checkpoint(path):
 
 
 def saved_config(path):
-    """The Config in a checkpoint's state.json or a run's config.json. Older runs' decoder settings read too:
-    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs."""
+    """The Config in a checkpoint's state.json or a run's config.json. Older runs' settings read too:
+    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs; --export
+    is now tools/export.py."""
     saved = json.loads(Path(path).read_text())
     saved = saved.get("config", saved)
+    saved.pop("export", None)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
         saved["decoder"] = decoder if saved.pop(old, False) else saved.get("decoder", "graphs")
     saved["decoder"] = "graphs" if saved["decoder"] == "compiled" else saved["decoder"]
@@ -2305,10 +2291,6 @@ def run(cfg, given=frozenset()):
         if cfg.demo:
             print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
             print_changes(out)
-    if cfg.export and rank == 0:
-        for m, policy in enumerate(policies, 1):
-            export_merged(policy.model, policy.tokenizer, out / f"merged_{m}")
-            print(f"model {m} with its LoRA merged in: {out / f'merged_{m}'}")
     return 0
 
 
@@ -2369,7 +2351,8 @@ def build_parser(with_defaults=True):
 def parse_error(message):
     flag = re.search(r"--[\w-]+", message)
     negative = f" (a negative value: {flag.group()}=-VALUE)" if flag and "expected one arg" in message else ""
-    raise UsageError(f"{message}{negative}; python core.py --help lists every flag")
+    moved = " (--export moved: python tools/export.py RUN OUT)" if "--export" in message else ""
+    raise UsageError(f"{message}{negative}{moved}; python core.py --help lists every flag")
 
 
 def flag_name(field_name):

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import core
 from bench import study
-from tools import compare, curves
+from tools import compare, curves, export
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
@@ -655,7 +655,7 @@ def test_a_lora_rank_over_a_layers_width_and_non_finite_adapters_are_refused():
         core.check_in_sync([policy])
 
 
-def test_lora_save_load_round_trip_and_export(tmp_path):
+def test_lora_save_load_round_trip_and_merge(tmp_path):
     from transformers import AutoModelForCausalLM
     model, tokenizer = small_model()
     core.add_lora(model, rank=4, alpha=8)
@@ -668,7 +668,7 @@ def test_lora_save_load_round_trip_and_export(tmp_path):
     core.load_lora(other, tmp_path / "adapter")
     x = torch.randint(0, 300, (1, 9))
     assert torch.equal(model(x).logits, other(x).logits)
-    core.export_merged(model, tokenizer, tmp_path / "merged")
+    export.merged(model).save_pretrained(tmp_path / "merged")  # tools/export.py's merge: plain nn.Linear layers
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(plain(x).logits, model(x).logits, atol=1e-5)
     for rank, alpha in ((2, 8), (4, 16)):  # another rank, or the same rank with another alpha (scale)
@@ -1701,19 +1701,29 @@ def test_end_to_end_core_steps(warm_pair, tmp_path):
 def test_eval_only_adapters_reproduce_the_run_take_its_lora_settings_and_export(warm_pair, tmp_path, capsys):
     """--eval-only --adapters RUN evaluates exactly what the run evaluated after training (the same adapters, read
     back from the PEFT layout, and the same evaluation streams); the LoRA rank comes from the checkpoint, swapped
-    models are warned about, and --export writes the merged models."""
+    models are warned about, and tools/export.py writes the merged models."""
     out, data = tmp_path / "run", arithmetic_file(tmp_path)
     assert core.main(tiny_run_flags(warm_pair, data, out, steps=2) + ["--no-eval-before", "--eval-n", "4"]) == 0
     common = ["--eval-only", "--adapters", str(out), "--data", str(data), "--eval-n", "4", "--eval-max-new-tokens", "4",
               "--lora-rank", "8", "--lora-alpha", "1"]  # wrong LoRA settings: the checkpoint's are used
     capsys.readouterr()
-    assert core.main(common + ["--model1", warm_pair[0], "--model2", warm_pair[1], "--out", str(tmp_path / "ev"), "--export"]) == 0
+    assert core.main(common + ["--model1", warm_pair[0], "--model2", warm_pair[1], "--out", str(tmp_path / "ev")]) == 0
     assert "warning" not in capsys.readouterr().out
     evaluated = json.loads((tmp_path / "ev" / "eval.json").read_text())
     after = json.loads((out / "eval_after.json").read_text())
     assert {k: v for k, v in evaluated.items() if k != "seconds"} == {k: v for k, v in after.items() if k != "seconds"}
     assert (tmp_path / "ev" / "eval_samples.jsonl").read_text() == (out / "eval_after_samples.jsonl").read_text()
-    assert all((tmp_path / "ev" / f"merged_{m}" / "config.json").exists() for m in (1, 2))
+    # tools/export.py: each model with its adapter merged, a plain model folder with the adapted model's logits
+    assert export.main([str(out), str(tmp_path / "merged")]) == 0
+    merged, _ = loaded(tmp_path / "merged" / "merged_2")
+    policy = make_policy(warm_pair[1], core.replace(core.saved_config(out / "config.json"), dtype="float32"))
+    core.load_lora(policy.model, core.find_checkpoint(out) / "adapter_2")
+    x = torch.randint(0, 300, (1, 9))
+    assert torch.allclose(merged(x).logits, policy.model(x).logits, atol=1e-4)
+    assert not torch.allclose(merged(x).logits, loaded(warm_pair[1])[0](x).logits, atol=1e-4)  # not the base
+    assert export.main([str(out), str(tmp_path / "merged")]) == 2  # an existing folder is not overwritten
+    with pytest.raises(core.UsageError, match=r"--export moved: python tools/export.py RUN OUT"):
+        core.Config(**vars(core.build_parser().parse_args(["--export"])))
     # without --model1/--model2 (the README's own example) the models are those the checkpoint was trained on
     assert core.main(common + ["--out", str(tmp_path / "ev2")]) == 0
     assert "warning" not in capsys.readouterr().out
