@@ -443,48 +443,71 @@ def token_logprobs(model, input_ids, chunk, temperature=None):
 
 
 def update_policy(policy, traces, cfg, lr):
-    """One AdamW step of one model on its traces: token-level mean loss, micro-batches sorted by length.
-    Returns stats; a non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
+    """One AdamW step of one model on its traces (this rank's; the gradients are summed over ranks): the
+    token-level mean of policy_loss, in micro-batches sorted by length, then clip and step. Returns stats; a
+    non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
     model, device = policy.model, policy.device
-    params = lora_parameters(model)
-    total_tokens = float(sum(len(t.completion_ids) for t in traces))
-    total_tokens = all_reduce_sum(torch.tensor(total_tokens, device=device)).item()
-    if total_tokens == 0:  # no traces on any rank
-        return {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "tokens": 0, "skipped": 0,
-                "mismatch": None, "mismatch_kl": None}
+    tokens = torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)
+    total_tokens = all_reduce_sum(tokens).item()
     sums = torch.zeros(6, device=device)  # loss, KL, entropy, |mismatch|, mismatch KL, tokens with a mismatch
+    if total_tokens == 0:  # no traces on any rank
+        return update_stats(sums, total_tokens, 0.0, False, cfg)
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
-    for i in range(0, len(ordered), cfg.micro_batch):
-        mb = ordered[i:i + cfg.micro_batch]
-        on_cold = cfg.round_b_context == "cold" and any(t.cold_prompt_ids for t in mb)
-        prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # cold ones exist under that option only
+    for mb in (ordered[i:i + cfg.micro_batch] for i in range(0, len(ordered), cfg.micro_batch)):
+        prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # the cold one under --round-b-context cold
         ids, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
-        with torch.no_grad(), lora_disabled(model):
+        with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model
             ref = token_logprobs(model, ids, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
-        model.train(not cfg.no_grad_checkpoint)  # train mode: checkpointing on (Qwen has no dropout)
-        logp, entropy, logp_at_t = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
-        model.eval()
-        rho = importance_weights(mb, logp, policy, cfg) if on_cold else None
+        with recomputed_activations(model, not cfg.no_grad_checkpoint):  # pi_theta
+            logp, entropy, logp_at_t = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
+        rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
         loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()
-        rollout_logp, measured = rollout_logprobs(mb, mask)
+        rollout_logp, measured = rollout_logprobs(mb, mask)  # the sampler's own log-probs, for the mismatch
         mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_at_t, measured)
-        sums += torch.stack([loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl,
-                             measured.sum()])
-    loss_sum, kl_sum, entropy_sum, mismatch_sum, mismatch_kl_sum, measured = all_reduce_sum(sums).tolist()
+        logged = (loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum())
+        sums += torch.stack(logged)
+    sums = all_reduce_sum(sums)
+    grad_norm, skipped = clip_and_step(policy, sums[0].item(), cfg, lr)
+    return update_stats(sums, total_tokens, grad_norm, skipped, cfg)
+
+
+def clip_and_step(policy, loss_sum, cfg, lr):
+    """The gradients summed over ranks, clipped to cfg.grad_clip, then one AdamW step at `lr`, unless the
+    loss or the gradient is not finite. Returns (the gradient norm before clipping, whether it skipped)."""
+    params = lora_parameters(policy.model)
     all_reduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()  # the norm before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
     if not skipped:
         for group in policy.optimizer.param_groups:
             group["lr"] = lr
         policy.optimizer.step()
     policy.optimizer.zero_grad(set_to_none=True)
-    kl = kl_sum / total_tokens if cfg.beta_kl > 0 else None  # --beta-kl 0: pi_ref is never run, KL unmeasured
-    return {"loss": loss_sum / total_tokens, "kl": kl, "grad_norm": grad_norm,
-            "entropy": entropy_sum / total_tokens, "tokens": total_tokens, "skipped": int(skipped),
-            "mismatch": mismatch_sum / measured if measured else None,
-            "mismatch_kl": mismatch_kl_sum / measured if measured else None}
+    return grad_norm, skipped
+
+
+def update_stats(sums, total_tokens, grad_norm, skipped, cfg):
+    """The update's logged numbers from its sums over all ranks (loss, KL, entropy, |mismatch|, mismatch KL,
+    tokens with a mismatch): per token, the mismatch per token it was measured on."""
+    loss, kl, entropy, mismatch, mismatch_kl, measured = sums.tolist()
+    tokens = total_tokens or 1.0
+    return {"loss": loss / tokens, "kl": kl / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
+            "entropy": entropy / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
+            "skipped": int(skipped),
+            "mismatch": mismatch / measured if measured else None,
+            "mismatch_kl": mismatch_kl / measured if measured else None}
+
+
+@contextlib.contextmanager
+def recomputed_activations(model, on):
+    """The decoder layers recompute their activations in the backward pass (gradient checkpointing, which
+    transformers applies in train mode only; Qwen has no dropout, so train mode changes nothing else)."""
+    model.train(on)
+    try:
+        yield
+    finally:
+        model.eval()
 
 
 def micro_batch(traces, prompts, policy, cfg):
@@ -519,7 +542,10 @@ def rollout_logprobs(traces, mask):
 def importance_weights(traces, logp, policy, cfg):
     """rho_t = min(1, pi(y_t | cold prompt, y_<t) / pi(y_t | hinted prompt, y_<t)), without gradient, of each
     token of a hinted trace trained on its cold prompt (1 for the others): the sampling policy saw the hint,
-    the trained one does not (Guide-GRPO's correction, truncated at 1 as in V-trace). logp: [b, T-1]."""
+    the trained one does not (Guide-GRPO's correction, truncated at 1 as in V-trace). logp: [b, T-1]. None
+    when no trace is (cold prompts exist under that option only)."""
+    if not any(t.cold_prompt_ids for t in traces):
+        return None
     with torch.no_grad():
         ids, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
         sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)
@@ -1880,8 +1906,8 @@ def find_checkpoint(path):
 
 def saved_config(path):
     """The Config in a checkpoint's state.json or a run's config.json. Older runs' settings read too:
-    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs; --export
-    is now tools/export.py."""
+    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs;
+    --export is now tools/export.py."""
     saved = json.loads(Path(path).read_text())
     saved = saved.get("config", saved)
     saved.pop("export", None)
