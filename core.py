@@ -228,6 +228,8 @@ def core_step(policies, problems, cfg, rng, weights):
     """Rollouts, rewards and advantages of one step. rng draws the hint dropout; weights are the step's reward
     weights (reward_weights). Returns one group of traces per question (both models, both rounds) and each
     question's hint (None: no hint)."""
+    if not problems:  # every question of this rank's share was too long
+        return [], []
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
@@ -570,26 +572,55 @@ def learning_rate(cfg, step):
 # -----------------------------------------------------------------------------
 # The training loop
 
-def train_step(step, cfg, policies, train_set, rng, counters, stats):
-    """One CORE step and one update per model; under torchrun this rank takes its share of the questions.
-    Each model's update stats go to `stats` as soon as it has stepped. Returns (metrics row over all ranks,
-    this rank's questions, groups, hints), or None when every question of the step was too long."""
-    t0 = time.time()
+def train(cfg, policies, train_set, test_set, out):
+    """The training loop. Each step: its questions, the CORE step (rollouts, rewards, advantages), one update
+    per model, the log; then an evaluation, a checkpoint or a stop when due. Returns (exit code, whether all
+    cfg.steps are done). Ctrl-C and SIGTERM finish the step and save a checkpoint (StopRequest); out of
+    memory saves what is safe to save and says how to resume (out_of_memory)."""
     rank, world = dist_info()
-    order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
-    batch = [train_set[i] for i in order][rank::world]
-    usable = [p for p in batch if fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)]
-    groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step)) if usable else ([], [])
-    t1 = time.time()
-    for m, policy in enumerate(policies, 1):  # every rank updates, with traces or not: gradients are summed
-        traces = [t for g in groups for t in g if t.model == m]
-        stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
-        nonfinite = stats[-1]["skipped"]
-        counters["nonfinite_in_a_row"][m - 1] = counters["nonfinite_in_a_row"][m - 1] + 1 if nonfinite else 0
-        if nonfinite:
-            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: "
-                  f"update skipped")
-    shards = all_gather((groups, len(batch) - len(usable), t1 - t0))
+    rng = random.Random(stream_seed(cfg.seed, "hint dropout", rank=rank))
+    start, counters = start_or_resume(cfg, policies, test_set, out, rng)
+    stop, step, stats = StopRequest(), start, []
+    try:
+        for step in range(start, cfg.steps):
+            started, stats = time.time(), []
+            order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
+            batch = [train_set[i] for i in order][rank::world]  # this rank's share of the step's questions
+            usable = [p for p in batch if fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)]
+            groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step))
+            rollout_s = time.time() - started
+            for m, policy in enumerate(policies, 1):  # every rank updates, traces or not: gradients summed
+                traces = [t for g in groups for t in g if t.model == m]
+                stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
+            count_nonfinite(stats, counters, policies, step)
+            skipped = len(batch) - len(usable)  # too long for a model
+            row = metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
+            if row:
+                log_step(step, row, usable, groups, hints, cfg, policies, counters, out)
+            code = end_of_step(step + 1, start, cfg, policies, test_set, out, rng, counters, stop)
+            if code is not None:
+                return code, False
+    except torch.OutOfMemoryError:
+        raise out_of_memory(step, start, stats, cfg, policies, out, rng, counters) from None
+    finally:
+        stop.release()
+    return 0, True
+
+
+def count_nonfinite(stats, counters, policies, step):
+    """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
+    for m, (policy, s) in enumerate(zip(policies, stats), 1):
+        in_a_row = counters["nonfinite_in_a_row"]
+        in_a_row[m - 1] = in_a_row[m - 1] + 1 if s["skipped"] else 0
+        if s["skipped"]:
+            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update "
+                  f"skipped")
+
+
+def metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters):
+    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems and
+    sampled tokens (counters, kept across resumes); None when no rank had a question that fitted."""
+    shards = all_gather((groups, skipped, rollout_s))
     all_groups = [g for shard, _, _ in shards for g in shard]
     skipped, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
     counters["skipped_problems"] += skipped
@@ -598,44 +629,25 @@ def train_step(step, cfg, policies, train_set, rng, counters, stats):
               f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
-    row = step_log(step, cfg, all_groups, stats, (rollout_s, time.time() - t0 - rollout_s), skipped)
+    row = step_log(step, cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s), skipped)
     row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
     totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
         totals[m - 1] += row[f"sampled_tokens_m{m}"]
         row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
-    return row, usable, groups, hints
+    return row
 
 
-def train(cfg, policies, train_set, test_set, out):
-    """The training loop; returns (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM finish the
-    step and save a checkpoint; out of memory saves what is safe to save and says how to resume."""
-    rng = random.Random(stream_seed(cfg.seed, "hint dropout", rank=dist_info()[0]))
-    start, counters = start_or_resume(cfg, policies, test_set, out, rng)
-    stop = StopRequest()
-    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    step, stats = start, []
-    try:
-        for step in range(start, cfg.steps):
-            stats = []
-            result = train_step(step, cfg, policies, train_set, rng, counters, stats)
-            if result:
-                log_step(step, *result, cfg, policies, counters, out)
-            code = end_of_step(step + 1, start, cfg, policies, test_set, out, rng, counters, stop)
-            if code is not None:
-                return code, False
-    except torch.OutOfMemoryError:
-        # No model updated in the failed step: adapters and optimizers are step `step`'s (its random streams
-        # have moved on). Under torchrun only this rank failed: no collective save, the last checkpoint holds.
-        if not stats and step > start and dist_info()[1] == 1:
-            save_checkpoint(out, step, policies, cfg, rng, counters)
-        halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
-        raise TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
-                            f"smaller batches: python core.py --resume {out} {halve}") from None
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return 0, True
+def out_of_memory(step, start, stats, cfg, policies, out, rng, counters):
+    """The error for CUDA out of memory in `step`, saying how to resume with smaller batches. When no model
+    had updated in it (`stats` empty), its adapters and optimizers are still those after step - 1: they are
+    saved first (its random streams have moved on). Under torchrun only this rank failed: no collective save,
+    the last checkpoint holds."""
+    if not stats and step > start and dist_info()[1] == 1:
+        save_checkpoint(out, step, policies, cfg, rng, counters)
+    halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
+    return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
+                         f"smaller batches: python core.py --resume {out} {halve}")
 
 
 def start_or_resume(cfg, policies, test_set, out, rng):
@@ -686,10 +698,17 @@ def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) or SIGTERM (sent by timeout, SLURM, Kubernetes) sets a flag; the training loop finishes
-    its step, checkpoints and exits 130. A second signal aborts at once."""
+    """From its creation until release(): SIGINT (Ctrl-C) or SIGTERM (sent by timeout, SLURM, Kubernetes)
+    sets a flag; the training loop finishes its step, checkpoints and exits 130. A second signal aborts at
+    once."""
 
-    requested = False
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def release(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def __call__(self, signum, frame):
         if self.requested:

@@ -7,7 +7,7 @@ Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B s
      the training (8 rows) and evaluation (64 rows) batch sizes, in tokens/s, as a fraction of the
      memory-bandwidth floor, with peak memory and the warm-up time;
   2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
-  3. one full CORE step (core.train_step) for the pair: 4 questions, K=2, K'=1, every response forced to
+  3. one full CORE step (as core.train runs it) for the pair: 4 questions, K=2, K'=1, every response forced to
      --step-tokens tokens (no EOS), with its time, peak memory and each model's rollout-update mismatch, and
      what a rollout's LoRA merge costs (the base weights copied back from the host).
 
@@ -196,7 +196,7 @@ def bench_update(name, shape, policy, args, device):
 
 
 def bench_core_step(policies, args, device):
-    """One full core.train_step for the pair: 4 questions, K=2, K'=1, responses forced to new_tokens, with each
+    """One full training step for the pair (core_step, an update per model, the metrics row): 4 questions, K=2, K'=1, responses forced to new_tokens, with each
     model's rollout-update mismatch (the sampler's log-probs against the update's, metrics mismatch_m1/m2)."""
     cfg = core.Config(max_new_tokens=args.new_tokens, micro_batch=args.micro_batch, steps=2)
     sentence = "Consider the following numbers carefully."
@@ -204,11 +204,11 @@ def bench_core_step(policies, args, device):
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
     counters = core.new_counters()
-    step = lambda: core.train_step(0, cfg, policies, problems, random.Random(0), counters, [])  # noqa: E731
+    step = lambda: one_step(policies, problems, cfg, counters)  # noqa: E731
     _, warmup = timed(step, device)  # the first step also checks the fast path and takes the host copies
     reset_peak(device)
     result, seconds = timed(step, device)
-    metrics = result[0]
+    metrics = result
     sampler = "core.sample_fast" if all(p.fast_agrees for p in policies) else "core.sample"
     row = {"questions": 4, "k": cfg.k, "k_rescue": cfg.k_rescue, "new_tokens": args.new_tokens, "seconds": seconds,
            "rollout_s": metrics["rollout_s"], "update_s": metrics["update_s"], "peak_gb": peak_gb(device),
@@ -222,6 +222,16 @@ def bench_core_step(policies, args, device):
               f"KL (k3) {row[f'mismatch_kl_m{m}']:.2e}", flush=True)
     row["merge"] = [bench_merge(policy, device) for policy in policies]
     return row
+
+
+def one_step(policies, problems, cfg, counters):
+    """What core.train does in one step, without the loop around it: the metrics row."""
+    started = time.time()
+    groups, _ = core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    rollout_s = time.time() - started
+    stats = [core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, core.learning_rate(cfg, 0))
+             for m, policy in enumerate(policies, 1)]
+    return core.metrics_row(0, cfg, groups, stats, started, rollout_s, 0, counters)
 
 
 def bench_merge(policy, device, repeats=3):
