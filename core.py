@@ -237,6 +237,7 @@ def core_step(policies, problems, cfg, rng, weights):
             hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
         round_b(policies, problems, groups, hints, cfg, rng)
     for problem, group in zip(problems, groups):
+        mark_failed_cold(group)
         score_and_advantages(group, problem.kind, cfg, weights)
     return groups, hints
 
@@ -247,13 +248,12 @@ def round_a(policies, problems, cfg):
     requests = [[(q, None) for q in range(len(problems))] for _ in policies]  # per model: (question, no hint)
     groups = [[] for _ in problems]
     sample_round(policies, problems, requests, groups, cfg, "A", n=n)
-    for group in groups:
-        mark_failed_cold(group)
     return groups
 
 
 def mark_failed_cold(group):
-    """Sets t.failed_cold on every trace of one question: its model has no correct round-A trace."""
+    """Sets t.failed_cold on every trace of one question, both rounds: its model has no correct round-A
+    trace."""
     solved = {t.model for t in group if t.round == "A" and t.correct}
     for t in group:
         t.failed_cold = t.model not in solved
@@ -275,15 +275,13 @@ def round_b(policies, problems, groups, hints, cfg, rng):
     --hint-to all) sees the hint with probability 1 - hint_dropout; the others resample cold."""
     requests = [[] for _ in policies]
     for q, (group, hint) in enumerate(zip(groups, hints)):
-        failed = {t.model: t.failed_cold for t in group}
+        solved = {t.model for t in group if t.correct}  # the group holds round A only
         for m, policy in enumerate(policies, 1):
             for _ in range(cfg.k_rescue):
-                offered = hint and (failed[m] or cfg.hint_to == "all")
+                offered = hint and (m not in solved or cfg.hint_to == "all")
                 shown = bool(offered) and rng.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
     sample_round(policies, problems, requests, groups, cfg, "B")
-    for group in groups:
-        mark_failed_cold(group)  # the new round-B traces carry their model's round-A verdict too
 
 
 def score_and_advantages(group, kind, cfg, weights):
@@ -876,7 +874,14 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format."""
+    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format. Built
+    and tokenised once per tokenizer, question and hint (the length checks, both rounds and the evaluations
+    ask again); a new list each call."""
+    return list(prompt_ids(tokenizer, question, kind, hint))
+
+
+@functools.lru_cache(maxsize=16384)
+def prompt_ids(tokenizer, question, kind, hint):
     content = f"Question: {question}\n"
     if hint:
         content += f"Hint:\n{hint}\n"
@@ -884,7 +889,7 @@ def build_prompt(tokenizer, question, kind, hint=None):
     if getattr(tokenizer, "chat_template", None):
         content = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
-    return tokenizer(content, add_special_tokens=False)["input_ids"]
+    return tuple(tokenizer(content, add_special_tokens=False)["input_ids"])
 
 
 def cap_hint(hint, tokenizer, max_tokens):
@@ -893,19 +898,24 @@ def cap_hint(hint, tokenizer, max_tokens):
     return hint if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
 
 
-def hint_for(policy, problem, hint, cfg):
-    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow; None
-    (the sample is drawn cold, not counted as hinted) when no room is left."""
+def prompt_room(policy, problem, new_tokens, max_prompt=math.inf):
+    """The one length rule: how many tokens the question's cold prompt could grow by and stay at most
+    max_prompt tokens long, with new_tokens more in the model's context (negative: it does not fit)."""
     cold = len(build_prompt(policy.tokenizer, problem.question, problem.kind))
-    room = min(cfg.hint_tokens, cfg.max_prompt_tokens - cold - 16,
-               policy.context - cfg.max_new_tokens - cold - 16)
-    return cap_hint(hint, policy.tokenizer, room) if room > 0 else None
+    return min(max_prompt - cold, policy.context - new_tokens - cold)
 
 
 def fits(policies, problem, new_tokens, max_prompt=math.inf):
     """Whether a question's cold prompt (at most max_prompt tokens) and new_tokens more fit every model."""
-    lengths = [len(build_prompt(pol.tokenizer, problem.question, problem.kind)) for pol in policies]
-    return all(n <= max_prompt and n + new_tokens <= pol.context for n, pol in zip(lengths, policies))
+    return all(prompt_room(policy, problem, new_tokens, max_prompt) >= 0 for policy in policies)
+
+
+def hint_for(policy, problem, hint, cfg):
+    """The hint capped at cfg.hint_tokens receiver tokens, and shorter if the prompt would overflow (16 tokens
+    spare for the 'Hint:' lines); None (the sample is drawn cold, not counted as hinted) when none is left."""
+    left = prompt_room(policy, problem, cfg.max_new_tokens, cfg.max_prompt_tokens) - 16
+    tokens = min(cfg.hint_tokens, left)
+    return cap_hint(hint, policy.tokenizer, tokens) if tokens > 0 else None
 
 
 def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
@@ -1841,7 +1851,7 @@ def save_checkpoint(out, step, policies, cfg, rng, counters):
 
 def load_checkpoint(folder, policies, rng, with_optimizer=True):
     """Restore adapters (and the optimizer and RNG states, to resume); returns the saved state."""
-    state = json.loads((folder / "state.json").read_text())
+    state = checkpoint_state(folder)
     for m, policy in enumerate(policies, 1):
         load_lora(policy.model, folder / f"adapter_{m}")
         if with_optimizer:
@@ -1923,12 +1933,16 @@ def find_checkpoint(path):
     return found[-1]
 
 
+def checkpoint_state(folder):
+    """A checkpoint's state.json: step, data position, world size, Python RNG states, counters, config."""
+    return json.loads((Path(folder) / "state.json").read_text())
+
+
 def saved_config(path):
-    """The Config in a checkpoint's state.json or a run's config.json. Older runs' settings read too:
+    """The Config of a checkpoint folder (its state.json) or in a run's config.json. Older runs' settings:
     --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs;
     --export is now tools/export.py."""
-    saved = json.loads(Path(path).read_text())
-    saved = saved.get("config", saved)
+    saved = checkpoint_state(path)["config"] if Path(path).is_dir() else json.loads(Path(path).read_text())
     saved.pop("export", None)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
         saved["decoder"] = decoder if saved.pop(old, False) else saved.get("decoder", "graphs")
@@ -1951,7 +1965,7 @@ def resume_config(cfg, given):
     found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
     if not found and not config_file.is_file():
         raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
-    saved = saved_config(found[-1] / "state.json" if found else config_file)
+    saved = saved_config(found[-1] if found else config_file)
     changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
     if "steps" in changed:
         raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span "
@@ -1969,7 +1983,7 @@ def adapters_config(cfg, given=frozenset()):
     """--adapters: the models it was trained on, unless --model1/--model2 are given (`given`: the flags set; a
     given model of another name than the trained one is warned about, model 1 and model 2 swapped too), and
     the checkpoint's own LoRA rank, alpha and targets."""
-    saved = saved_config(find_checkpoint(cfg.adapters) / "state.json")
+    saved = saved_config(find_checkpoint(cfg.adapters))
     trained = {f"model{m}": getattr(saved, f"model{m}") for m in (1, 2) if f"model{m}" not in given}
     cfg = replace(cfg, **trained)
     if saved.model2 == "none" and cfg.model2 != "none":
@@ -2320,22 +2334,21 @@ def run(cfg, given=frozenset()):
     check_sizes(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if not cfg.eval_only:  # an --eval-only folder gets its config.json with its result
-            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     print(f"run folder: {out}")
     if cfg.eval_only:
         run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
-        if rank == 0:
-            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    else:
-        code, finished = train(cfg, policies, train_set, test_set, out)
-        if not finished:
-            return code
-        run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
-        print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
-        if cfg.demo:
-            print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
-            print_changes(out)
+    if rank == 0:  # before training (a stopped run resumes from it); after an evaluation
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if cfg.eval_only:
+        return 0
+    code, finished = train(cfg, policies, train_set, test_set, out)
+    if not finished:
+        return code
+    run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
+    print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
+    if cfg.demo:
+        print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
+        print_changes(out)
     return 0
 
 
@@ -2343,7 +2356,7 @@ def run_finished(cfg):
     """Whether --resume names a run with nothing left to do: all its steps trained and evaluated, or (an
     --eval-only run) its evaluation written."""
     found = checkpoints(cfg.resume)
-    step = json.loads((found[-1] / "state.json").read_text())["step"] if found else 0
+    step = checkpoint_state(found[-1])["step"] if found else 0
     evaluation = Path(cfg.resume) / ("eval.json" if cfg.eval_only else "eval_after.json")
     if (cfg.eval_only or step == cfg.steps) and evaluation.is_file():
         done = "its evaluation is in eval.json" if cfg.eval_only else f"step {step} of {cfg.steps}"

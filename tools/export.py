@@ -26,7 +26,7 @@ def merged(model):
 
 def export(checkpoint, out):
     folder = core.find_checkpoint(checkpoint)
-    cfg = core.replace(core.saved_config(folder / "state.json"), dtype="float32")  # merged in float32
+    cfg = core.replace(core.saved_config(folder), dtype="float32")  # merged in float32
     if Path(out).exists() and any(Path(out).iterdir()):
         raise core.UsageError(f"'{out}' exists and is not empty; pick a new folder")
     for m, path in enumerate(core.model_paths(cfg), 1):
