@@ -607,8 +607,8 @@ def train(cfg, policies, train_set, test_set, out):
 
 def count_nonfinite(stats, counters, policies, step):
     """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
+    in_a_row = counters["nonfinite_in_a_row"]
     for m, (policy, s) in enumerate(zip(policies, stats), 1):
-        in_a_row = counters["nonfinite_in_a_row"]
         in_a_row[m - 1] = in_a_row[m - 1] + 1 if s["skipped"] else 0
         if s["skipped"]:
             print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update "
@@ -1031,18 +1031,20 @@ def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=
     past the candidates [b] (its token then did not come from the exact top-p distribution). checked: such
     rows are looked for at once (the host waits for the device) and every row draws from the whole vocabulary
     sorted instead, so every token is exact; unchecked, the caller looks (sample_fast, once per window)."""
-    exact = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # no row reached past them
     if temperature == 0:
         tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1), exact
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
+        return tokens, logp, torch.zeros_like(tokens, dtype=torch.bool)  # no nucleus: nothing past it
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1:
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), exact
+        logp = probs.gather(-1, tokens[:, None]).log().squeeze(1)
+        return tokens, logp, torch.zeros_like(tokens, dtype=torch.bool)
     top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
     short = top.sum(-1) < top_p
     if checked and short.any():
-        top, order, short = *probs.sort(dim=-1, descending=True), exact
+        top, order = probs.sort(dim=-1, descending=True)
+        short = torch.zeros_like(short)
     top = top.masked_fill(top.cumsum(-1) - top > top_p, 0)  # mass before this token > top_p: outside
     tokens = order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
     return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), short
@@ -2195,8 +2197,7 @@ def show_group(problem, group, hint, names):
 
 def one_line(text, width):
     """The text stripped, each line break shown as \\n, cut to `width` characters ('...' at the cut)."""
-    text = text.strip().replace("\n", "\\n")
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return shortened(text.strip().replace("\n", "\\n"), width)
 
 
 def sample_record(step, problem, group, hint):

@@ -44,10 +44,10 @@ def write_curves(out):
     names = {m: Path(str(config.get(f"model{m[1]}", m))).name for m in MODEL_COLORS}
     width, plot, cols, top = 400, 140, 3, 62
     height = plot + 66 + 14 * max(len(keys) for _, keys in PANELS)  # the plot, its axes, a legend line per curve
-    title = [f"{out.name} (step {metrics[-1]['step'] if metrics else 0})", f"m1 = {config.get('model1')}",
-             f"m2 = {config.get('model2')}"]
+    heading = [f"{out.name} (step {metrics[-1]['step'] if metrics else 0})", f"m1 = {config.get('model1')}",
+               f"m2 = {config.get('model2')}"]
     parts = [f'<text x="10" y="{18 + 16 * i}" font-size="{13 if i == 0 else 11}">{escape(cut(line, cols * width - 20))}'
-             f'</text>' for i, line in enumerate(title)]
+             f'</text>' for i, line in enumerate(heading)]
     for i, (title, keys) in enumerate(PANELS):
         rows = evals if i == len(PANELS) - 1 else metrics
         x0, y0 = (i % cols) * width + 60, (i // cols) * height + 30 + top  # room for tick labels like 5.84e-05
@@ -60,8 +60,7 @@ def write_curves(out):
 
 def cut(text, pixels):
     """The text, cut (with ...) to fit `pixels` at CHAR_WIDTH a character."""
-    most = int(pixels / CHAR_WIDTH)
-    return text if len(text) <= most else text[:most - 3] + "..."
+    return core.shortened(text, int(pixels / CHAR_WIDTH))
 
 
 def label_and_style(key, names, j):
