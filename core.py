@@ -221,13 +221,14 @@ class Policy:
     context: int                          # max positions of the model
     optimizer: object = None              # AdamW over the LoRA parameters only
     generator: torch.Generator = None     # sampling randomness
+    hint_draws: random.Random = None      # round B's hint dropout (its own stream: the models are interchangeable)
     fast_agrees: bool = None              # the GPU sampler agreed with the reference loop (None: unchecked)
 
 
-def core_step(policies, problems, cfg, rng, weights):
-    """Rollouts, rewards and advantages of one step. rng draws the hint dropout; weights are the step's reward
-    weights (reward_weights). Returns one group of traces per question (both models, both rounds) and each
-    question's hint (None: no hint)."""
+def core_step(policies, problems, cfg, weights):
+    """Rollouts, rewards and advantages of one step; weights are the step's reward weights (reward_weights).
+    Returns one group of traces per question (both models, both rounds) and each question's hint (None: no
+    hint)."""
     if not problems:  # every question of this rank's share was too long
         return [], []
     groups = round_a(policies, problems, cfg)
@@ -235,7 +236,7 @@ def core_step(policies, problems, cfg, rng, weights):
     if not cfg.single:
         if not cfg.no_rescue:  # --no-rescue: round B resamples without hints
             hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
-        round_b(policies, problems, groups, hints, cfg, rng)
+        round_b(policies, problems, groups, hints, cfg)
     for problem, group in zip(problems, groups):
         mark_failed_cold(group)
         score_and_advantages(group, problem.kind, cfg, weights)
@@ -260,17 +261,19 @@ def mark_failed_cold(group):
 
 
 def teacher_hint(group, problem, cfg, weights):
-    """The hint of one question, before round B (the group holds round A only): the highest-reward correct
-    trace (ties go to the first), answer stripped; None when none is correct or only the answer is left."""
-    score_group(group, problem.kind, cfg, weights)
-    teachers = [t for t in group if t.correct]
-    if not teachers:
+    """The hint of one question, before round B (the group holds round A only): the correct trace of highest
+    reward among round A's, answer stripped; None when none is correct or only the answer is left. Ties go
+    by a hash of the text, not to a model (the traces' own rewards are set after round B, over both rounds)."""
+    rewards, _ = score_group(group, problem.kind, cfg, weights)
+    best = max((r for t, r in zip(group, rewards) if t.correct), default=None)
+    if best is None:
         return None
-    hint = strip_answer(max(teachers, key=lambda t: t.reward).text)
+    tied = [t for t, r in zip(group, rewards) if t.correct and r >= best - 1e-9]
+    hint = strip_answer(min(tied, key=lambda t: zlib.crc32(t.text.encode())).text)
     return None if is_bare_answer(hint, problem.gold, problem.kind) else hint or None
 
 
-def round_b(policies, problems, groups, hints, cfg, rng):
+def round_b(policies, problems, groups, hints, cfg):
     """K' more samples per model and question, added to the groups. A model that failed cold (any model with
     --hint-to all) sees the hint with probability 1 - hint_dropout; the others resample cold."""
     requests = [[] for _ in policies]
@@ -279,7 +282,7 @@ def round_b(policies, problems, groups, hints, cfg, rng):
         for m, policy in enumerate(policies, 1):
             for _ in range(cfg.k_rescue):
                 offered = hint and (m not in solved or cfg.hint_to == "all")
-                shown = bool(offered) and rng.random() >= cfg.hint_dropout
+                shown = bool(offered) and policy.hint_draws.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
     sample_round(policies, problems, requests, groups, cfg, "B")
 
@@ -288,7 +291,8 @@ def score_and_advantages(group, kind, cfg, weights):
     """R(tau) of every trace, then A(tau) within each advantage group. --single: each model is also scored
     alone (no cross-model terms)."""
     for traces in (advantage_groups(group, cfg) if cfg.single else [group]):
-        score_group(traces, kind, cfg, weights)
+        for t, reward, terms in zip(traces, *score_group(traces, kind, cfg, weights)):
+            t.reward, t.terms = reward, terms
     for traces in advantage_groups(group, cfg):
         for t, a in zip(traces, group_advantages([t.reward for t in traces], cfg.adv_scale).tolist()):
             t.advantage = a
@@ -306,8 +310,9 @@ def advantage_groups(group, cfg):
 # Rewards: pure functions of one question's traces
 
 def score_group(traces, kind, cfg, weights):
-    """Sets R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format and its terms on
-    one question's traces (weights: the step's reward_weights)."""
+    """R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format of one question's traces
+    (weights: the step's reward_weights) -> (rewards [n], terms [n]: each a dict of the terms, the diversity
+    terms unweighted)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
     correct = [t.correct for t in traces]
     models = [t.model for t in traces]
@@ -316,12 +321,14 @@ def score_group(traces, kind, cfg, weights):
                   if len(set(models)) > 1 else torch.zeros(len(traces)))
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
+    rewards, terms = [], []
     for i, t in enumerate(traces):
         fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked
-        t.terms = {"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
-                   "rescue": rescue[i], "format": fmt}
-        t.reward = (cfg.w_correct * t.terms["correct"] + weights["w_div"] * t.terms["div"]
-                    + weights["lambda_cm"] * t.terms["cm"] + t.terms["rescue"] + t.terms["format"])
+        terms.append({"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
+                      "rescue": rescue[i], "format": fmt})
+        rewards.append(cfg.w_correct * terms[i]["correct"] + weights["w_div"] * terms[i]["div"]
+                       + weights["lambda_cm"] * terms[i]["cm"] + terms[i]["rescue"] + terms[i]["format"])
+    return rewards, terms
 
 
 def ngram_features(text, dim):
@@ -403,11 +410,11 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
 
 
 def rollout_mismatch(rollout_logp, update_logp, mask):
-    """The rollout-update mismatch: how far the sampler's log-probability of each sampled token (KV cache,
-    merged weights, its kernels) is from the update's (full sequence, adapter unmerged), at the same
-    temperature. Sums over the masked tokens of |difference| and of the k3 estimate of KL(pi_rollout ||
-    pi_update), exp(r) - r - 1 with r = log pi_update - log pi_rollout (in fp64: r is often ~1e-7).
-    All args [b, L] -> two scalars."""
+    """The rollout-update mismatch: the numerical gap between the sampler's log-probability of each sampled
+    token (KV cache, one token at a time, its kernels) and the update's (the full sequence at once), same
+    tokens, same temperature. Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update -
+    log pi_rollout (fp64: r is often ~1e-7); the tokens come from the top-p cut, so the second is k3's form,
+    not an unbiased KL. All args [b, L] -> two scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
@@ -576,8 +583,7 @@ def train(cfg, policies, train_set, test_set, out):
     cfg.steps are done). Ctrl-C and SIGTERM finish the step and save a checkpoint (StopRequest); out of
     memory saves what is safe to save and says how to resume (out_of_memory)."""
     rank, world = dist_info()
-    rng = random.Random(stream_seed(cfg.seed, "hint dropout", rank=rank))
-    start, counters = start_or_resume(cfg, policies, test_set, out, rng)
+    start, counters = start_or_resume(cfg, policies, test_set, out)
     stop, step, stats = StopRequest(), start, []
     try:
         for step in range(start, cfg.steps):
@@ -585,21 +591,22 @@ def train(cfg, policies, train_set, test_set, out):
             order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
             batch = [train_set[i] for i in order][rank::world]  # this rank's share of the step's questions
             usable = [p for p in batch if fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)]
-            groups, hints = core_step(policies, usable, cfg, rng, reward_weights(cfg, step))
+            groups, hints = core_step(policies, usable, cfg, reward_weights(cfg, step))
             rollout_s = time.time() - started
             for m, policy in enumerate(policies, 1):  # every rank updates, traces or not: gradients summed
                 traces = [t for g in groups for t in g if t.model == m]
-                stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
+                stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step))
+                             | {"sampler": sampler_in_use(policy, cfg)})
             count_nonfinite(stats, counters, policies, step)
             skipped = len(batch) - len(usable)  # too long for a model
             row = metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
             if row:
                 log_step(step, row, usable, groups, hints, cfg, policies, counters, out)
-            code = end_of_step(step + 1, start, cfg, policies, test_set, out, rng, counters, stop)
+            code = end_of_step(step + 1, start, cfg, policies, test_set, out, counters, stop)
             if code is not None:
                 return code, False
     except torch.OutOfMemoryError:
-        raise out_of_memory(step, start, stats, cfg, policies, out, rng, counters) from None
+        raise out_of_memory(step, start, stats, cfg, policies, out, counters) from None
     finally:
         stop.release()
     return 0, True
@@ -636,24 +643,24 @@ def metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
     return row
 
 
-def out_of_memory(step, start, stats, cfg, policies, out, rng, counters):
+def out_of_memory(step, start, stats, cfg, policies, out, counters):
     """The error for CUDA out of memory in `step`, saying how to resume with smaller batches. When no model
     had updated in it (`stats` empty), its adapters and optimizers are still those after step - 1: they are
     saved first (its random streams have moved on). Under torchrun only this rank failed: no collective save,
     the last checkpoint holds."""
     if not stats and step > start and dist_info()[1] == 1:
-        save_checkpoint(out, step, policies, cfg, rng, counters)
+        save_checkpoint(out, step, policies, cfg, counters)
     halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
     return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
                          f"smaller batches: python core.py --resume {out} {halve}")
 
 
-def start_or_resume(cfg, policies, test_set, out, rng):
+def start_or_resume(cfg, policies, test_set, out):
     """(first step, counters): a resumed run's newest checkpoint, else step 0 after the first evaluation."""
     rank = dist_info()[0]
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
-        state = load_checkpoint(folder, policies, rng)
+        state = load_checkpoint(folder, policies)
         if rank == 0:
             keep_logged_steps(out, state["step"])
         print(f"resumed from {folder} at step {state['step']}")
@@ -674,17 +681,17 @@ def new_counters():
             "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
 
-def end_of_step(done, start, cfg, policies, test_set, out, rng, counters, stop):
+def end_of_step(done, start, cfg, policies, test_set, out, counters, stop):
     """After step `done`: the evaluation curve, checkpoints, and an exit code to stop with (None: go on)."""
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
         run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
     stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
     if max(counters["nonfinite_in_a_row"]) >= 3:
-        save_checkpoint(out, done, policies, cfg, rng, counters)
+        save_checkpoint(out, done, policies, cfg, counters)
         raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
                             f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
     if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
-        save_checkpoint(out, done, policies, cfg, rng, counters)
+        save_checkpoint(out, done, policies, cfg, counters)
     if stop.requested:
         print(f"stopped after step {done}; continue with: python core.py --resume {out}")
         return 130
@@ -721,7 +728,9 @@ class StopRequest:
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random and B zero, so training starts at
-    the base model. A and B stay in fp32 (the master copy) and are cast to the input's dtype."""
+    the base model. A and B stay in fp32 (the master copy) and are cast to the input's dtype. Rollouts and the
+    update both run this forward: the sampler draws from the policy being trained, never from a merged,
+    rounded copy of it (in bf16, W + B A would round away every change under half a bf16 step of W)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -730,34 +739,14 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.enabled = True       # False: behave as the base layer (the frozen reference policy)
-        self.merged = False       # B A is folded into W (merge()); unmerge() restores W
-        self.host_copy = None     # W on the host, taken by merge() and copied back by unmerge()
-        self.host_version = None  # W's version counter when W and host_copy last agreed
+        self.enabled = True  # False: behave as the base layer (the frozen reference policy)
 
     def forward(self, x):
         y = self.base(x)
-        if self.enabled and not self.merged:
-            y = y + (x @ self.lora_A.T.to(x.dtype)) @ (self.scale * self.lora_B.T).to(x.dtype)
-        return y
-
-    @torch.no_grad()
-    def merge(self):
-        """W += scale B A. W is first copied to the host, once (W is frozen: later merges reuse the copy,
-        unless W changed since), so that unmerge() restores it bit for bit with no second copy on the GPU."""
-        if self.merged:
-            return
-        weight = self.base.weight
-        if self.host_copy is None or weight._version != self.host_version:
-            self.host_copy = weight.detach().to("cpu", copy=True)
-        weight += (self.scale * (self.lora_B @ self.lora_A)).to(weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight.copy_(self.host_copy)
-            self.host_version, self.merged = self.base.weight._version, False
+        if not self.enabled:
+            return y
+        low = x.flatten(0, -2) @ self.lora_A.T.to(x.dtype)  # [tokens, r]
+        return torch.addmm(y.flatten(0, -2), low, self.lora_B.T.to(x.dtype), alpha=self.scale).view_as(y)
 
 
 def add_lora(model, rank, alpha, targets=LORA_TARGETS):
@@ -805,20 +794,6 @@ def lora_disabled(model):
     finally:
         for layer in layers:
             layer.enabled = True
-
-
-@contextlib.contextmanager
-def lora_merged(model):
-    """Every adapter folded into its base weight (a rollout: no adapter matmuls per decode step), the base
-    weights restored bit for bit afterwards."""
-    layers = lora_layers(model).values()
-    for layer in layers:
-        layer.merge()
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.unmerge()
 
 
 def lora_state(model):
@@ -945,21 +920,20 @@ def cold_prompt(policy, problem, hint, cfg):
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
-    """n completions per prompt, about cfg.gen_batch rows at a time, the LoRA merged into the weights, from
-    `generator` (default: the policy's training stream). Returns (ids, text, log-probs) per row, prompt-major:
-    each token's log-probability as the sampler drew it (pick_tokens)."""
+    """n completions per prompt, about cfg.gen_batch rows at a time, from `generator` (default: the policy's
+    training stream), with the adapters applied as in the update. Returns (ids, text, log-probs) per row,
+    prompt-major: each token's log-probability as the sampler drew it (pick_tokens)."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
-    with lora_merged(policy.model):
-        sampler = pick_sampler(policy, prompts, cfg)
-        for i in range(0, len(prompts), per_batch):
-            ids, logprobs = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
-                                    policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator,
-                                    n, progress=progress)
-            results += [(row, policy.tokenizer.decode(row, skip_special_tokens=True), logp)
-                        for row, logp in zip(ids, logprobs)]
-            if progress is not None:
-                progress.add(len(ids), sum(map(len, ids)))
+    sampler = pick_sampler(policy, prompts, cfg)
+    for i in range(0, len(prompts), per_batch):
+        ids, logprobs = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
+                                policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator, n,
+                                progress=progress)
+        results += [(row, policy.tokenizer.decode(row, skip_special_tokens=True), logp)
+                    for row, logp in zip(ids, logprobs)]
+        if progress is not None:
+            progress.add(len(ids), sum(map(len, ids)))
     return results
 
 
@@ -1078,7 +1052,8 @@ def fast_decoding(model, cfg):
 def pick_sampler(policy, prompts, cfg):
     """sample_fast where it can run, else sample. On first use for a model the fast path checks itself: a few
     rows decoded greedily by both samplers must agree, and the fast path must not fail; else the run warns
-    once, naming the cause, and keeps the reference loop for this model."""
+    once, naming the cause, and keeps the reference loop for this model (out of memory and CUDA errors
+    propagate: fatal_cuda_error)."""
     if not fast_decoding(policy.model, cfg):
         return sample
     if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
@@ -1087,13 +1062,29 @@ def pick_sampler(policy, prompts, cfg):
         try:
             agree = sample_fast(policy.model, **greedy)[0] == sample(policy.model, **greedy)[0]
             problem = None if agree else "the GPU sampler's greedy tokens differ from the reference loop's"
-        except Exception as e:  # a changed transformers internal, out of memory, ...: the reference loop
+        except Exception as e:  # a changed transformers internal, ...: the reference loop
+            if fatal_cuda_error(e):
+                raise
             problem = f"the GPU sampler failed ({type(e).__name__}: {first_line(e)})"
         policy.fast_agrees = problem is None
         if problem:
             print(f"warning: {policy.name}: {problem}; sampling with the reference loop from now on",
                   file=sys.stderr, flush=True)
     return sample_fast if policy.fast_agrees else sample
+
+
+FALLBACK_SAMPLERS = ("no graphs", "reference (fallback)")
+
+
+def sampler_in_use(policy, cfg):
+    """What samples a model's rollouts: "graphs" (the GPU sampler), "reference" (the loop: on the CPU, or
+    --decoder reference), or a fallback: "no graphs" (the GPU sampler after a refused capture) or "reference
+    (fallback)" (the loop, the GPU sampler having failed its first-use check)."""
+    if not fast_decoding(policy.model, cfg):
+        return "reference"
+    if policy.fast_agrees is False:
+        return "reference (fallback)"
+    return "no graphs" if policy.model in GRAPHLESS else "graphs"
 
 
 def first_line(error, width=200):
@@ -1122,7 +1113,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
     out_logp = torch.zeros(rows, max_new_tokens, device=device)
     live = torch.arange(rows, device=device)          # original row of each batch row
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    attn, positions, checked, sampled = mask.bool()[:, None, None, :], next_pos[:, None], False, 0
+    attn, positions, sampled = mask.bool()[:, None, None, :], next_pos[:, None], 0
     for first in range(0, max_new_tokens, segment):
         keep = (~finished).nonzero().squeeze(1)  # drop finished rows; a cache (and a graph) for this segment
         if len(keep) == 0:
@@ -1139,6 +1130,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             if progress is not None and progress.due():
                 progress.show(rows - len(live) + int(finished.sum()), sampled)
             saved = logits.clone(), finished.clone(), step.snapshot(), generator.get_state()
+            checked = False  # each window unchecked first: the host waits for the device once, at its end
             while True:  # once; again, checked, when a nucleus reached past the candidates
                 short = torch.zeros((), dtype=torch.bool, device=device)
                 for s in window:
@@ -1174,8 +1166,14 @@ def static_cache(model, source, rows, filled, length):
     return cache
 
 
-# out of memory, and a CUDA error that leaves the device unusable: a failed capture re-raises them
-FATAL_CUDA_ERRORS = (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))
+def fatal_cuda_error(error):
+    """Whether an error must reach the run rather than turn a fast path off: out of memory, or a CUDA error
+    other than a graph capture's refusal (torch raises both kinds of CUDA error as AcceleratorError; a
+    refusal, cudaErrorStreamCapture*, names the capture)."""
+    cuda_error = isinstance(error, getattr(torch, "AcceleratorError", ()))
+    return isinstance(error, torch.OutOfMemoryError) or cuda_error and "captur" not in str(error).lower()
+
+
 GRAPHLESS = weakref.WeakSet()  # the models whose CUDA graph capture failed: their steps run eagerly
 
 
@@ -1211,17 +1209,17 @@ class DecodeStep:
 
     def capture(self):
         """This step, run on the device's capture stream (the warm-up a capture needs), then recorded as a
-        CUDA graph in the device's graph memory pool. A failed capture warns and turns graphs off for this
-        model only; out of memory and CUDA errors propagate."""
+        CUDA graph in the device's graph memory pool. A refused capture warns and turns graphs off for this
+        model only; out of memory and other CUDA errors propagate (fatal_cuda_error)."""
         stream, pool = capture_stream_and_pool(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             logits = self.forward()
             try:
                 self.graph, self.logits = record_graph(self.forward, pool)  # recorded, not run
-            except FATAL_CUDA_ERRORS:
-                raise
-            except RuntimeError as e:  # the eager step computes the same thing
+            except RuntimeError as e:  # a refusal: the eager step computes the same thing
+                if fatal_cuda_error(e):
+                    raise
                 GRAPHLESS.add(self.model)
                 print(f"warning: CUDA graph capture failed ({first_line(e)}); decoding "
                       f"{self.model.config.name_or_path} without graphs from now on", file=sys.stderr,
@@ -1823,11 +1821,11 @@ def shortened(name, width):
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: each written to a temporary folder and renamed into place (a kill leaves no half)
 
-def save_checkpoint(out, step, policies, cfg, rng, counters):
+def save_checkpoint(out, step, policies, cfg, counters):
     """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step,
     data position, counters, config. Every rank takes part; rank 0 writes."""
     check_in_sync(policies)
-    rngs = all_gather((rng_tensors(policies), rng.getstate()))
+    rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
     if dist_info()[0] != 0:
         return None
     root = out / "checkpoints"
@@ -1851,7 +1849,7 @@ def save_checkpoint(out, step, policies, cfg, rng, counters):
     return final
 
 
-def load_checkpoint(folder, policies, rng, with_optimizer=True):
+def load_checkpoint(folder, policies, with_optimizer=True):
     """Restore adapters (and the optimizer and RNG states, to resume); returns the saved state."""
     state = checkpoint_state(folder)
     for m, policy in enumerate(policies, 1):
@@ -1872,8 +1870,11 @@ def load_checkpoint(folder, policies, rng, with_optimizer=True):
     cuda = [mine[k] for k in sorted((k for k in mine if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])  # in device order
-    version, internal, gauss = state["python_rng"][rank]
-    rng.setstate((version, tuple(internal), gauss))
+    saved = state["python_rng"][rank]  # each model's hint-dropout stream
+    if isinstance(saved[0], int):  # an older checkpoint's one stream for both models: model 1's now
+        saved = [saved] + [policy.hint_draws.getstate() for policy in policies[1:]]
+    for policy, (version, internal, gauss) in zip(policies, saved):
+        policy.hint_draws.setstate((version, tuple(internal), gauss))
     return state
 
 
@@ -2057,7 +2058,7 @@ def stream_seed(seed, stream, i=0, rank=0):
     draws its own hints and samples; the data order and the LoRA init are the same on every rank."""
     return {"data order": seed * 1_000_003 + i,
             "lora init": seed + i,
-            "hint dropout": seed + 7919 * rank,
+            "hint dropout": seed + 7919 * rank + 104_729 * i,
             "sampler": seed + 100 * i + 10007 * rank,
             "evaluation": seed + 1_000_003 * i + 7_919 * rank}[stream]
 
@@ -2108,6 +2109,7 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
                 f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
                 f"mismatch_m{m}": s["mismatch"], f"mismatch_kl_m{m}": s["mismatch_kl"],
+                f"sampler_m{m}": s["sampler"],
                 f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
@@ -2132,8 +2134,14 @@ def format_log(row, steps):
             f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
             f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
             f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | mismatch "
-            f"{pair('mismatch', '.1e')} | {r['tok_per_s']:.0f} tok/s | "
+            f"{pair('mismatch', '.1e')} | {r['tok_per_s']:.0f} tok/s{sampler_note(row)} | "
             f"{r['rollout_s']:.1f}+{r['update_s']:.1f}s")
+
+
+def sampler_note(row):
+    """' (sampler m1/m2)' when a model's rollouts come from a fallback sampler (sampler_in_use), else ''."""
+    samplers = [row.get(f"sampler_m{m}") or "-" for m in (1, 2)]
+    return f" ({'/'.join(samplers)})" if set(samplers) & set(FALLBACK_SAMPLERS) else ""
 
 
 def watch_for_nothing_to_learn(row, counters, cfg, every=5):
@@ -2330,7 +2338,7 @@ def run(cfg, given=frozenset()):
     policies = [load_policy(m, path, device, cfg)
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:
-        load_checkpoint(find_checkpoint(cfg.adapters), policies, random.Random(), with_optimizer=False)
+        load_checkpoint(find_checkpoint(cfg.adapters), policies, with_optimizer=False)
     test_set = evaluable(policies, test_set, cfg)
     check_sizes(policies, train_set, test_set, cfg)
     if rank == 0:
@@ -2346,6 +2354,10 @@ def run(cfg, given=frozenset()):
     if not finished:
         return code
     run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
+    for policy in policies:  # a fallback that held for hours: said again at the end (metrics: sampler_m1/m2)
+        if sampler_in_use(policy, cfg) in FALLBACK_SAMPLERS:
+            print(f"note: {policy.name} was sampled with the {sampler_in_use(policy, cfg)} sampler, slower than "
+                  f"the GPU sampler (its warning above says why)")
     print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
     if cfg.demo:
         print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
@@ -2536,9 +2548,10 @@ def load_policy(m, path, device, cfg):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device)
     generator.manual_seed(stream_seed(cfg.seed, "sampler", m, dist_info()[0]))
+    hint_draws = random.Random(stream_seed(cfg.seed, "hint dropout", m, dist_info()[0]))
     name = Path(path).name if Path(path).is_dir() else path
     return Policy(name, model, tokenizer, device, eos - {None}, pad,
-                  getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator)
+                  getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator, hint_draws)
 
 
 def load_error(path, m, e):

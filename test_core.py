@@ -129,7 +129,8 @@ def test_paper_defaults():
 # -----------------------------------------------------------------------------
 # The CORE step: round A, teacher hint, round B, rewards and advantages
 
-NO_UPDATE = {"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0, "mismatch": None, "mismatch_kl": None}
+NO_UPDATE = {"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0, "mismatch": None, "mismatch_kl": None,
+             "sampler": "reference"}
 
 
 class FakePolicy:
@@ -138,6 +139,7 @@ class FakePolicy:
     def __init__(self, index, tokenizer):
         self.index, self.tokenizer, self.name, self.context = index, tokenizer, f"fake{index}", 10_000
         self.eos_ids = {tokenizer.eos_token_id}
+        self.hint_draws = random.Random(index)
 
 
 def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
@@ -155,7 +157,7 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
     monkeypatch.setattr(core, "generate", fake_generate)
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
     cfg = core.Config(hint_dropout=0.0)
-    groups, hints = core.core_step(policies, [problem], cfg, random.Random(0), core.reward_weights(cfg, 0))
+    groups, hints = core.core_step(policies, [problem], cfg, core.reward_weights(cfg, 0))
     group = groups[0]
     assert [(t.model, t.round) for t in group] == [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (1, "B"), (2, "B")]
     assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[1][-1] and "Hint:" not in seen[2][-1]
@@ -173,7 +175,62 @@ def protocol_step(monkeypatch, problems, scripts, cfg):
     monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
                         [([1, 2], next(scripts[policy.index]), [-0.5, -0.5]) for _ in prompts for _ in range(n)])
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
-    return core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    return core.core_step(policies, problems, cfg, core.reward_weights(cfg, 0))
+
+
+@pytest.mark.parametrize("hint_to", ["failed", "all"])
+@pytest.mark.parametrize("adv_group", ["joint", "model"])
+def test_swapping_the_models_swaps_every_reward_advantage_and_hint(monkeypatch, hint_to, adv_group):
+    """One CORE step with models a and b, then the same step with b first (each model's scripts and random streams
+    travel with it): every trace's text, hint, reward, terms and advantage, and each question's hint, swap exactly
+    (rewards to 1e-12: a determinant's rows come in another order). The questions hold what used to break it:
+    teachers of equal reward from both models (the first model's won) and, under --hint-to all, hint-dropout
+    draws from one stream in model order."""
+    tokenizer = core.demo_tokenizer()
+    problems = [core.Problem("p0", "What is 2 + 2 ?", "4", "number"), core.Problem("p1", "What is 3 + 3 ?", "6", "number"),
+                core.Problem("p2", "What is 1 + 4 ?", "5", "number")]
+    # per model, in sampling order: round A (2 samples of each question), then round B (2 samples of each)
+    scripts = {"a": ["\\boxed{5}", "\\boxed{3}", "3 + 3 = 6 . \\boxed{6}", "\\boxed{7}", "1 + 4 = 5 . \\boxed{5}", "\\boxed{2}",
+                     "2 + 2 = 4 . \\boxed{4}", "\\boxed{1}", "\\boxed{6}", "\\boxed{0}", "\\boxed{5}", "\\boxed{9}"],
+               "b": ["two and two make 4 . \\boxed{4}", "\\boxed{1}", "\\boxed{2}", "\\boxed{9}", "one and four make 5 . \\boxed{5}",
+                     "\\boxed{8}", "\\boxed{4}", "\\boxed{3}", "3 + 3 = 6 . \\boxed{6}", "\\boxed{6}", "\\boxed{5}", "\\boxed{7}"]}
+    cfg = core.Config(k=2, k_rescue=2, hint_dropout=0.5, hint_to=hint_to, adv_group=adv_group, steps=2)
+
+    def step(order):
+        texts = {name: iter(scripts[name]) for name in order}
+        monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
+                            [([1, 2], next(texts[policy.name]), [-0.5, -0.5]) for _ in prompts for _ in range(n)])
+        policies = []
+        for name in order:
+            policy = FakePolicy(0, tokenizer)
+            policy.name, policy.hint_draws = name, random.Random(name)  # its streams are its own
+            policies.append(policy)
+        groups, hints = core.core_step(policies, problems, cfg, core.reward_weights(cfg, 1))  # second half: cm on
+        return hints, [keyed_by_model_name(group, order) for group in groups]
+
+    hints_ab, ab = step("ab")
+    hints_ba, ba = step("ba")
+    assert hints_ab == hints_ba and all(hints_ab)  # p2's teachers tie: a's trace and b's, of equal reward
+    shown = [t.hint_shown for g in ab for t in g.values()]
+    assert any(shown) and not all(shown)  # the dropout drew both ways
+    for one, other in zip(ab, ba):
+        assert one.keys() == other.keys()
+        for key, t in one.items():
+            u = other[key]
+            assert (t.text, t.correct, t.hint_shown, t.failed_cold, t.prompt_ids) == \
+                   (u.text, u.correct, u.hint_shown, u.failed_cold, u.prompt_ids), key
+            assert t.reward == pytest.approx(u.reward, abs=1e-12) and t.advantage == pytest.approx(u.advantage, abs=1e-12)
+            assert t.terms == pytest.approx(u.terms, abs=1e-12), key
+
+
+def keyed_by_model_name(group, order):
+    """A question's traces by (model name, round, index among that model's traces of the round)."""
+    keyed, counts = {}, {}
+    for t in group:
+        key = (order[t.model - 1], t.round)
+        counts[key] = counts.get(key, -1) + 1
+        keyed[key + (counts[key],)] = t
+    return keyed
 
 
 def test_hint_whose_first_number_is_the_gold_is_kept_a_bare_answer_is_not(monkeypatch):
@@ -205,8 +262,8 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
 def test_format_bonus_is_paid_for_an_explicit_answer_only():
     cfg = core.Config()
     traces = [core.Trace(1, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(1, "A", [], [], "9 * 2 = 18", True)]
-    core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
-    assert [t.terms["format"] for t in traces] == [0.1, 0.0] and all(t.correct for t in traces)
+    _, terms = core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
+    assert [t["format"] for t in terms] == [0.1, 0.0] and all(t.correct for t in traces)
 
 
 def test_advantage_groups_of_a_weaker_partner(monkeypatch):
@@ -418,21 +475,19 @@ def test_the_rollout_update_mismatch_is_the_mean_difference_and_k3(tiny_models):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_rollout_update_mismatch_of_a_core_step(warm_pair, dtype):
-    """The sampler's log-probs (KV cache, LoRA merged into the weights) against the update's (full sequence,
-    adapter apart) on the demo's models: in float32 the same up to rounding, in bfloat16 measurably apart."""
+    """The sampler's log-probs (KV cache, one token at a time) against the update's (the full sequence) on the demo's
+    models, with adapters that change the model: the same up to rounding, in bfloat16 too (both apply the adapters
+    the same way; a merged bf16 copy gave 1e-3 and more, bench/mismatch.py)."""
     cfg = core.Config(lora_rank=4, dtype=dtype, max_new_tokens=12, micro_batch=16, single=True, k=4, temperature=0.7)
     policy = make_policy(warm_pair[0], cfg)
     torch.manual_seed(0)
-    with torch.no_grad():  # an adapter that changes the model: merged and unmerged weights really differ
+    with torch.no_grad():
         for p in core.lora_parameters(policy.model):
             p.add_(0.02 * torch.randn_like(p))
     problems = core.arithmetic_problems(4, 0)
-    groups, _ = core.core_step([policy], problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    groups, _ = core.core_step([policy], problems, cfg, core.reward_weights(cfg, 0))
     stats = core.update_policy(policy, [t for g in groups for t in g], cfg, 0.0)
-    if dtype == "float32":
-        assert 0 <= stats["mismatch"] < 1e-4 and 0 <= stats["mismatch_kl"] < 1e-8
-    else:
-        assert 1e-4 < stats["mismatch"] < 1 and 0 < stats["mismatch_kl"] < 1
+    assert 0 <= stats["mismatch"] < (1e-4 if dtype == "float32" else 1e-3) and 0 <= stats["mismatch_kl"] < 1e-6
 
 
 def make_policy(path, cfg):
@@ -547,7 +602,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_models):
 
 def test_bfloat16_weights_train_float32_adapters(tiny_models):
     """--dtype bfloat16 (the CUDA default) on the CPU: bf16 base weights, fp32 LoRA master weights, a finite
-    update with gradient checkpointing and the KL term, and merged rollouts that restore the bf16 weights exactly."""
+    update with gradient checkpointing and the KL term."""
     cfg = core.Config(lora_rank=4, dtype="bfloat16", micro_batch=2, lr=1e-3)
     policy = make_policy(tiny_models[0], cfg)
     layer = next(iter(core.lora_layers(policy.model).values()))
@@ -560,11 +615,6 @@ def test_bfloat16_weights_train_float32_adapters(tiny_models):
     # --beta-kl 0: the reference policy never runs, so no KL is measured: logged as None ("-"), never as 0
     assert core.update_policy(policy, traces, core.replace(cfg, beta_kl=0.0), cfg.lr)["kl"] is None
     assert layer.lora_B.abs().sum() > 0 and layer.lora_B.dtype == torch.float32
-    base = layer.base.weight.clone()
-    with core.lora_merged(policy.model):
-        assert not torch.equal(layer.base.weight, base)
-        core.generate(policy, [prompt], 3, cfg)
-    assert torch.equal(layer.base.weight, base)
 
 
 def test_non_finite_update_is_skipped(tiny_models):
@@ -592,7 +642,7 @@ def small_model():
     return core.tiny_model("qwen3", tokenizer, seed=1, hidden=32).eval(), tokenizer
 
 
-def test_lora_starts_at_base_merges_and_disables():
+def test_lora_starts_at_base_and_disables():
     model, _ = small_model()
     x = torch.randint(0, 300, (2, 7))
     before = model(x).logits
@@ -602,41 +652,9 @@ def test_lora_starts_at_base_merges_and_disables():
     with torch.no_grad():
         for p in core.lora_parameters(model):
             p.add_(0.05 * torch.randn_like(p))
-    tuned = model(x).logits
-    assert not torch.allclose(tuned, before, atol=1e-4)
+    assert not torch.allclose(model(x).logits, before, atol=1e-4)
     with core.lora_disabled(model):
         assert torch.allclose(model(x).logits, before, atol=1e-6)
-    layers = core.lora_layers(model).values()
-    for layer in layers:
-        layer.merge()
-    assert torch.allclose(model(x).logits, tuned, atol=1e-5)
-    for layer in layers:
-        layer.unmerge()
-    assert torch.equal(model(x).logits, tuned)
-
-
-def test_merging_keeps_the_base_weights_on_the_host_and_restores_them_bit_for_bit():
-    """A rollout folds B A into W; W is restored from a host copy (no second copy of the weights on the GPU), taken
-    once and reused while W is unchanged, and taken again when W changed in between (never a stale restore)."""
-    model, _ = small_model()
-    core.add_lora(model, rank=4, alpha=8)
-    model.to(torch.bfloat16)  # the GPU's dtype: W + B A rounds, so W can only come back from a copy
-    layer = next(iter(core.lora_layers(model).values()))
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.5)
-    base = layer.base.weight.clone()
-    with core.lora_merged(model):
-        assert not torch.equal(layer.base.weight, base) and layer.host_copy.device.type == "cpu"
-    copy = layer.host_copy
-    assert torch.equal(layer.base.weight, base)
-    with core.lora_merged(model):
-        pass
-    assert layer.host_copy is copy and torch.equal(layer.base.weight, base)  # the same copy, W restored again
-    with torch.no_grad():
-        layer.base.weight.mul_(2)  # W changes between rollouts (the frozen base never does in a run)
-    with core.lora_merged(model):
-        pass
-    assert layer.host_copy is not copy and torch.equal(layer.base.weight, 2 * base)
 
 
 def test_a_lora_rank_over_a_layers_width_and_non_finite_adapters_are_refused():
@@ -676,6 +694,30 @@ def test_lora_save_load_round_trip_and_merge(tmp_path):
         core.add_lora(wrong, rank=rank, alpha=alpha)
         with pytest.raises(core.UsageError, match="does not fit"):
             core.load_lora(wrong, tmp_path / "adapter")
+
+
+def test_export_merges_in_float32_and_keeps_the_models_dtype(tiny_models, tmp_path):
+    """tools/export.py on a model folder that declares bfloat16 (as the Qwen models do): trained in float32 on the
+    CPU, its merged copy is saved in bfloat16, config and tensors, each weight W + scale B A rounded once."""
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = loaded(tiny_models[0])
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    cfg = core.Config(model1=str(tmp_path / "bf16"), model2="none", single=True, lora_rank=4)
+    policy = make_policy(cfg.model1, cfg)
+    with torch.no_grad():
+        for p in core.lora_parameters(policy.model):
+            p.add_(0.05 * torch.randn_like(p))
+    core.save_checkpoint(tmp_path / "run", 1, [policy], cfg, core.new_counters())
+    assert export.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "merged_1"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    tensors = core.load_file(str(folder / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    layer = policy.model.get_submodule("model.layers.0.self_attn.q_proj")
+    expected = (layer.base.weight.float() + layer.scale * layer.lora_B @ layer.lora_A).to(torch.bfloat16)
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert next(AutoModelForCausalLM.from_pretrained(folder).parameters()).dtype == torch.bfloat16
 
 
 def test_adapters_are_saved_in_peft_layout(tmp_path):
@@ -746,7 +788,7 @@ def test_samplers_call_the_models_without_deprecated_arguments(tiny_models):
         cfg = core.Config(lora_rank=4, max_new_tokens=4, micro_batch=2)
         policy = make_policy(tiny_models[1], cfg)
         problem = core.Problem("p", "What is 1 + 2 ?", "3", "number")
-        groups, _ = core.core_step([policy], [problem], core.replace(cfg, single=True), random.Random(0),
+        groups, _ = core.core_step([policy], [problem], core.replace(cfg, single=True),
                                    core.reward_weights(cfg, 0))
         core.update_policy(policy, groups[0], cfg, 1e-3)
 
@@ -970,10 +1012,14 @@ class EagerGraph:
         self.output.set_(self.step())
 
 
-def test_a_failed_capture_turns_graphs_off_for_that_model_only(tiny_models, fake_cuda, monkeypatch, capsys):
-    """Model 1's capture fails: one warning, its steps run eagerly from then on (the same tokens), and it is never
-    captured again. Model 2 keeps its graphs: captured once per segment and replayed, on one capture stream and one
-    memory pool for the device, reused across segments and models."""
+@pytest.mark.parametrize("refusal", [
+    torch.AcceleratorError("CUDA error: operation not permitted when stream is capturing"),  # cudaErrorStreamCapture*
+    RuntimeError("Cannot call CUDAGeneratorImpl::current_seed during CUDA graph capture")])  # a TORCH_CHECK
+def test_a_failed_capture_turns_graphs_off_for_that_model_only(tiny_models, fake_cuda, monkeypatch, capsys, refusal):
+    """Model 1's capture is refused (torch 2.13 raises CUDA's refusal as an AcceleratorError, its own checks as
+    RuntimeError): one warning, its steps run eagerly from then on (the same tokens), and it is never captured
+    again. Model 2 keeps its graphs: captured once per segment and replayed, on one capture stream and one memory
+    pool for the device, reused across segments and models."""
     models = [lively(loaded(path)[0]) for path in tiny_models]
     tokenizer = loaded(tiny_models[0])[1]
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
@@ -983,7 +1029,7 @@ def test_a_failed_capture_turns_graphs_off_for_that_model_only(tiny_models, fake
     def record(step, pool):
         recorded_on.append(torch.cuda.current_stream())
         if step.__self__.model is models[0]:
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise refusal
         graphs.append(EagerGraph(step))
         return graphs[-1], graphs[-1].output
 
@@ -991,7 +1037,7 @@ def test_a_failed_capture_turns_graphs_off_for_that_model_only(tiny_models, fake
     for _ in range(2):
         for model, ref in zip(models, refs):
             assert core.sample_fast(model, prompts, 9, set(), 0, temperature=0, segment=4, cuda_graph=True)[0] == ref
-    assert capsys.readouterr().err.count("CUDA graph capture failed (operation not permitted") == 1
+    assert capsys.readouterr().err.count(f"CUDA graph capture failed ({refusal})") == 1
     assert models[0] in core.GRAPHLESS and models[1] not in core.GRAPHLESS
     # model 2: segments of 4, 4 and 1 steps per call; a step that feeds the model (not the budget's last) is
     # captured at the first feed of its segment (run eagerly as the capture's warm-up) and replayed after it
@@ -1066,6 +1112,20 @@ def test_a_fast_path_that_fails_on_first_use_warns_and_samples_with_the_referenc
     assert policy.fast_agrees is False
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   torch.AcceleratorError("CUDA error: an illegal memory access was encountered")])
+def test_out_of_memory_or_a_cuda_error_in_the_fast_paths_first_use_propagates(tiny_models, monkeypatch, error):
+    """The first-use check falls back for a fast path that is broken (above), not for a device that is: out of
+    memory and CUDA errors reach the run, which says how to go on, and the check is not spent."""
+    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8)
+    policy = make_policy(tiny_models[1], cfg)
+    monkeypatch.setattr(core, "static_cache", lambda *args: (_ for _ in ()).throw(error))
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
+    with pytest.raises(type(error)):
+        core.generate(policy, prompts_of(policy.tokenizer, ["Hi"]), 8, cfg)
+    assert policy.fast_agrees is None
+
+
 def test_the_fast_sampler_reads_from_the_device_once_per_window_and_segment(tiny_models, monkeypatch):
     """Each read of a value back to Python (aten::_local_scalar_dense) makes the host wait for the GPU. Outside the
     prefill, the decode step's forward (replayed as a CUDA graph on the GPU, without Python) and multinomial's
@@ -1120,6 +1180,57 @@ def test_a_nucleus_wider_than_the_candidates_redecodes_its_window_exactly(tiny_m
     assert torch.allclose(torch.tensor(fast_logp), torch.tensor(ref_logp), atol=1e-5)
 
 
+def test_after_a_redecoded_window_the_next_windows_are_unchecked_again(tiny_models, monkeypatch):
+    """The first window's nucleus outgrows pick_tokens' candidates (2 here, first pass only): that window is decoded
+    again, checked at every step. The two windows after it are unchecked again: one device read each."""
+    from torch.profiler import profile
+    model, tokenizer = loaded(tiny_models[1])
+    lively(model, seed=3)
+    real_pick, calls = core.pick_tokens, []
+
+    def pick(*args):
+        calls.append(1)
+        return real_pick(*args, candidates=2 if len(calls) <= 8 else 1024)
+
+    monkeypatch.setattr(core, "pick_tokens", pick)
+    real_restore, restores = core.DecodeStep.restore, []
+    monkeypatch.setattr(core.DecodeStep, "restore", lambda self, saved: (restores.append(1), real_restore(self, saved)))
+    real_forward, real_prefill = core.DecodeStep.forward, core.prefill
+    monkeypatch.setattr(core.DecodeStep, "forward", lambda self: record_marked(real_forward, self))
+    monkeypatch.setattr(core, "prefill", lambda *a: record_marked(real_prefill, *a))
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    with profile() as prof:
+        rows = core.sample_fast(model, prompts, 24, set(), 0, 1.5, 0.95, torch.Generator().manual_seed(1))[0]
+    assert restores == [1] and all(len(row) == 24 for row in rows)
+    excluded = {"marked", "aten::multinomial", "aten::_assert_async"}
+    reads = [e for e in prof.events() if e.name == "aten::_local_scalar_dense" and not ancestors(e) & excluded]
+    assert len(reads) <= 1 + 8 + 1 + 2 + 1  # window 1: its verdict, 8 checked steps, its verdict again; 2 more; segment
+
+
+def test_a_fallback_sampler_shows_in_the_step_line_and_the_metrics_row(tiny_models, monkeypatch):
+    """Each model's sampler is in the metrics row; a fallback, which costs hours, also in the step line (and at the
+    run's end: test_end_to_end_core_steps)."""
+    cfg = core.Config(lora_rank=4)
+    policy = make_policy(tiny_models[1], cfg)
+    assert core.sampler_in_use(policy, cfg) == "reference"  # the CPU's sampler: no fallback
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)
+    assert core.sampler_in_use(policy, cfg) == "graphs"
+    monkeypatch.setattr(core, "GRAPHLESS", {policy.model})
+    assert core.sampler_in_use(policy, cfg) == "no graphs"
+    policy.fast_agrees = False
+    assert core.sampler_in_use(policy, cfg) == "reference (fallback)"
+    group = [core.Trace(m, "A", [1], [2, 3], "", m == 1) for m in (1, 2)]
+    core.score_and_advantages(group, "number", cfg, core.reward_weights(cfg, 0))
+    lines = {}
+    for sampler in ("graphs", "reference (fallback)"):
+        stats = [NO_UPDATE | {"sampler": "graphs"}, NO_UPDATE | {"sampler": sampler}]
+        row = core.step_log(0, cfg, [group], stats, (1.0, 0.5), 0)
+        assert (row["sampler_m1"], row["sampler_m2"]) == ("graphs", sampler)
+        lines[sampler] = core.format_log(row, 1)
+    assert "graphs" not in lines["graphs"]
+    assert "tok/s (graphs/reference (fallback)) |" in lines["reference (fallback)"]
+
+
 def test_fast_decoding_is_the_gpu_default_only():
     cfg = core.Config()
     model = types.SimpleNamespace(device=torch.device("cpu"), config=types.SimpleNamespace(_attn_implementation="sdpa"))
@@ -1168,18 +1279,55 @@ def test_cuda_graph_sampler_greedy_equals_the_reference(tiny_models):
     assert fast == ref
 
 
-def test_rollouts_with_merged_lora_match_and_restore_the_weights(tiny_models):
-    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8)
+def test_rollouts_sample_the_policy_being_trained(tiny_models):
+    """After AdamW steps that move the adapters, each token's log-probability as the sampler drew it equals the
+    update's for the same token (fp32), and sampling writes no base weight (nothing is merged into W)."""
+    cfg = core.Config(lora_rank=4, temperature=0.7, max_new_tokens=8, lr=2e-2, micro_batch=8)
     policy = make_policy(tiny_models[1], cfg)
-    with torch.no_grad():
-        for p in core.lora_parameters(policy.model):
-            p.add_(0.05 * torch.randn_like(p))
-    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?"])
-    merged = [ids for ids, _, _ in core.generate(policy, prompts, 8, cfg)]
-    unmerged = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)[0]
-    assert merged == unmerged
-    assert all(torch.equal(before[k], v) for k, v in policy.model.state_dict().items())
+
+    def rollout():
+        return [core.Trace(1, "A", prompts[i // 2], ids, text, False, rollout_logprobs=logp, advantage=(-1) ** i)
+                for i, (ids, text, logp) in enumerate(core.generate(policy, prompts, 8, cfg, n=2))]
+
+    for _ in range(3):
+        core.update_policy(policy, rollout(), cfg, cfg.lr)
+    base = {n: (p._version, p.clone()) for n, p in policy.model.named_parameters() if "lora" not in n}
+    traces = rollout()
+    assert all(p._version == base[n][0] and torch.equal(p, base[n][1])
+               for n, p in policy.model.named_parameters() if "lora" not in n)
+    ids, mask, _, _ = core.micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+    rollout_logp, measured = core.rollout_logprobs(traces, mask)
+    with torch.no_grad():
+        update_logp = core.token_logprobs(policy.model, ids, cfg.logprob_chunk, cfg.temperature)[2]
+        with core.lora_disabled(policy.model):
+            base_logp = core.token_logprobs(policy.model, ids, cfg.logprob_chunk, cfg.temperature)[2]
+    assert measured.sum() == sum(len(t.completion_ids) for t in traces)
+    assert ((update_logp - rollout_logp) * measured).abs().max() < 1e-5
+    assert ((base_logp - rollout_logp) * measured).abs().max() > 1e-3  # the adapters moved: a real comparison
+
+
+def test_in_bfloat16_the_sampler_sees_an_update_that_a_merge_would_round_away(tiny_models):
+    """bf16 weights and an adapter whose B A is under a quarter of W's bf16 spacing everywhere: W + B A rounds back
+    to W (a merged copy would be the base model), yet the sampler's log-probs move with it, as the update's do."""
+    cfg = core.Config(lora_rank=4, dtype="bfloat16", temperature=0, max_new_tokens=8)
+    policy = make_policy(tiny_models[0], cfg)
+    lively(policy.model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in core.lora_layers(policy.model).values():
+            weight = layer.base.weight  # |W| in [0.5, 1): a bf16 spacing of 2^-8 everywhere
+            weight.copy_(torch.sign(weight) * (0.5 + 0.5 * torch.rand_like(weight, dtype=torch.float32)))
+            layer.lora_A.normal_()
+            layer.lora_B.normal_()
+            layer.lora_B.mul_(2.0 ** -10 / (layer.scale * layer.lora_B @ layer.lora_A).abs().max())
+            merged = (weight.float() + layer.scale * layer.lora_B @ layer.lora_A).to(torch.bfloat16)
+            assert torch.equal(merged, weight)
+    prompts = prompts_of(policy.tokenizer, ["What is 1 + 2 ?", "What is 3 + 4 ?"])
+    tuned = core.generate(policy, prompts, 8, cfg)
+    with core.lora_disabled(policy.model):
+        base = core.generate(policy, prompts, 8, cfg)
+    assert any(a[2] != b[2] for a, b in zip(tuned, base))
 
 
 def test_top_p_keeps_only_the_nucleus():
@@ -1678,11 +1826,21 @@ def tiny_run_flags(models, data, out, steps=2):
             "--hint-dropout", "0", "--no-grad-checkpoint"]
 
 
-def test_end_to_end_core_steps(warm_pair, tmp_path):
+def test_end_to_end_core_steps(warm_pair, tmp_path, monkeypatch, capsys):
+    """Two CORE steps, with model 2's GPU sampler (faked here) broken from its first use: the run samples it with
+    the reference loop and says so in its warning, every step line and metrics row, and at its end."""
     out = tmp_path / "run"
+    fast_decoding = core.fast_decoding
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: fast_decoding(model, cfg) or "qwen3" in model.name_or_path)
+    monkeypatch.setattr(core, "static_cache", lambda *args: (_ for _ in ()).throw(AttributeError("changed")))
     assert core.main(tiny_run_flags(warm_pair, arithmetic_file(tmp_path), out)) == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+    assert [(r["sampler_m1"], r["sampler_m2"]) for r in rows] == [("reference", "reference (fallback)")] * 2
+    printed = capsys.readouterr()
+    assert printed.out.count("tok/s (reference/reference (fallback)) |") == 2
+    assert printed.err.count("the GPU sampler failed (AttributeError: changed)") == 1
+    assert "note: tiny-qwen3 was sampled with the reference (fallback) sampler" in printed.out
     for key in ("acc_A_m1", "acc_B_m2", "rescued", "eligible", "div", "cm", "loss_m1", "kl_m2", "tok_per_s"):
         assert key in rows[0]
     sample = json.loads(open(out / "samples.jsonl").readline())
@@ -2177,8 +2335,8 @@ def test_cuda_rng_states_are_restored_in_device_order(tiny_models, tmp_path, mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
-    folder = core.save_checkpoint(tmp_path, 1, policies, cfg, random.Random(0), {})
-    core.load_checkpoint(folder, policies, random.Random())
+    folder = core.save_checkpoint(tmp_path, 1, policies, cfg, {})
+    core.load_checkpoint(folder, policies)
     assert [int(s[0]) for s in restored] == list(range(12))
 
 

@@ -2,24 +2,29 @@
 Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B shapes (no download):
 
   0. greedy identity: core.sample_fast's greedy tokens vs generate's, first 32 tokens of 8 rows;
-  1. rollout speed: core.sample_fast (static cache + CUDA graphs) and core.sample (the reference loop) vs
-     transformers' generate (dynamic cache; with --static also the static cache and its automatic compile) at
-     the training (8 rows) and evaluation (64 rows) batch sizes, in tokens/s, as a fraction of the
-     memory-bandwidth floor, with peak memory and the warm-up time;
-  2. the LoRA update (core.update_policy) in tokens/s, with peak memory;
-  3. one full CORE step (as core.train runs it) for the pair: 4 questions, K=2, K'=1, every response forced to
-     --step-tokens tokens (no EOS), with its time, peak memory and each model's rollout-update mismatch, and
-     what a rollout's LoRA merge costs (the base weights copied back from the host).
+  1. rollout speed, with the adapters applied as in a run (unmerged: LoRALinear.forward): core.sample_fast
+     (static cache + CUDA graphs) and core.sample (the reference loop) vs transformers' generate (dynamic cache;
+     with --static also the static cache and its automatic compile) at the training (8 rows) and evaluation
+     (64 rows) batch sizes, in tokens/s, as a fraction of the memory-bandwidth floor, with peak memory and the
+     warm-up time;
+  2. what sampling unmerged costs: the run's sampler (sample_fast on a GPU, sample on a CPU) with the adapters
+     unmerged, with them merged into the weights (what core.py did before: in bf16 the merge rounds away small
+     updates) and without adapters, in tokens/s at each batch size;
+  3. the LoRA update (core.update_policy) in tokens/s, with peak memory;
+  4. one full CORE step (as core.train runs it) for the pair: 4 questions, K=2, K'=1, every response forced to
+     --step-tokens tokens (no EOS), with its time, peak memory and each model's rollout-update mismatch.
 
   python bench/bench_core.py                  # on a GPU, the real shapes (bf16)
-  python bench/bench_core.py --tiny           # a smoke run of the same code on CPU with tiny shapes
-  python bench/bench_core.py --models qwen2.5-3b --parts greedy sampler --batches 64   # one slice
+  python bench/bench_core.py --tiny           # the same code on CPU with tiny shapes (the demo models' size)
+  python bench/bench_core.py --models qwen2.5-3b --parts lora --layers 2 --lora-tokens 16   # a 3B-shaped
+                                              # stack of 2 layers (the real vocabulary), on a CPU
 
 Prints a table and writes JSON (--out; default bench/out/bench_results.json, a folder git ignores: copy the
 figures worth keeping to bench/results/).
 """
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -40,7 +45,7 @@ SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=True, rope_theta=5e6, rms_norm_eps=1e-6),
 }
-PARTS = ("greedy", "sampler", "update", "step")
+PARTS = ("greedy", "sampler", "lora", "update", "step")
 TINY = {name: dict(shape, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=512) for name, shape in SHAPES.items()}
 
@@ -173,6 +178,9 @@ def fmt_gb(x):
 def make_policy(name, model, device, tokenizer):
     cfg = core.Config()
     core.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    with torch.no_grad():  # a trained adapter's size: B A adds about 1% to W
+        for layer in core.lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.01 * layer.base.weight.float().std().item() / layer.scale)
     optimizer = torch.optim.AdamW(core.lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return core.Policy(name, model, tokenizer, device, set(), 0, 8192, optimizer,  # no EOS: forced lengths
                        torch.Generator(device=device).manual_seed(0))
@@ -205,7 +213,7 @@ def bench_core_step(policies, args, device):
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
     counters = core.new_counters()
     step = lambda: one_step(policies, problems, cfg, counters)  # noqa: E731
-    _, warmup = timed(step, device)  # the first step also checks the fast path and takes the host copies
+    _, warmup = timed(step, device)  # the first step also checks the fast path
     reset_peak(device)
     result, seconds = timed(step, device)
     metrics = result
@@ -220,35 +228,61 @@ def bench_core_step(policies, args, device):
     for m, policy in enumerate(policies, 1):
         print(f"    {policy.name}: rollout-update mismatch, mean |log p difference| {row[f'mismatch_m{m}']:.2e}, "
               f"KL (k3) {row[f'mismatch_kl_m{m}']:.2e}", flush=True)
-    row["merge"] = [bench_merge(policy, device) for policy in policies]
     return row
 
 
 def one_step(policies, problems, cfg, counters):
     """What core.train does in one step, without the loop around it: the metrics row."""
     started = time.time()
-    groups, _ = core.core_step(policies, problems, cfg, random.Random(0), core.reward_weights(cfg, 0))
+    groups, _ = core.core_step(policies, problems, cfg, core.reward_weights(cfg, 0))
     rollout_s = time.time() - started
     stats = [core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, core.learning_rate(cfg, 0))
-             for m, policy in enumerate(policies, 1)]
+             | {"sampler": core.sampler_in_use(policy, cfg)} for m, policy in enumerate(policies, 1)]
     return core.metrics_row(0, cfg, groups, stats, started, rollout_s, 0, counters)
 
 
-def bench_merge(policy, device, repeats=3):
-    """What a rollout's LoRA merge costs once the host copy exists: W += B A, then W copied back from the host."""
-    layers = core.lora_layers(policy.model).values()
-    gigabytes = sum(layer.base.weight.numel() * layer.base.weight.element_size() for layer in layers) / 1e9
-    with core.lora_merged(policy.model):  # the host copies, if no rollout took them yet
-        pass
-    start = time.perf_counter()
-    for _ in range(repeats):
-        with core.lora_merged(policy.model):
-            sync(device)
-    sync(device)
-    seconds = (time.perf_counter() - start) / repeats
-    print(f"    {policy.name}: LoRA merge + restore of {gigabytes:.2f} GB of adapted weights: {seconds:.3f} s per "
-          f"rollout ({gigabytes / seconds:.1f} GB/s)", flush=True)
-    return {"model": policy.name, "adapted_weight_gb": gigabytes, "seconds_per_rollout": seconds}
+def bench_lora(name, shape, policy, args, device, repeats=2):
+    """Tokens/s of the run's sampler with the adapters unmerged (core.py), merged into W, and off (the base)."""
+    sampler = core.sample_fast if device.type == "cuda" else core.sample
+    variants = {"unmerged (core.py)": contextlib.nullcontext, "merged into W": merged, "no adapters": core.lora_disabled}
+    rows = []
+    for batch in args.batches:
+        prompts = torch.randint(0, shape["vocab_size"], (batch, args.prompt_len), device=device).tolist()
+        run = lambda n: sampler(policy.model, prompts, n, set(), 0, 0.7, 0.9, torch.Generator(device).manual_seed(0))  # noqa: E731
+        best = {}
+        for _ in range(repeats):  # interleaved, the best of each: a busy CPU slows whichever runs then
+            for variant, context in variants.items():
+                with context(policy.model):
+                    timed(lambda: run(min(4, args.lora_tokens)), device)  # warm-up (and graph capture)
+                    _, seconds = timed(lambda: run(args.lora_tokens), device)
+                best[variant] = min(best.get(variant, seconds), seconds)
+        for variant, seconds in best.items():
+            tps = batch * args.lora_tokens / seconds
+            rows.append({"model": name, "variant": variant, "batch": batch, "layers": shape["num_hidden_layers"],
+                         "prompt_len": args.prompt_len, "new_tokens": args.lora_tokens, "tokens_per_s": tps,
+                         "vs_merged": best["merged into W"] / seconds})
+            print(f"  {name:<11} {variant:<20} batch {batch:>4}  {tps:>9.1f} tok/s  "
+                  f"({rows[-1]['vs_merged']:.3f} x merged)", flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def merged(model):
+    """Every adapter folded into its base weight (W + scale B A, rounded to W's dtype) and switched off, as core.py
+    sampled before; W restored afterwards."""
+    layers = core.lora_layers(model).values()
+    saved = [layer.base.weight.detach().clone() for layer in layers]
+    with torch.no_grad():
+        for layer in layers:
+            layer.base.weight += (layer.scale * layer.lora_B @ layer.lora_A).to(layer.base.weight.dtype)
+            layer.enabled = False
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.base.weight.copy_(weight)
+                layer.enabled = True
 
 
 def main():
@@ -258,6 +292,8 @@ def main():
                         help="sampler batch sizes (a training round: 8 rows per model, an evaluation batch: 64)")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256, help="sampled tokens per row (the CORE step uses 300)")
+    parser.add_argument("--lora-tokens", type=int, default=64, help="sampled tokens per row in the unmerged/merged part")
+    parser.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's; fewer for a CPU)")
     parser.add_argument("--step-tokens", type=int, default=300, help="forced response length in the CORE step")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--bandwidth", type=float, default=3.0e12, help="memory bandwidth in bytes/s for the floor")
@@ -274,19 +310,22 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
           f"torch {torch.__version__}, shapes: {'tiny' if args.tiny else 'real'}")
     results = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny,
-               "sampler": [], "greedy": [], "update": [], "core_step": None}
+               "sampler": [], "greedy": [], "lora": [], "update": [], "core_step": None}
     tokenizer = core.demo_tokenizer()
     policies = []
     for name in args.models:
         shape = shapes[name]
+        shape = dict(shape, num_hidden_layers=args.layers or shape["num_hidden_layers"])
         model = build_model(shape, device, dtype)
         if "greedy" in args.parts:
             results["greedy"] += greedy_check(name, shape, model, args, device)
+        policy = make_policy(name, model, device, tokenizer)  # adapters applied from here on, as in a run
         if args.profile:
             profile_sampler(name, shape, model, args, device)
         if "sampler" in args.parts:
             results["sampler"] += bench_sampler(name, shape, model, args, device)
-        policy = make_policy(name, model, device, tokenizer)
+        if "lora" in args.parts:
+            results["lora"] += bench_lora(name, shape, policy, args, device)
         if "update" in args.parts:
             results["update"].append(bench_update(name, shape, policy, args, device))
         policies.append(policy)

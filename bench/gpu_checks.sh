@@ -3,9 +3,10 @@
 #   bash bench/gpu_checks.sh OUT
 # 1. the CUDA tests of test_core.py (the graph sampler against the reference loop, bf16);
 # 2. bench/bench_core.py on random-weight models of the real Qwen2.5-3B and Qwen3-4B shapes (bf16): greedy
-#    identity with generate, tokens/s of the graphs sampler against the reference loop and generate at 8 and 64
-#    rows, the update's tokens/s and peak memory, one CORE step of the pair with each model's rollout-update
-#    mismatch, and the cost of a rollout's LoRA merge.
+#    identity with generate; tokens/s of the graphs sampler (adapters unmerged, as in a run) against the
+#    reference loop and generate at 8 and 64 rows; the same sampler unmerged against merged weights and no
+#    adapters; the update's tokens/s and peak memory; one CORE step of the pair with each model's
+#    rollout-update mismatch.
 # It writes OUT/bench.json and OUT/gpu_checks.log (copy them to bench/results/ to keep them).
 # BENCH_EXTRA="--tiny" runs the same on a CPU with tiny shapes (a smoke run).
 set -euo pipefail

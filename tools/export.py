@@ -5,7 +5,7 @@ with from_pretrained alone (no core.py, no peft):
 
 CHECKPOINT is a checkpoint folder (RUN/checkpoints/step_NNNNNN) or a run folder (its newest checkpoint). The
 models are those the run trained; each is loaded (on the GPU if there is one), its adapter merged in float32,
-and saved in its own dtype to OUT/merged_1 (and OUT/merged_2).
+and saved in the dtype its model folder declares (bf16 for the Qwen models) to OUT/merged_1 (and OUT/merged_2).
 """
 import sys
 from pathlib import Path
@@ -17,14 +17,18 @@ import core  # noqa: E402
 
 
 def merged(model):
-    """The model with every LoRA folded into its base weight and the LoRA wrappers removed."""
-    for name, layer in core.lora_layers(model).items():
-        layer.merge()
-        core.set_module(model, name, layer.base)
+    """The model with every LoRA folded into its base weight, W + (alpha / r) B A computed in float32, and the
+    LoRA wrappers removed."""
+    with torch.no_grad():
+        for name, layer in core.lora_layers(model).items():
+            weight = layer.base.weight
+            weight.copy_(weight.float() + layer.scale * layer.lora_B @ layer.lora_A)
+            core.set_module(model, name, layer.base)
     return model
 
 
 def export(checkpoint, out):
+    from transformers import AutoConfig
     folder = core.find_checkpoint(checkpoint)
     cfg = core.replace(core.saved_config(folder), dtype="float32")  # merged in float32
     if Path(out).exists() and any(Path(out).iterdir()):
@@ -32,10 +36,13 @@ def export(checkpoint, out):
     for m, path in enumerate(core.model_paths(cfg), 1):
         policy = core.load_policy(m, path, core.resolve_device(""), cfg)
         core.load_lora(policy.model, folder / f"adapter_{m}")
-        dtype = getattr(policy.model.config, "dtype", None) or torch.float32  # as the model folder declares it
-        merged(policy.model).to(dtype).save_pretrained(Path(out) / f"merged_{m}")
+        dtype = AutoConfig.from_pretrained(path, local_files_only=True).dtype or torch.float32  # as it came
+        model = merged(policy.model).to(dtype)
+        model.config.dtype = dtype
+        model.save_pretrained(Path(out) / f"merged_{m}")
         policy.tokenizer.save_pretrained(Path(out) / f"merged_{m}")
-        print(f"model {m} ({path}) with the LoRA of {folder} merged in: {Path(out) / f'merged_{m}'}")
+        print(f"model {m} ({path}) with the LoRA of {folder} merged in, saved in {str(dtype)[6:]}: "
+              f"{Path(out) / f'merged_{m}'}")
 
 
 def main(argv=None):
