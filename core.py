@@ -252,10 +252,14 @@ def round_a(policies, problems, cfg):
     return groups
 
 
+def solved_cold(group):
+    """The models with a correct round-A trace of the question."""
+    return {t.model for t in group if t.round == "A" and t.correct}
+
+
 def mark_failed_cold(group):
-    """Sets t.failed_cold on every trace of one question, both rounds: its model has no correct round-A
-    trace."""
-    solved = {t.model for t in group if t.round == "A" and t.correct}
+    """Sets t.failed_cold on every trace of one question, both rounds: its model did not solve it cold."""
+    solved = solved_cold(group)
     for t in group:
         t.failed_cold = t.model not in solved
 
@@ -278,7 +282,7 @@ def round_b(policies, problems, groups, hints, cfg):
     --hint-to all) sees the hint with probability 1 - hint_dropout; the others resample cold."""
     requests = [[] for _ in policies]
     for q, (group, hint) in enumerate(zip(groups, hints)):
-        solved = {t.model for t in group if t.correct}  # the group holds round A only
+        solved = solved_cold(group)
         for m, policy in enumerate(policies, 1):
             for _ in range(cfg.k_rescue):
                 offered = hint and (m not in solved or cfg.hint_to == "all")
@@ -399,12 +403,14 @@ def group_advantages(rewards, scale="std"):
 
 def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
     """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of the k3 estimate
-    KL_t = exp(r) - r - 1, r = log pi_ref - log pi; rho_t = 1 except for --round-b-context cold.
-    One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's gradient.
-    logp, ref_logp, mask, rho: [b, L] (L log-prob positions); advantages, weights: [b] -> two scalars."""
+    KL_t = exp(r) - r - 1, r = log pi_ref - log pi (ref_logp None: no KL term, KL 0); rho_t = 1 except for
+    --round-b-context cold. One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's
+    gradient. logp, ref_logp, mask, rho: [b, L] (L log-prob positions); advantages, weights: [b] -> 2 scalars."""
+    pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
+    if ref_logp is None:
+        return (weights[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
     log_ratio = ref_logp - logp
     kl = torch.exp(log_ratio) - log_ratio - 1
-    pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
     per_token = weights[:, None] * (pg + beta * kl)
     return (per_token * mask).sum(), (kl.detach() * mask).sum()
 
@@ -420,15 +426,14 @@ def rollout_mismatch(rollout_logp, update_logp, mask):
 
 
 def token_logprobs(model, input_ids, chunk, temperature=None):
-    """log pi(x_{t+1} | x_<=t) in fp32 [b, T-1]. No attention mask: rows are right-padded, so a real token
-    attends only to real ones and the causal mask alone is exact (sdpa keeps its fused kernels). The lm_head
-    and log-softmax run `chunk` positions at a time, checkpointed: [b, T, V] never exists. With a temperature,
-    also (without gradient, once per chunk: a checkpoint's recomputation skips them) the entropy of
-    pi(. | x_<=t) and log softmax(logits / temperature) of each target: (logp, entropy, logp_at_t)."""
+    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature, also (no
+    gradient) the entropy of pi(. | x_<=t) and log softmax(logits / temperature) of each target, else None.
+    No attention mask: rows are right-padded, so the causal mask alone is exact. The lm_head and log-softmax
+    run `chunk` positions at a time, checkpointed: [b, T, V] never exists."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
-    diagnostics = {}  # chunk start -> (entropy, log-probs at the temperature)
+    diagnostics = {}  # chunk start -> (entropy, log-probs at T): once each, not again when recomputed
 
     def chunk_logprobs(h, y, start):
         logp = torch.log_softmax(head(h).float(), dim=-1)  # [b, chunk, V]
@@ -442,11 +447,10 @@ def token_logprobs(model, input_ids, chunk, temperature=None):
     chunks = [(hidden[:, s:s + chunk], targets[:, s:s + chunk], s) for s in range(0, hidden.shape[1], chunk)]
     pieces = [checkpoint(chunk_logprobs, *c, use_reentrant=False) if torch.is_grad_enabled()
               else chunk_logprobs(*c) for c in chunks]
-    logp = torch.cat(pieces, dim=1)
     if temperature is None:
-        return logp
+        return torch.cat(pieces, dim=1), None, None
     entropy, logp_at_t = (torch.cat(parts, dim=1) for parts in zip(*diagnostics.values()))
-    return logp, entropy, logp_at_t
+    return torch.cat(pieces, dim=1), entropy, logp_at_t
 
 
 def update_policy(policy, traces, cfg, lr):
@@ -456,27 +460,30 @@ def update_policy(policy, traces, cfg, lr):
     model, device = policy.model, policy.device
     tokens = torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)
     total_tokens = all_reduce_sum(tokens).item()
-    sums = torch.zeros(6, device=device)  # loss, KL, entropy, |mismatch|, mismatch KL, tokens with a mismatch
+    sums = torch.zeros(len(LOGGED), device=device)  # LOGGED's sums over micro-batches, then over ranks
     if total_tokens == 0:  # no traces on any rank
-        return update_stats(sums, total_tokens, 0.0, False, cfg)
+        return update_stats(dict.fromkeys(LOGGED, 0.0), total_tokens, 0.0, False, cfg)
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for mb in (ordered[i:i + cfg.micro_batch] for i in range(0, len(ordered), cfg.micro_batch)):
         prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # the cold one under --round-b-context cold
         ids, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
-        with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model
-            ref = token_logprobs(model, ids, cfg.logprob_chunk) if cfg.beta_kl > 0 else None
+        with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model (--beta-kl 0: no KL term)
+            ref = token_logprobs(model, ids, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
         with recomputed_activations(model, not cfg.no_grad_checkpoint):  # pi_theta
             logp, entropy, logp_at_t = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
         rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
-        loss, kl = policy_loss(logp, logp.detach() if ref is None else ref, adv, w, mask, cfg.beta_kl, rho)
+        loss, kl = policy_loss(logp, ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()
         rollout_logp, measured = rollout_logprobs(mb, mask)  # the sampler's own log-probs, for the mismatch
         mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_at_t, measured)
-        logged = (loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum())
-        sums += torch.stack(logged)
-    sums = all_reduce_sum(sums)
-    grad_norm, skipped = clip_and_step(policy, sums[0].item(), cfg, lr)
+        sums += torch.stack((loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum()))
+    sums = dict(zip(LOGGED, all_reduce_sum(sums).tolist()))
+    grad_norm, skipped = clip_and_step(policy, sums["loss"], cfg, lr)
     return update_stats(sums, total_tokens, grad_norm, skipped, cfg)
+
+
+# what update_policy sums over its micro-batches and ranks: token sums, and the tokens the mismatch covers
+LOGGED = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
 
 
 def clip_and_step(policy, loss_sum, cfg, lr):
@@ -495,15 +502,14 @@ def clip_and_step(policy, loss_sum, cfg, lr):
 
 
 def update_stats(sums, total_tokens, grad_norm, skipped, cfg):
-    """The update's logged numbers from its sums over all ranks (loss, KL, entropy, |mismatch|, mismatch KL,
-    tokens with a mismatch): per token, the mismatch per token it was measured on."""
-    loss, kl, entropy, mismatch, mismatch_kl, measured = sums.tolist()
-    tokens = total_tokens or 1.0
-    return {"loss": loss / tokens, "kl": kl / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
-            "entropy": entropy / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
+    """The update's logged numbers from its LOGGED sums over all ranks: per token, the mismatch per token it
+    was measured on."""
+    tokens, measured = total_tokens or 1.0, sums["measured"]
+    return {"loss": sums["loss"] / tokens, "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # not measured
+            "entropy": sums["entropy"] / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
             "skipped": int(skipped),
-            "mismatch": mismatch / measured if measured else None,
-            "mismatch_kl": mismatch_kl / measured if measured else None}
+            "mismatch": sums["mismatch"] / measured if measured else None,
+            "mismatch_kl": sums["mismatch_kl"] / measured if measured else None}
 
 
 @contextlib.contextmanager
@@ -555,7 +561,7 @@ def importance_weights(traces, logp, policy, cfg):
         return None
     with torch.no_grad():
         ids, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
-        sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)
+        sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)[0]
     shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
                          device=logp.device)  # where each completion starts later in the hinted layout
     index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
@@ -577,16 +583,28 @@ def learning_rate(cfg, step):
 # -----------------------------------------------------------------------------
 # The training loop
 
+@dataclass
+class Run:
+    """A training run's state, passed whole between the parts of the loop."""
+    cfg: Config
+    policies: list                # the models being trained, model 1 first
+    test_set: list                # the evaluation's questions
+    out: Path                     # the run folder
+    counters: dict = field(default_factory=lambda: new_counters())  # counted across steps, checkpointed
+    start: int = 0                # the first step of this invocation (a resumed run's checkpoint step)
+    stop: object = None           # the StopRequest while the loop runs
+
+
 def train(cfg, policies, train_set, test_set, out):
     """The training loop. Each step: its questions, the CORE step (rollouts, rewards, advantages), one update
     per model, the log; then an evaluation, a checkpoint or a stop when due. Returns (exit code, whether all
     cfg.steps are done). Ctrl-C and SIGTERM finish the step and save a checkpoint (StopRequest); out of
     memory saves what is safe to save and says how to resume (out_of_memory)."""
     rank, world = dist_info()
-    start, counters = start_or_resume(cfg, policies, test_set, out)
-    stop, step, stats = StopRequest(), start, []
+    run = start_or_resume(Run(cfg, policies, test_set, out))
+    run.stop, step, stats = StopRequest(), run.start, []
     try:
-        for step in range(start, cfg.steps):
+        for step in range(run.start, cfg.steps):
             started, stats = time.time(), []
             order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
             batch = [train_set[i] for i in order][rank::world]  # this rank's share of the step's questions
@@ -597,34 +615,34 @@ def train(cfg, policies, train_set, test_set, out):
                 traces = [t for g in groups for t in g if t.model == m]
                 stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step))
                              | {"sampler": sampler_in_use(policy, cfg)})
-            count_nonfinite(stats, counters, policies, step)
-            skipped = len(batch) - len(usable)  # too long for a model
-            row = metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
+            count_nonfinite(run, stats, step)
+            row = metrics_row(run, step, groups, stats, started, rollout_s, len(batch) - len(usable))
             if row:
-                log_step(step, row, usable, groups, hints, cfg, policies, counters, out)
-            code = end_of_step(step + 1, start, cfg, policies, test_set, out, counters, stop)
+                log_step(run, step, row, usable, groups, hints)
+            code = end_of_step(run, step + 1)
             if code is not None:
                 return code, False
     except torch.OutOfMemoryError:
-        raise out_of_memory(step, start, stats, cfg, policies, out, counters) from None
+        raise out_of_memory(run, step, stats) from None
     finally:
-        stop.release()
+        run.stop.release()
     return 0, True
 
 
-def count_nonfinite(stats, counters, policies, step):
+def count_nonfinite(run, stats, step):
     """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
-    in_a_row = counters["nonfinite_in_a_row"]
-    for m, (policy, s) in enumerate(zip(policies, stats), 1):
+    in_a_row = run.counters["nonfinite_in_a_row"]
+    for m, (policy, s) in enumerate(zip(run.policies, stats), 1):
         in_a_row[m - 1] = in_a_row[m - 1] + 1 if s["skipped"] else 0
         if s["skipped"]:
             print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update "
                   f"skipped")
 
 
-def metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters):
-    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems and
-    sampled tokens (counters, kept across resumes); None when no rank had a question that fitted."""
+def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
+    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems (those too
+    long for a model) and sampled tokens (kept across resumes); None when no rank had a question that fitted."""
+    counters = run.counters
     shards = all_gather((groups, skipped, rollout_s))
     all_groups = [g for shard, _, _ in shards for g in shard]
     skipped, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
@@ -634,7 +652,7 @@ def metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
               f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
-    row = step_log(step, cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s), skipped)
+    row = step_log(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s), skipped)
     row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
     totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
@@ -643,35 +661,36 @@ def metrics_row(step, cfg, groups, stats, started, rollout_s, skipped, counters)
     return row
 
 
-def out_of_memory(step, start, stats, cfg, policies, out, counters):
+def out_of_memory(run, step, stats):
     """The error for CUDA out of memory in `step`, saying how to resume with smaller batches. When no model
     had updated in it (`stats` empty), its adapters and optimizers are still those after step - 1: they are
     saved first (its random streams have moved on). Under torchrun only this rank failed: no collective save,
     the last checkpoint holds."""
-    if not stats and step > start and dist_info()[1] == 1:
-        save_checkpoint(out, step, policies, cfg, counters)
-    halve = f"--gen-batch {max(1, cfg.gen_batch // 2)} --micro-batch {max(1, cfg.micro_batch // 2)}"
+    if not stats and step > run.start and dist_info()[1] == 1:
+        save_checkpoint(run, step)
+    halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
     return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
-                         f"smaller batches: python core.py --resume {out} {halve}")
+                         f"smaller batches: python core.py --resume {run.out} {halve}")
 
 
-def start_or_resume(cfg, policies, test_set, out):
-    """(first step, counters): a resumed run's newest checkpoint, else step 0 after the first evaluation."""
-    rank = dist_info()[0]
+def start_or_resume(run):
+    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first
+    evaluation."""
+    rank, cfg, out = dist_info()[0], run.cfg, run.out
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
-        state = load_checkpoint(folder, policies)
+        state = load_checkpoint(folder, run.policies)
         if rank == 0:
             keep_logged_steps(out, state["step"])
         print(f"resumed from {folder} at step {state['step']}")
-        return state["step"], new_counters() | state["counters"]  # older checkpoints lack the newer counters
+        return replace(run, start=state["step"], counters=new_counters() | state["counters"])  # older: fewer
     if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
         print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
         if rank == 0:
             keep_logged_steps(out, -1)
     if not cfg.no_eval_before:
-        run_evaluation(policies, test_set, cfg, out, "eval_before", "before training", step=0)
-    return 0, new_counters()
+        run_evaluation(run.policies, run.test_set, cfg, out, "eval_before", "before training", step=0)
+    return run
 
 
 def new_counters():
@@ -681,21 +700,22 @@ def new_counters():
             "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
 
-def end_of_step(done, start, cfg, policies, test_set, out, counters, stop):
+def end_of_step(run, done):
     """After step `done`: the evaluation curve, checkpoints, and an exit code to stop with (None: go on)."""
+    cfg, out, stop = run.cfg, run.out, run.stop
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
-        run_evaluation(policies, test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
-    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
-    if max(counters["nonfinite_in_a_row"]) >= 3:
-        save_checkpoint(out, done, policies, cfg, counters)
+        run_evaluation(run.policies, run.test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
+    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=run.policies[0].device)).item() > 0
+    if max(run.counters["nonfinite_in_a_row"]) >= 3:
+        save_checkpoint(run, done)
         raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
                             f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
-    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - start == cfg.stop_after:
-        save_checkpoint(out, done, policies, cfg, counters)
+    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - run.start == cfg.stop_after:
+        save_checkpoint(run, done)
     if stop.requested:
         print(f"stopped after step {done}; continue with: python core.py --resume {out}")
         return 130
-    if done - start == cfg.stop_after and done < cfg.steps:
+    if done - run.start == cfg.stop_after and done < cfg.steps:
         print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: "
               f"python core.py --resume {out}")
         return 0
@@ -1821,9 +1841,10 @@ def shortened(name, width):
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: each written to a temporary folder and renamed into place (a kill leaves no half)
 
-def save_checkpoint(out, step, policies, cfg, counters):
+def save_checkpoint(run, step):
     """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step,
     data position, counters, config. Every rank takes part; rank 0 writes."""
+    cfg, policies, out = run.cfg, run.policies, run.out
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
     if dist_info()[0] != 0:
@@ -1841,7 +1862,7 @@ def save_checkpoint(out, step, policies, cfg, counters):
     save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
               str(tmp / "rng.safetensors"))
     state = {"step": step, "data_position": step * cfg.batch_questions, "world_size": len(rngs),
-             "python_rng": [py for _, py in rngs], "counters": counters, "config": asdict(cfg)}
+             "python_rng": [py for _, py in rngs], "counters": run.counters, "config": asdict(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     os.replace(tmp, final)
     for old in checkpoints(out)[:-cfg.keep]:
@@ -2066,18 +2087,19 @@ def stream_seed(seed, stream, i=0, rank=0):
 # -----------------------------------------------------------------------------
 # Logging: one line and one metrics row per step, the sample log, progress lines, JSONL files
 
-def log_step(step, row, problems, groups, hints, cfg, policies, counters, out):
-    """Print the step's line (and cfg.show questions in full); rank 0 appends its metrics and sample rows."""
+def log_step(run, step, row, problems, groups, hints):
+    """Print the step's line (and --show questions in full); rank 0 appends its metrics and sample rows."""
+    cfg = run.cfg
     print(format_log(row, cfg.steps), flush=True)
-    names = {m: policy.name for m, policy in enumerate(policies, 1)}
-    watch_for_nothing_to_learn(row, counters, cfg)
-    watch_for_collapse(row, counters, names, cfg)
+    names = {m: policy.name for m, policy in enumerate(run.policies, 1)}
+    watch_for_nothing_to_learn(row, run.counters, cfg)
+    watch_for_collapse(row, run.counters, names, cfg)
     for q in range(min(cfg.show, len(problems))):
         show_group(problems[q], groups[q], hints[q], names)
     if dist_info()[0] == 0:
-        append_jsonl(out / "metrics.jsonl", row)
+        append_jsonl(run.out / "metrics.jsonl", row)
         if problems:
-            append_jsonl(out / "samples.jsonl", sample_record(step, problems[0], groups[0], hints[0]))
+            append_jsonl(run.out / "samples.jsonl", sample_record(step, problems[0], groups[0], hints[0]))
 
 
 def step_log(step, cfg, groups, stats, seconds, skipped_problems):
@@ -2295,7 +2317,7 @@ def main(argv=None):
     try:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-        code = run(cfg, given)
+        code = run_job(cfg, given)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
     except (UsageError, TrainingError) as e:
@@ -2314,7 +2336,7 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def run(cfg, given=frozenset()):
+def run_job(cfg, given=frozenset()):
     """The whole job for one config; `given` names the flags set on the command line (they win on --resume
     and --demo)."""
     if cfg.resume:

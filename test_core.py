@@ -396,6 +396,8 @@ def test_policy_loss_matches_definition():
     k3 = torch.exp(r) - r - 1
     assert math.isclose(kl.item(), k3.sum().item(), rel_tol=1e-6)
     assert math.isclose(loss.item(), (0.8 * (-2.0 * torch.tensor([-1.0, -2.0]) + 0.1 * k3)).sum().item(), rel_tol=1e-6)
+    loss, kl = core.policy_loss(logp, None, torch.tensor([2.0]), torch.tensor([0.8]), mask, beta=0.1)  # no KL term
+    assert kl.item() == 0 and math.isclose(loss.item(), (0.8 * -2.0 * torch.tensor([-1.0, -2.0])).sum().item())
 
 
 def test_chunked_logprobs_entropy_and_tempered_logprobs_equal_full_logits():
@@ -405,7 +407,7 @@ def test_chunked_logprobs_entropy_and_tempered_logprobs_equal_full_logits():
     full = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     tempered = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     for chunk in (1, 3, 100):
-        assert torch.allclose(core.token_logprobs(model, ids, chunk), full, atol=1e-5)
+        assert torch.allclose(core.token_logprobs(model, ids, chunk)[0], full, atol=1e-5)
         logp, entropy, at_temperature = core.token_logprobs(model, ids, chunk, temperature=0.7)
         assert torch.allclose(logp, full, atol=1e-5) and torch.allclose(at_temperature, tempered, atol=1e-5)
         assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-4)
@@ -427,7 +429,7 @@ def test_logprobs_of_right_padded_rows_need_no_attention_mask(tiny_models, monke
     with torch.no_grad():
         masked = torch.log_softmax(policy.model(ids, attention_mask=padding).logits[:, :-1].float(), -1)
         masked = masked.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        unmasked = core.token_logprobs(policy.model, ids, cfg.logprob_chunk)
+        unmasked = core.token_logprobs(policy.model, ids, cfg.logprob_chunk)[0]
     assert torch.allclose(unmasked * mask, masked * mask, atol=1e-6)
     masks, decoder = [], policy.model.get_decoder()
     forward = decoder.forward
@@ -708,7 +710,7 @@ def test_export_merges_in_float32_and_keeps_the_models_dtype(tiny_models, tmp_pa
     with torch.no_grad():
         for p in core.lora_parameters(policy.model):
             p.add_(0.05 * torch.randn_like(p))
-    core.save_checkpoint(tmp_path / "run", 1, [policy], cfg, core.new_counters())
+    core.save_checkpoint(core.Run(cfg, [policy], [], tmp_path / "run"), 1)
     assert export.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
     folder = tmp_path / "out" / "merged_1"
     assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
@@ -2335,7 +2337,7 @@ def test_cuda_rng_states_are_restored_in_device_order(tiny_models, tmp_path, mon
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
-    folder = core.save_checkpoint(tmp_path, 1, policies, cfg, {})
+    folder = core.save_checkpoint(core.Run(cfg, policies, [], tmp_path), 1)
     core.load_checkpoint(folder, policies)
     assert [int(s[0]) for s in restored] == list(range(12))
 

@@ -211,8 +211,8 @@ def bench_core_step(policies, args, device):
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
-    counters = core.new_counters()
-    step = lambda: one_step(policies, problems, cfg, counters)  # noqa: E731
+    run = core.Run(cfg, policies, [], Path(args.out).parent)  # the state core.train carries (counters)
+    step = lambda: one_step(policies, problems, cfg, run)  # noqa: E731
     _, warmup = timed(step, device)  # the first step also checks the fast path
     reset_peak(device)
     result, seconds = timed(step, device)
@@ -231,14 +231,14 @@ def bench_core_step(policies, args, device):
     return row
 
 
-def one_step(policies, problems, cfg, counters):
+def one_step(policies, problems, cfg, run):
     """What core.train does in one step, without the loop around it: the metrics row."""
     started = time.time()
     groups, _ = core.core_step(policies, problems, cfg, core.reward_weights(cfg, 0))
     rollout_s = time.time() - started
     stats = [core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, core.learning_rate(cfg, 0))
              | {"sampler": core.sampler_in_use(policy, cfg)} for m, policy in enumerate(policies, 1)]
-    return core.metrics_row(0, cfg, groups, stats, started, rollout_s, 0, counters)
+    return core.metrics_row(run, 0, groups, stats, started, rollout_s, 0)
 
 
 def bench_lora(name, shape, policy, args, device, repeats=2):

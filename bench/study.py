@@ -11,9 +11,9 @@ things. Default variants:
   single-k      each model alone with K = 2 samples per question (a smaller budget), core's advantage scale
   single        each model alone with K + K' = 3 samples per question (CORE's budget), core's advantage scale
   alone         model 1 alone (--model2 none), K + K' samples, core's advantage scale
-Printed per variant: mean over seeds of the sampled tokens (m1 + m2), and of Pass@1 m1, Pass@1 m2, Team Pass@2
-and p_12 after training, with the mean change from before, and how many seeds improved Pass@1 of every
-trained model. On the demo's tiny models the variants may well not differ beyond noise: the table says so.
+Printed per variant: mean over seeds of the sampled tokens (m1 + m2), and of Pass@1 and Pass@2 per model, Team
+Pass@2, p_12 and the team vote after training, with the mean change from before, their spread over seeds, and
+how many seeds improved Pass@1 of every trained model; then every run's numbers, with its time. On the demo's tiny models the variants may well not differ beyond noise: the table says so.
 
 The runs stay under --out (default runs/study). Run the same command again after a stop, a crash or a new
 variant: finished runs are read back, stopped ones resumed (core.py --resume), missing ones started; OUT/
@@ -38,8 +38,8 @@ OURS = "--adv-group model --adv-scale none"  # core's advantages; the baselines 
 VARIANTS = [f"core={OURS}", "core-paper=--adv-group joint --adv-scale std",
             f"core-cold={OURS} --round-b-context cold", "single-k=--single --single-samples 2 --adv-scale none",
             "single=--single --adv-scale none", "alone=--model2 none --adv-scale none"]
-METRICS = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Team Pass@2", "team_pass@2"),
-           ("p_12", "p_12@2")]
+METRICS = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@2 m1", "pass@2_m1"),
+           ("Pass@2 m2", "pass@2_m2"), ("Team Pass@2", "team_pass@2"), ("p_12", "p_12@2"), ("vote@2", "team_vote@2")]
 
 
 def run(core_py, base, flags, seed, out):
@@ -55,7 +55,8 @@ def run(core_py, base, flags, seed, out):
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); run the study again to resume "
                              f"it:\n{done.stderr[-2000:]}")
-    last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    last = rows[-1] | {"seconds_total": sum(r.get("seconds", 0) for r in rows)}  # every step's, across resumes
     evals = [out / f"eval_{when}.json" for when in ("before", "after")]  # no before with --no-eval-before
     return [json.loads(p.read_text()) if p.exists() else {} for p in evals] + [last]
 
@@ -76,6 +77,34 @@ def row(name, results):
     trained = [key for _, key in METRICS[:2] if key in results[0][1]]
     up = sum(all(a[k] > b.get(k, a[k]) for k in trained) for b, a, _ in results)
     return tokens, f"{name:<12}{tokens:>12,.0f}" + "".join(f"{c:>17}" for c in cells) + f"{up:>6}/{len(results)}"
+
+
+def run_rows(variants, seeds, results):
+    """Every run's numbers after training, a 'before' row per seed first (the untrained models: the same for every
+    variant at a seed), with the run's sampled tokens (m1 + m2) and its time (steps and evaluations)."""
+    lines = [f"{'run':<12}{'seed':>5}{'tokens':>10}{'minutes':>9}" + "".join(f"{label:>12}" for label, _ in METRICS)]
+    for seed in seeds:
+        before = next(b for v in variants for b, _, _ in [results[v, seed]] if b)
+        lines.append(f"{'before':<12}{seed:>5}{'':>19}" + "".join(cell(before.get(key)) for _, key in METRICS))
+        for v in variants:
+            before, after, last = results[v, seed]
+            tokens = last["sampled_tokens_total_m1"] + last["sampled_tokens_total_m2"]
+            minutes = (last["seconds_total"] + before.get("seconds", 0) + after.get("seconds", 0)) / 60
+            lines.append(f"{v:<12}{seed:>5}{tokens:>10,}{minutes:>9.1f}" + "".join(cell(after.get(key)) for _, key in METRICS))
+    return lines
+
+
+def cell(value):
+    return f"{'-' if value is None else format(value, '.3f'):>12}"
+
+
+def spread_row(name, results):
+    """Each metric's spread over seeds after training: max - min."""
+    cells = []
+    for _, key in METRICS:
+        values = [a[key] for _, a, _ in results if a.get(key) is not None]
+        cells.append(f"{f'±{(max(values) - min(values)) / 2:.3f}' if values else '-':>17}")
+    return f"{'  spread':<12}{'':>12}" + "".join(cells)
 
 
 def check_study(out, base):
@@ -107,8 +136,13 @@ def main(argv=None):
     print(f"python core.py {args.base} + each variant's flags, seeds {' '.join(map(str, args.seeds))}; "
           f"means over seeds, after training (change from before); runs in {out}")
     print(f"{'variant':<12}{'tokens':>12}" + "".join(f"{label:>17}" for label, _ in METRICS) + "  Pass@1 up")
-    lines = [row(v, [results[v, s] for s in args.seeds]) for v in variants]
-    for _, line in sorted(lines):
+    lines = [(*row(v, [results[v, s] for s in args.seeds]), spread_row(v, [results[v, s] for s in args.seeds]))
+             for v in variants]
+    for _, line, spread in sorted(lines):
+        print(line)
+        print(spread)
+    print("\n(spread: half the range over seeds, max - min over 2)\nper run:")
+    for line in run_rows(variants, args.seeds, results):
         print(line)
     for v, flags in variants.items():
         print(f"  {v}: {flags or '(no extra flags)'}")
