@@ -947,6 +947,8 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
     per_batch = max(1, cfg.gen_batch // n)
     sampler = pick_sampler(policy, prompts, cfg)
     for i in range(0, len(prompts), per_batch):
+        if progress is not None:
+            progress.batch(len(prompts[i:i + per_batch]) * n, max_new_tokens)
         ids, logprobs = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
                                 policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator, n,
                                 progress=progress)
@@ -972,7 +974,7 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
     for step in range(max_new_tokens):
         sampled += len(live)
         if progress is not None and progress.due():
-            progress.show(len(out) - len(live), sampled)
+            progress.show(len(out) - len(live), sampled, step)
         tokens, logp, _ = pick_tokens(logits, temperature, top_p, generator)
         for row, token, token_logp in zip(live.tolist(), tokens.tolist(), logp.tolist()):
             out[row].append(token)
@@ -1148,7 +1150,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             window = range(start, min(start + 8, last))
             sampled += len(live) * len(window)
             if progress is not None and progress.due():
-                progress.show(rows - len(live) + int(finished.sum()), sampled)
+                progress.show(rows - len(live) + int(finished.sum()), sampled, start)
             saved = logits.clone(), finished.clone(), step.snapshot(), generator.get_state()
             checked = False  # each window unchecked first: the host waits for the device once, at its end
             while True:  # once; again, checked, when a nucleus reached past the candidates
@@ -2245,25 +2247,35 @@ class Progress:
         self.label, self.total, self.always = label, total, always
         self.tty = sys.stdout.isatty()
         self.every = 1.0 if self.tty else 10.0
-        self.start = self.last = self.batch_end = time.time()
+        self.start = self.last = self.batch_start = time.time()
         self.rows = self.tokens = 0  # of the batches done
-        self.shown = False
+        self.batch_rows, self.budget, self.shown = 0, 0, False
 
     def due(self):
         return time.time() - self.last >= self.every
 
-    def add(self, rows, tokens):
-        """A batch is done: its rows and tokens."""
-        self.rows, self.tokens, self.batch_end = self.rows + rows, self.tokens + tokens, time.time()
+    def batch(self, rows, budget):
+        """A batch of `rows` rows starts, each with `budget` new tokens at most."""
+        self.batch_start, self.batch_rows, self.budget = time.time(), rows, budget
 
-    def show(self, rows=0, tokens=0, closing=False):
-        """rows, tokens: those done so far in the batch being sampled. The time left is that of the rows left
-        at the pace of the batches done, less what the current batch has run (none before a batch is done)."""
+    def add(self, rows, tokens):
+        """The batch is done: its rows and tokens."""
+        self.rows, self.tokens, self.batch_rows = self.rows + rows, self.tokens + tokens, 0
+
+    def show(self, rows=0, tokens=0, position=0, closing=False):
+        """rows, tokens: done so far in the current batch; position: its decode steps so far. A batch decodes
+        until its longest row ends, at worst at its budget: its time left is that of the steps to the budget
+        at its pace so far; the rows after it take the time per row of the batches done (or of this one)."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
-        pace = (self.batch_end - self.start) / self.rows if self.rows else None  # seconds per row
-        left = (f"{max(0.0, (self.total - self.rows) * pace - (self.last - self.batch_end)):.0f}s left"
-                if pace is not None else "time left: ?")
+        ran, left = self.last - self.batch_start, "time left: ?"
+        per_row = (self.batch_start - self.start) / self.rows if self.rows else None
+        batch_left = ran / position * max(0, self.budget - position) if position else None
+        if per_row is None and batch_left is not None:
+            per_row = (ran + batch_left) / max(1, self.batch_rows)
+        if per_row is not None:
+            batch_left = max(0.0, per_row * self.batch_rows - ran) if batch_left is None else batch_left
+            left = f"{batch_left + (self.total - self.rows - self.batch_rows) * per_row:.0f}s left"
         line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
                 f"{elapsed:.0f}s, {'done' if closing else left}")
         end = "\n" if closing or not self.tty else ""
@@ -2400,10 +2412,14 @@ def run_finished(cfg):
     return False
 
 
+def local_folder(name):
+    """Whether a model name is a folder on this machine (else a hub id, or none): the one rule."""
+    return Path(name).expanduser().is_dir()
+
+
 def absolute(name):
     """A local folder's absolute path; a hub id (or none) as given."""
-    path = Path(name).expanduser()
-    return str(path.absolute()) if path.is_dir() else name
+    return str(Path(name).expanduser().absolute()) if local_folder(name) else name
 
 
 def model_paths(cfg):
@@ -2553,7 +2569,7 @@ def load_policy(m, path, device, cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
-    local = Path(path).expanduser().is_dir() or not hub_reachable()  # offline: from the cache, no retries
+    local = local_folder(path) or not hub_reachable()  # offline: from the cache, no retries
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local).to(device)
@@ -2571,7 +2587,7 @@ def load_policy(m, path, device, cfg):
     generator = torch.Generator(device=device)
     generator.manual_seed(stream_seed(cfg.seed, "sampler", m, dist_info()[0]))
     hint_draws = random.Random(stream_seed(cfg.seed, "hint dropout", m, dist_info()[0]))
-    name = Path(path).name if Path(path).is_dir() else path
+    name = Path(path).name if local_folder(path) else path
     return Policy(name, model, tokenizer, device, eos - {None}, pad,
                   getattr(model.config, "max_position_embeddings", 1 << 30), optimizer, generator, hint_draws)
 
@@ -2582,7 +2598,7 @@ def load_error(path, m, e):
     config = Path(path) / "config.json"
     if config.is_file() and '"model1":' in config.read_text(errors="replace"):  # a run's config.json
         return UsageError(f"'{path}' is a run folder, not a model; its adapters load with --adapters {path}")
-    if not Path(path).is_dir():
+    if not local_folder(path):
         return UsageError(f"cannot load model id '{path}' ({why}); offline? copy the model to a local folder "
                           f"and pass --model{m} /path/to/folder")
     parts = {"config.json": "config.json", "weights (*.safetensors)": "*.safetensors",
@@ -2598,7 +2614,7 @@ def check_models(cfg):
     from transformers.utils.hub import cached_file
     for m, name in enumerate(model_paths(cfg), 1):
         with contextlib.suppress(Exception):  # not a valid hub id, or not cached: the hub must answer
-            if Path(name).expanduser().is_dir() or cached_file(
+            if local_folder(name) or cached_file(
                     name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False):
                 continue
         if not hub_reachable():

@@ -832,22 +832,27 @@ def test_progress_shows_rows_tokens_and_time_left_while_sampling(tiny_models, ca
     assert lines[-1].startswith("  round A: 6/12 rows") and lines[-1].endswith(", done") and " tok/s | " in lines[-1]
 
 
-def test_progress_estimates_the_time_left_from_the_batches_done(monkeypatch, capsys):
-    """16 rows in 2 batches: no estimate before a batch is done; then the rows left at the pace of the batches done,
-    less what the current batch has run, so the estimate falls as time passes (it used to grow with it)."""
+def test_progress_estimates_the_time_left_from_the_decode_position(monkeypatch, capsys):
+    """A scripted slow sampler: 1 s per decode step, 2 batches of 4 rows with a budget of 10 tokens, rows ending at
+    steps 2, 3, 4 and 10. Every row of a batch runs until its longest ends, so the time left is the current batch's
+    steps to the budget at its pace, then the next batch at the time per row of the batches done (or of this one).
+    Counting rows instead said '3/8 rows, 1s left' at 5 s, with 15 s to go."""
     now = [0.0]
     monkeypatch.setattr(core.time, "time", lambda: now[0])
-    progress = core.Progress("evaluating", total=16)
-    for t, rows, done in ((10, 3, None), (80, 0, 8), (120, 2, None), (150, 6, None)):
-        now[0] = t
-        if done:
-            progress.add(done, 100)
-        else:
-            progress.show(rows)
+    progress = core.Progress("round A", total=8)
+    progress.every = 0
+    ends = [2, 3, 4, 10]
+    for _ in range(2):
+        progress.batch(4, 10)
+        for step in range(10):
+            progress.show(sum(end <= step for end in ends), 0, step)
+            now[0] += 1
+        progress.add(4, sum(ends))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith("10s, time left: ?")
-    assert lines[1].startswith("  evaluating: 10/16 rows") and lines[1].endswith("120s, 40s left")
-    assert lines[2].endswith("150s, 10s left")
+    left = [int(re.search(r"(\d+)s left", line).group(1)) if "s left" in line else None for line in lines]
+    assert left[0] is None and None not in left[1:]  # no pace before the first decode step
+    assert left[1:] == [20 - t for t in range(1, 20)]  # exact here: every batch ran to its budget
+    assert lines[5].startswith("  round A: 3/8 rows") and lines[5].endswith("5s, 15s left")
 
 
 def test_samples_of_a_prompt_share_one_prefill(tiny_models):

@@ -18,6 +18,9 @@ Benchmark core.py on random-weight models of the exact Qwen2.5-3B and Qwen3-4B s
   python bench/bench_core.py --tiny           # the same code on CPU with tiny shapes (the demo models' size)
   python bench/bench_core.py --models qwen2.5-3b --parts lora --layers 2 --lora-tokens 16   # a 3B-shaped
                                               # stack of 2 layers (the real vocabulary), on a CPU
+  python bench/bench_core.py --tiny --parts sampler --batches 24 --new-tokens 96   # the CPU's reference loop
+  python bench/bench_core.py --model runs/smollm2-135m-instruct --parts sampler --batches 24 --new-tokens 96
+                                              # against generate, on a tiny model and on a real one
 
 Prints a table and writes JSON (--out; default bench/out/bench_results.json, a folder git ignores: copy the
 figures worth keeping to bench/results/).
@@ -66,6 +69,18 @@ def build_model(shape, device, dtype):
                 std = 1.0 if p.shape[0] == shape["vocab_size"] else p.shape[1] ** -0.5
                 p.normal_(0, std * (4 if pname.endswith(("o_proj.weight", "down_proj.weight")) else 1))
     return model.eval()
+
+
+def load_model(folder, device, dtype):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def folder_shape(folder):
+    """The shape fields the benchmark reads, from a model folder's config.json."""
+    c = json.loads((Path(folder) / "config.json").read_text())
+    return {k: c.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads")} | {
+        "head_dim": c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"], "arch": c["model_type"]}
 
 
 def sync(device):
@@ -300,6 +315,8 @@ def main():
     parser.add_argument("--static", action="store_true", help="also generate with the static cache (minutes to compile)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of the fast sampler")
     parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="shapes to run")
+    parser.add_argument("--model", help="a local model folder instead of the random shapes (e.g. the SmolLM2-135M-"
+                                        "Instruct folder bench/cpu_recipe.py writes)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to run (the CORE step needs both models)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "bench_results.json"))
@@ -307,6 +324,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = TINY if args.tiny else SHAPES
+    if args.model:
+        shapes, args.models = {Path(args.model).name: folder_shape(args.model)}, [Path(args.model).name]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
           f"torch {torch.__version__}, shapes: {'tiny' if args.tiny else 'real'}")
     results = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny,
@@ -316,7 +335,7 @@ def main():
     for name in args.models:
         shape = shapes[name]
         shape = dict(shape, num_hidden_layers=args.layers or shape["num_hidden_layers"])
-        model = build_model(shape, device, dtype)
+        model = load_model(args.model, device, dtype) if args.model else build_model(shape, device, dtype)
         if "greedy" in args.parts:
             results["greedy"] += greedy_check(name, shape, model, args, device)
         policy = make_policy(name, model, device, tokenizer)  # adapters applied from here on, as in a run
