@@ -78,9 +78,8 @@ class TrainingError(Exception):
 # Config: one field per setting; its help is its comment and its --help line
 
 def arg(default, help, section=None, kind=None, **extra):
-    """A Config field: its default, its --help line, the --help section it opens, and its kind: "training"
-    (changes only what training computes: --eval-only refuses it) or "execution" (how a run executes, not what
-    it computes: --resume may change it); extra: argparse's (choices)."""
+    """A Config field: default, --help line, the --help section it opens, and kind: "training" (what training computes:
+    --eval-only refuses it) or "execution" (how a run executes: --resume may change it); extra: argparse's (choices)."""
     return field(default=default, metadata={"help": help, "section": section, "kind": kind, **extra})
 
 
@@ -226,9 +225,8 @@ class Policy:
 
 
 def core_step(policies, problems, cfg, weights):
-    """Rollouts, rewards and advantages of one step; weights are the step's reward weights (reward_weights).
-    Returns one group of traces per question (both models, both rounds) and each question's hint (None: no
-    hint)."""
+    """Rollouts, rewards and advantages of one step (weights: reward_weights) -> one group of traces per question (both
+    models, both rounds) and each question's hint (None: no hint)."""
     if not problems:  # every question of this rank's share was too long
         return [], []
     groups = round_a(policies, problems, cfg)
@@ -265,9 +263,8 @@ def mark_failed_cold(group):
 
 
 def teacher_hint(group, problem, cfg, weights):
-    """The hint of one question, before round B (the group holds round A only): the correct trace of highest
-    reward among round A's, answer stripped; None when none is correct or only the answer is left. Ties go
-    by a hash of the text, not to a model (the traces' own rewards are set after round B, over both rounds)."""
+    """The hint of one question, from round A alone: its highest-reward correct trace, answer stripped (ties: by a hash
+    of the text, not by model); None when none is correct or only the answer is left."""
     rewards, _ = score_group(group, problem.kind, cfg, weights)
     best = max((r for t, r in zip(group, rewards) if t.correct), default=None)
     if best is None:
@@ -314,9 +311,8 @@ def advantage_groups(group, cfg):
 # Rewards: pure functions of one question's traces
 
 def score_group(traces, kind, cfg, weights):
-    """R(tau) = w1*c + w_div*diversity + lambda_cm*complementarity + rescue + format of one question's traces
-    (weights: the step's reward_weights) -> (rewards [n], terms [n]: each a dict of the terms, the diversity
-    terms unweighted)."""
+    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (weights: reward_weights) ->
+    (rewards [n], terms [n]: a dict each, the diversity terms unweighted)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
     correct = [t.correct for t in traces]
     models = [t.model for t in traces]
@@ -402,10 +398,9 @@ def group_advantages(rewards, scale="std"):
 # The update: token log-probabilities, the loss, one AdamW step per model
 
 def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
-    """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of the k3 estimate
-    KL_t = exp(r) - r - 1, r = log pi_ref - log pi (ref_logp None: no KL term, KL 0); rho_t = 1 except for
-    --round-b-context cold. One update per batch: the PPO ratio is 1, so -A log pi has the clipped surrogate's
-    gradient. logp, ref_logp, mask, rho: [b, L] (L log-prob positions); advantages, weights: [b] -> 2 scalars."""
+    """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of k3's KL_t = exp(r) - r - 1,
+    r = log pi_ref - log pi (ref_logp None: no KL term; rho None: 1). One update per batch, so PPO's ratio is 1. logp,
+    ref_logp, mask, rho: [b, L]; advantages, weights: [b] -> (loss sum, KL sum)."""
     pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
     if ref_logp is None:
         return (weights[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
@@ -416,20 +411,17 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
 
 
 def rollout_mismatch(rollout_logp, update_logp, mask):
-    """The rollout-update mismatch: the numerical gap between the sampler's log-probability of each sampled
-    token (KV cache, one token at a time, its kernels) and the update's (the full sequence at once), same
-    tokens, same temperature. Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update -
-    log pi_rollout (fp64: r is often ~1e-7); the tokens come from the top-p cut, so the second is k3's form,
-    not an unbiased KL. All args [b, L] -> two scalars."""
+    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64): the gap
+    between the sampler's and the update's log-probability of each sampled token, same temperature. The tokens come from
+    the top-p cut, so the second is k3's form, not an unbiased KL. All args [b, L] -> two scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
 
 def token_logprobs(model, input_ids, chunk, temperature=None):
-    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature, also (no
-    gradient) the entropy of pi(. | x_<=t) and log softmax(logits / temperature) of each target, else None.
-    No attention mask: rows are right-padded, so the causal mask alone is exact. The lm_head and log-softmax
-    run `chunk` positions at a time, checkpointed: [b, T, V] never exists."""
+    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature also (no gradient)
+    the entropy and log softmax(logits / temperature) of each target, else None. Rows must be right-padded (no attention
+    mask); the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V] never exists."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
@@ -540,9 +532,8 @@ def micro_batch(traces, prompts, policy, cfg):
 
 
 def rollout_logprobs(traces, mask):
-    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the
-    mask of the tokens it is known for [b, T-1]: those of traces that carry them and are trained on the prompt
-    they were sampled from (not a hinted trace trained on its cold prompt, --round-b-context cold)."""
+    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the mask [b, T-1]
+    of those known: traces that carry them, trained on the prompt they were sampled from."""
     logp, measured = torch.zeros_like(mask), torch.zeros_like(mask)
     for row, t in enumerate(traces):
         if t.rollout_logprobs is not None and t.cold_prompt_ids is None:
@@ -553,10 +544,9 @@ def rollout_logprobs(traces, mask):
 
 
 def importance_weights(traces, logp, policy, cfg):
-    """rho_t = min(1, pi(y_t | cold prompt, y_<t) / pi(y_t | hinted prompt, y_<t)), without gradient, of each
-    token of a hinted trace trained on its cold prompt (1 for the others): the sampling policy saw the hint,
-    the trained one does not (Guide-GRPO's correction, truncated at 1 as in V-trace). logp: [b, T-1]. None
-    when no trace is (cold prompts exist under that option only)."""
+    """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a hinted trace
+    trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the others. logp: [b, T-1] ->
+    [b, T-1], or None when no trace is trained on a cold prompt."""
     if not any(t.cold_prompt_ids for t in traces):
         return None
     with torch.no_grad():
@@ -596,10 +586,9 @@ class Run:
 
 
 def train(cfg, policies, train_set, test_set, out):
-    """The training loop. Each step: its questions, the CORE step (rollouts, rewards, advantages), one update
-    per model, the log; then an evaluation, a checkpoint or a stop when due. Returns (exit code, whether all
-    cfg.steps are done). Ctrl-C and SIGTERM finish the step and save a checkpoint (StopRequest); out of
-    memory saves what is safe to save and says how to resume (out_of_memory)."""
+    """The training loop: per step its questions, core_step, one update per model, the log, then end_of_step. Returns
+    (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a checkpoint (StopRequest);
+    out of memory raises a TrainingError (out_of_memory)."""
     rank, world = dist_info()
     run = start_or_resume(Run(cfg, policies, test_set, out))
     run.stop, step, stats = StopRequest(), run.start, []
@@ -662,10 +651,9 @@ def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
 
 
 def out_of_memory(run, step, stats):
-    """The error for CUDA out of memory in `step`, saying how to resume with smaller batches. When no model
-    had updated in it (`stats` empty), its adapters and optimizers are still those after step - 1: they are
-    saved first (its random streams have moved on). Under torchrun only this rank failed: no collective save,
-    the last checkpoint holds."""
+    """The TrainingError for CUDA out of memory in `step`, saying how to resume with smaller batches. In a single
+    process, when no model had updated in it (`stats` empty) and it is not this invocation's first step, the state at
+    its start is saved first."""
     if not stats and step > run.start and dist_info()[1] == 1:
         save_checkpoint(run, step)
     halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
@@ -674,8 +662,7 @@ def out_of_memory(run, step, stats):
 
 
 def start_or_resume(run):
-    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first
-    evaluation."""
+    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first evaluation."""
     rank, cfg, out = dist_info()[0], run.cfg, run.out
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
@@ -723,9 +710,8 @@ def end_of_step(run, done):
 
 
 class StopRequest:
-    """From its creation until release(): SIGINT (Ctrl-C) or SIGTERM (sent by timeout, SLURM, Kubernetes)
-    sets a flag; the training loop finishes its step, checkpoints and exits 130. A second signal aborts at
-    once."""
+    """Until release(), SIGINT (Ctrl-C) or SIGTERM sets `requested`: the loop finishes its step, checkpoints and exits
+    130. A second signal raises KeyboardInterrupt at once."""
 
     def __init__(self):
         self.requested = False
@@ -747,10 +733,9 @@ class StopRequest:
 # LoRA, by hand: the trainable policy pi_theta; with the adapters off, the reference policy pi_ref
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x around a frozen nn.Linear. A is random and B zero, so training starts at
-    the base model. A and B stay in fp32 (the master copy) and are cast to the input's dtype. Rollouts and the
-    update both run this forward: the sampler draws from the policy being trained, never from a merged,
-    rounded copy of it (in bf16, W + B A would round away every change under half a bf16 step of W)."""
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear; B starts at zero, so training starts at the base model.
+    A and B stay fp32, cast to the input's dtype. Rollouts and the update both run this forward: the sampler draws from
+    the trained policy itself, never from a merged bf16 copy that would round small changes away."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -869,9 +854,8 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format. Built
-    and tokenised once per tokenizer, question and hint (the length checks, both rounds and the evaluations
-    ask again); a new list each call."""
+    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format. Tokenised once
+    per tokenizer, question and hint (cached); a new list each call."""
     return list(prompt_ids(tokenizer, question, kind, hint))
 
 
@@ -940,9 +924,8 @@ def cold_prompt(policy, problem, hint, cfg):
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
-    """n completions per prompt, about cfg.gen_batch rows at a time, from `generator` (default: the policy's
-    training stream), with the adapters applied as in the update. Returns (ids, text, log-probs) per row,
-    prompt-major: each token's log-probability as the sampler drew it (pick_tokens)."""
+    """n completions per prompt, about cfg.gen_batch rows at a time, from `generator` (default: the policy's training
+    stream) -> (ids, text, log-probs as drawn: pick_tokens) per row, prompt-major."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     sampler = pick_sampler(policy, prompts, cfg)
@@ -962,10 +945,9 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
            progress=None):
-    """KV-cached batched sampling: prompts (token-id lists) each sampled n times -> the exact sampled ids of
-    every row, prompt-major, EOS included, and each token's log-probability under softmax(logits / T)
-    (pick_tokens). After the shared prefill, one token per step for every live row; a row stops at an EOS id
-    or its budget and leaves the batch and the cache."""
+    """KV-cached batched sampling: each prompt (token ids) sampled n times -> per row, prompt-major, the sampled ids
+    (EOS included) and each token's log-probability under softmax(logits / T) (pick_tokens). A row stops at an EOS id or
+    its budget and leaves the batch and the cache."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
@@ -1021,12 +1003,9 @@ def left_pad(prompts, pad_id, device):
 
 
 def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at temperature 0, else temperature + top-p, the
-    nucleus sought among the `candidates` likeliest tokens. Returns the tokens [b], their log-probability
-    under softmax(logits / T) before the top-p cut (T = 0: T = 1) [b], and whether each row's nucleus reached
-    past the candidates [b] (its token then did not come from the exact top-p distribution). checked: such
-    rows are looked for at once (the host waits for the device) and every row draws from the whole vocabulary
-    sorted instead, so every token is exact; unchecked, the caller looks (sample_fast, once per window)."""
+    """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the `candidates`
+    likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut (T = 0: 1) [b], and rows
+    whose nucleus reached past the candidates [b] (checked: all rows then draw from the whole sorted vocabulary)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1072,10 +1051,9 @@ def fast_decoding(model, cfg):
 
 
 def pick_sampler(policy, prompts, cfg):
-    """sample_fast where it can run, else sample. On first use for a model the fast path checks itself: a few
-    rows decoded greedily by both samplers must agree, and the fast path must not fail; else the run warns
-    once, naming the cause, and keeps the reference loop for this model (out of memory and CUDA errors
-    propagate: fatal_cuda_error)."""
+    """sample_fast where it can run, else sample. On first use for a model a few greedy rows must agree between the two;
+    if they differ or the fast one fails, it warns once and keeps the reference loop for this model (out of memory and
+    CUDA errors propagate: fatal_cuda_error)."""
     if not fast_decoding(policy.model, cfg):
         return sample
     if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
@@ -1116,13 +1094,9 @@ def first_line(error, width=200):
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None,
                 n=1, segment=256, cuda_graph=None, progress=None):
-    """sample() for the GPU: the same prefill, then a StaticCache and each decode step replayed as a CUDA
-    graph (cuda_graph=None: on CUDA). The host reads from the device only after each window of up to 8 steps
-    (have all rows finished? did a nucleus reach past pick_tokens' candidates? then the window is decoded
-    again from the same random state, checked at every step: the exact top-p distribution) and at each
-    `segment` boundary, where finished rows leave (they decode on until then, tokens discarded) and the cache
-    is rebuilt with room for one more segment. Greedy tokens equal sample()'s, sampled ones too while no row
-    has finished."""
+    """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph (cuda_graph=None: on
+    CUDA). The host reads the device once per window of up to 8 steps (redone, checked, if a nucleus overflowed:
+    pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal sample()'s."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
@@ -1190,8 +1164,7 @@ def static_cache(model, source, rows, filled, length):
 
 def fatal_cuda_error(error):
     """Whether an error must reach the run rather than turn a fast path off: out of memory, or a CUDA error
-    other than a graph capture's refusal (torch raises both kinds of CUDA error as AcceleratorError; a
-    refusal, cudaErrorStreamCapture*, names the capture)."""
+    (AcceleratorError) other than a graph capture's refusal (whose message names the capture)."""
     cuda_error = isinstance(error, getattr(torch, "AcceleratorError", ()))
     return isinstance(error, torch.OutOfMemoryError) or cuda_error and "captur" not in str(error).lower()
 
@@ -1230,9 +1203,8 @@ class DecodeStep:
             return self.logits
 
     def capture(self):
-        """This step, run on the device's capture stream (the warm-up a capture needs), then recorded as a
-        CUDA graph in the device's graph memory pool. A refused capture warns and turns graphs off for this
-        model only; out of memory and other CUDA errors propagate (fatal_cuda_error)."""
+        """This step run once on the device's capture stream (the warm-up), then recorded as a CUDA graph in its pool. A
+        refused capture warns and turns graphs off for this model only; the errors fatal_cuda_error names propagate."""
         stream, pool = capture_stream_and_pool(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -1278,9 +1250,8 @@ def record_graph(fn, pool):
 
 @functools.cache
 def capture_stream_and_pool(device):
-    """The stream that records the decode steps on `device` and the memory pool their graphs share, one each
-    per device for the whole run: a segment's capture reuses the memory of the one before (entering
-    torch.cuda.graph would wait for the device and empty the allocator's cache each time)."""
+    """The stream that records `device`'s decode steps and the memory pool their graphs share, one each per device for
+    the run (entering torch.cuda.graph each time would wait for the device and empty the allocator's cache)."""
     with torch.cuda.device(device):
         return torch.cuda.Stream(), torch.cuda.MemPool()
 
@@ -1750,9 +1721,8 @@ def pass_at(n, c, j):
 
 
 def majority_correct(samples):
-    """How often the majority answer of `samples` is correct: 1 or 0, and for a tie the fraction of the tied
-    answers that are correct (a random tie-break's expected accuracy: no sample's order or model is favoured).
-    Samples without an answer do not vote; no vote is wrong."""
+    """1 if the majority answer of `samples` is correct, else 0; a tie scores the fraction of the tied answers that are
+    correct. Samples without an answer do not vote; no vote scores 0."""
     answers = [s["answer"] for s in samples if s["answer"] is not None]
     counts = {a: answers.count(a) for a in answers}
     tied = [a for a, c in counts.items() if c == max(counts.values())]
@@ -1965,9 +1935,8 @@ def checkpoint_state(folder):
 
 
 def saved_config(path):
-    """The Config of a checkpoint folder (its state.json) or in a run's config.json. Older runs' settings:
-    --eager-decode is the reference loop; --compile-decode and --decoder compiled, removed, are graphs;
-    --export is now tools/export.py."""
+    """The Config of a checkpoint folder (its state.json) or of a run's config.json, older runs' removed or renamed
+    settings mapped to today's."""
     saved = checkpoint_state(path)["config"] if Path(path).is_dir() else json.loads(Path(path).read_text())
     saved.pop("export", None)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
@@ -1985,9 +1954,8 @@ def keep_logged_steps(out, step):
 
 
 def resume_config(cfg, given):
-    """The saved config of the run being resumed (its newest checkpoint's, or its config.json when it stopped
-    before its first checkpoint), with the RESUME_OVERRIDES flags among those given (`given`: their names)
-    replaced; any other given flag that differs is refused."""
+    """The resumed run's saved config (its newest checkpoint's, else its config.json), with the RESUME_OVERRIDES flags
+    among `given` (the flags set) applied; any other given flag that differs is a UsageError."""
     found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
     if not found and not config_file.is_file():
         raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
@@ -2006,9 +1974,8 @@ def resume_config(cfg, given):
 
 
 def adapters_config(cfg, given=frozenset()):
-    """--adapters: the models it was trained on, unless --model1/--model2 are given (`given`: the flags set; a
-    given model of another name than the trained one is warned about, model 1 and model 2 swapped too), and
-    the checkpoint's own LoRA rank, alpha and targets."""
+    """--adapters: the models it was trained on unless --model1/--model2 are given (`given`: the flags set; another
+    model name warns), and the checkpoint's own LoRA rank, alpha and targets."""
     saved = saved_config(find_checkpoint(cfg.adapters))
     trained = {f"model{m}": getattr(saved, f"model{m}") for m in (1, 2) if f"model{m}" not in given}
     cfg = replace(cfg, **trained)
@@ -2169,9 +2136,8 @@ def sampler_note(row):
 
 
 def watch_for_nothing_to_learn(row, counters, cfg, every=5):
-    """Warn when every sample of a step hit the token budget, or every advantage group had equal rewards
-    (all right or all wrong): no advantage is nonzero and the update learns nothing from the step's rewards.
-    Said at the first such step and again every `every` steps while it goes on."""
+    """Warn when every sample of a step hit the token budget or every advantage group had equal rewards (no advantage is
+    nonzero): at the first such step, then every `every` steps while it goes on."""
     truncated, constant = row["truncated"] == 1, row["constant_groups"] == row["advantage_groups"]
     streak = counters["nothing_to_learn"] = counters["nothing_to_learn"] + 1 if truncated or constant else 0
     if streak == 0 or (streak - 1) % every:
@@ -2189,10 +2155,9 @@ def watch_for_nothing_to_learn(row, counters, cfg, every=5):
 
 
 def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
-    """Warn when, for `patience` steps in a row, a model's cold (round-A) traces had a mean advantage of
-    `push` or less while its KL to the base or its entropy rose over those steps: its updates push it away
-    from its own cold behaviour (README: the weaker partner). Round B is not read: rescued and lucky traces
-    there are positive even while the cold ones are pushed down. Traces at zero advantage push nothing."""
+    """Warn when for `patience` steps in a row a model's round-A traces had a mean advantage <= `push` while its KL to
+    the base or its entropy rose: its updates push it away from its own cold behaviour (README: the weaker partner).
+    Round B is not read: rescued traces there stay positive while the cold ones are pushed down."""
     flags = (("--adv-group model", cfg.adv_group == "model" or cfg.single),  # --single: per model already
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
@@ -2214,8 +2179,7 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
 
 
 def show_group(problem, group, hint, names):
-    """Print one question's rounds, teacher hint and rewards (the protocol, visible), each text as the model
-    wrote it, on one line."""
+    """Print one question's rounds, teacher hint and rewards, each text on one line."""
     print(f"  Q: {one_line(problem.question, 100)}  gold {problem.gold}")
     for rnd in ("A", "B"):
         if rnd == "B" and hint:
@@ -2263,9 +2227,8 @@ class Progress:
         self.rows, self.tokens, self.batch_rows = self.rows + rows, self.tokens + tokens, 0
 
     def show(self, rows=0, tokens=0, position=0, closing=False):
-        """rows, tokens: done so far in the current batch; position: its decode steps so far. A batch decodes
-        until its longest row ends, at worst at its budget: its time left is that of the steps to the budget
-        at its pace so far; the rows after it take the time per row of the batches done (or of this one)."""
+        """rows, tokens: done so far in the current batch; position: its decode steps so far. Time left: the batch's
+        steps to its budget at its pace so far, then the remaining rows at the time per row so far."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
         ran, left = self.last - self.batch_start, "time left: ?"
@@ -2349,8 +2312,7 @@ def main(argv=None):
 
 
 def run_job(cfg, given=frozenset()):
-    """The whole job for one config; `given` names the flags set on the command line (they win on --resume
-    and --demo)."""
+    """The whole job for one config; `given`: the flags set on the command line (they win on --resume and --demo)."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
         if run_finished(cfg):
@@ -2768,9 +2730,8 @@ def tiny_model(arch, tokenizer, seed, hidden=64, layers=2):
 
 
 def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=32, max_steps=600):
-    """Supervised training on worked solutions (half the prompts hinted) until the sampled accuracy (T = 0.7,
-    4 samples of each of the 25 questions) reaches `target`: every seed starts from about the same skill,
-    right often enough for teachers and rescues, wrong often enough to learn. Returns (steps, accuracy)."""
+    """Supervised training on worked solutions (half the prompts hinted) until the sampled accuracy (T = 0.7, 4 samples
+    of each of the 25 questions) reaches `target`. Returns (steps, accuracy)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     checks = [Problem("", f"What is {a} + {b} ?", str(a + b), "number") for a in range(5) for b in range(5)]
