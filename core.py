@@ -78,8 +78,9 @@ class TrainingError(Exception):
 # Config: one field per setting; its help is its comment and its --help line
 
 def arg(default, help, section=None, kind=None, **extra):
-    """A Config field: default, --help line, the --help section it opens, and kind: "training" (what training computes:
-    --eval-only refuses it) or "execution" (how a run executes: --resume may change it); extra: argparse's (choices)."""
+    """A Config field: default, --help line, the --help section it opens, and kind: "training" (what training
+    computes: --eval-only refuses it) or "execution" (how a run executes: --resume may change it); extra:
+    argparse's (choices)."""
     return field(default=default, metadata={"help": help, "section": section, "kind": kind, **extra})
 
 
@@ -220,13 +221,13 @@ class Policy:
     context: int                          # max positions of the model
     optimizer: object = None              # AdamW over the LoRA parameters only
     generator: torch.Generator = None     # sampling randomness
-    hint_draws: random.Random = None      # round B's hint dropout (its own stream: the models are interchangeable)
+    hint_draws: random.Random = None      # round B's hint dropout: its own stream, as the sampler's
     fast_agrees: bool = None              # the GPU sampler agreed with the reference loop (None: unchecked)
 
 
 def core_step(policies, problems, cfg, weights):
-    """Rollouts, rewards and advantages of one step (weights: reward_weights) -> one group of traces per question (both
-    models, both rounds) and each question's hint (None: no hint)."""
+    """Rollouts, rewards and advantages of one step (weights: reward_weights) -> one group of traces per
+    question (both models, both rounds) and each question's hint (None: no hint)."""
     if not problems:  # every question of this rank's share was too long
         return [], []
     groups = round_a(policies, problems, cfg)
@@ -263,8 +264,8 @@ def mark_failed_cold(group):
 
 
 def teacher_hint(group, problem, cfg, weights):
-    """The hint of one question, from round A alone: its highest-reward correct trace, answer stripped (ties: by a hash
-    of the text, not by model); None when none is correct or only the answer is left."""
+    """The hint of one question, from round A alone: its highest-reward correct trace, answer stripped (ties:
+    by a hash of the text, not by model); None when none is correct or only the answer is left."""
     rewards, _ = score_group(group, problem.kind, cfg, weights)
     best = max((r for t, r in zip(group, rewards) if t.correct), default=None)
     if best is None:
@@ -311,8 +312,8 @@ def advantage_groups(group, cfg):
 # Rewards: pure functions of one question's traces
 
 def score_group(traces, kind, cfg, weights):
-    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (weights: reward_weights) ->
-    (rewards [n], terms [n]: a dict each, the diversity terms unweighted)."""
+    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (weights:
+    reward_weights) -> (rewards [n], terms [n]: a dict each, the diversity terms unweighted)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
     correct = [t.correct for t in traces]
     models = [t.model for t in traces]
@@ -398,9 +399,9 @@ def group_advantages(rewards, scale="std"):
 # The update: token log-probabilities, the loss, one AdamW step per model
 
 def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
-    """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of k3's KL_t = exp(r) - r - 1,
-    r = log pi_ref - log pi (ref_logp None: no KL term; rho None: 1). One update per batch, so PPO's ratio is 1. logp,
-    ref_logp, mask, rho: [b, L]; advantages, weights: [b] -> (loss sum, KL sum)."""
+    """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of k3's KL_t = exp(r)
+    - r - 1, r = log pi_ref - log pi (ref_logp None: no KL term; rho None: 1). One update per batch, so PPO's
+    ratio is 1. logp, ref_logp, mask, rho: [b, L]; advantages, weights: [b] -> (loss sum, KL sum)."""
     pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
     if ref_logp is None:
         return (weights[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
@@ -411,17 +412,19 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
 
 
 def rollout_mismatch(rollout_logp, update_logp, mask):
-    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64): the gap
-    between the sampler's and the update's log-probability of each sampled token, same temperature. The tokens come from
-    the top-p cut, so the second is k3's form, not an unbiased KL. All args [b, L] -> two scalars."""
+    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64):
+    the gap between the sampler's and the update's log-probability of each sampled token, same temperature.
+    The tokens come from the top-p cut, so the second is k3's form, not an unbiased KL. All args [b, L] -> two
+    scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
 
 def token_logprobs(model, input_ids, chunk, temperature=None):
-    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature also (no gradient)
-    the entropy and log softmax(logits / temperature) of each target, else None. Rows must be right-padded (no attention
-    mask); the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V] never exists."""
+    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature also (no
+    gradient) the entropy and log softmax(logits / temperature) of each target, else None. Rows must be
+    right-padded (no attention mask); the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V]
+    never exists."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
@@ -468,7 +471,8 @@ def update_policy(policy, traces, cfg, lr):
         (loss / total_tokens).backward()
         rollout_logp, measured = rollout_logprobs(mb, mask)  # the sampler's own log-probs, for the mismatch
         mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_at_t, measured)
-        sums += torch.stack((loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum()))
+        logged = (loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum())  # LOGGED
+        sums += torch.stack(logged)
     sums = dict(zip(LOGGED, all_reduce_sum(sums).tolist()))
     grad_norm, skipped = clip_and_step(policy, sums["loss"], cfg, lr)
     return update_stats(sums, total_tokens, grad_norm, skipped, cfg)
@@ -497,7 +501,8 @@ def update_stats(sums, total_tokens, grad_norm, skipped, cfg):
     """The update's logged numbers from its LOGGED sums over all ranks: per token, the mismatch per token it
     was measured on."""
     tokens, measured = total_tokens or 1.0, sums["measured"]
-    return {"loss": sums["loss"] / tokens, "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # not measured
+    return {"loss": sums["loss"] / tokens,
+            "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
             "entropy": sums["entropy"] / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
             "skipped": int(skipped),
             "mismatch": sums["mismatch"] / measured if measured else None,
@@ -532,8 +537,8 @@ def micro_batch(traces, prompts, policy, cfg):
 
 
 def rollout_logprobs(traces, mask):
-    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the mask [b, T-1]
-    of those known: traces that carry them, trained on the prompt they were sampled from."""
+    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the
+    mask [b, T-1] of those known: traces that carry them, trained on the prompt they were sampled from."""
     logp, measured = torch.zeros_like(mask), torch.zeros_like(mask)
     for row, t in enumerate(traces):
         if t.rollout_logprobs is not None and t.cold_prompt_ids is None:
@@ -544,9 +549,9 @@ def rollout_logprobs(traces, mask):
 
 
 def importance_weights(traces, logp, policy, cfg):
-    """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a hinted trace
-    trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the others. logp: [b, T-1] ->
-    [b, T-1], or None when no trace is trained on a cold prompt."""
+    """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a
+    hinted trace trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the
+    others. logp: [b, T-1] -> [b, T-1], or None when no trace is trained on a cold prompt."""
     if not any(t.cold_prompt_ids for t in traces):
         return None
     with torch.no_grad():
@@ -586,9 +591,9 @@ class Run:
 
 
 def train(cfg, policies, train_set, test_set, out):
-    """The training loop: per step its questions, core_step, one update per model, the log, then end_of_step. Returns
-    (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a checkpoint (StopRequest);
-    out of memory raises a TrainingError (out_of_memory)."""
+    """The training loop: per step its questions, core_step, one update per model, the log, then end_of_step.
+    Returns (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a
+    checkpoint (StopRequest); out of memory raises a TrainingError (out_of_memory)."""
     rank, world = dist_info()
     run = start_or_resume(Run(cfg, policies, test_set, out))
     run.stop, step, stats = StopRequest(), run.start, []
@@ -630,7 +635,8 @@ def count_nonfinite(run, stats, step):
 
 def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
     """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems (those too
-    long for a model) and sampled tokens (kept across resumes); None when no rank had a question that fitted."""
+    long for a model) and sampled tokens (kept across resumes); None when no rank had a question that
+    fitted."""
     counters = run.counters
     shards = all_gather((groups, skipped, rollout_s))
     all_groups = [g for shard, _, _ in shards for g in shard]
@@ -651,9 +657,9 @@ def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
 
 
 def out_of_memory(run, step, stats):
-    """The TrainingError for CUDA out of memory in `step`, saying how to resume with smaller batches. In a single
-    process, when no model had updated in it (`stats` empty) and it is not this invocation's first step, the state at
-    its start is saved first."""
+    """The TrainingError for CUDA out of memory in `step`, saying how to resume with smaller batches. In a
+    single process, when no model had updated in it (`stats` empty) and it is not this invocation's first
+    step, the state at its start is saved first."""
     if not stats and step > run.start and dist_info()[1] == 1:
         save_checkpoint(run, step)
     halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
@@ -662,7 +668,8 @@ def out_of_memory(run, step, stats):
 
 
 def start_or_resume(run):
-    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first evaluation."""
+    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first
+    evaluation."""
     rank, cfg, out = dist_info()[0], run.cfg, run.out
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
@@ -689,20 +696,21 @@ def new_counters():
 
 def end_of_step(run, done):
     """After step `done`: the evaluation curve, checkpoints, and an exit code to stop with (None: go on)."""
-    cfg, out, stop = run.cfg, run.out, run.stop
+    cfg, out, stop, policies = run.cfg, run.out, run.stop, run.policies
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
-        run_evaluation(run.policies, run.test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
-    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=run.policies[0].device)).item() > 0
+        run_evaluation(policies, run.test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
+    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
     if max(run.counters["nonfinite_in_a_row"]) >= 3:
         save_checkpoint(run, done)
         raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
                             f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
-    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or done - run.start == cfg.stop_after:
+    stop_after = done - run.start == cfg.stop_after
+    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or stop_after:
         save_checkpoint(run, done)
     if stop.requested:
         print(f"stopped after step {done}; continue with: python core.py --resume {out}")
         return 130
-    if done - run.start == cfg.stop_after and done < cfg.steps:
+    if stop_after and done < cfg.steps:
         print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: "
               f"python core.py --resume {out}")
         return 0
@@ -710,8 +718,8 @@ def end_of_step(run, done):
 
 
 class StopRequest:
-    """Until release(), SIGINT (Ctrl-C) or SIGTERM sets `requested`: the loop finishes its step, checkpoints and exits
-    130. A second signal raises KeyboardInterrupt at once."""
+    """Until release(), SIGINT (Ctrl-C) or SIGTERM sets `requested`: the loop finishes its step, checkpoints
+    and exits 130. A second signal raises KeyboardInterrupt at once."""
 
     def __init__(self):
         self.requested = False
@@ -733,9 +741,10 @@ class StopRequest:
 # LoRA, by hand: the trainable policy pi_theta; with the adapters off, the reference policy pi_ref
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x around a frozen nn.Linear; B starts at zero, so training starts at the base model.
-    A and B stay fp32, cast to the input's dtype. Rollouts and the update both run this forward: the sampler draws from
-    the trained policy itself, never from a merged bf16 copy that would round small changes away."""
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear; B starts at zero, so training starts at the
+    base model. A and B stay fp32, cast to the input's dtype. Rollouts and the update both run this forward:
+    the sampler draws from the trained policy itself, never from a merged bf16 copy that would round small
+    changes away."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -854,8 +863,8 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format. Tokenised once
-    per tokenizer, question and hint (cached); a new list each call."""
+    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format.
+    Tokenised once per tokenizer, question and hint (cached); a new list each call."""
     return list(prompt_ids(tokenizer, question, kind, hint))
 
 
@@ -924,15 +933,15 @@ def cold_prompt(policy, problem, hint, cfg):
 
 
 def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress=None):
-    """n completions per prompt, about cfg.gen_batch rows at a time, from `generator` (default: the policy's training
-    stream) -> (ids, text, log-probs as drawn: pick_tokens) per row, prompt-major."""
+    """n completions per prompt, about cfg.gen_batch rows at a time, from `generator` (default: the policy's
+    training stream) -> (ids, text, log-probs as drawn: pick_tokens) per row, prompt-major."""
     results = []
     per_batch = max(1, cfg.gen_batch // n)
     sampler = pick_sampler(policy, prompts, cfg)
-    for i in range(0, len(prompts), per_batch):
+    for batch in (prompts[i:i + per_batch] for i in range(0, len(prompts), per_batch)):
         if progress is not None:
-            progress.batch(len(prompts[i:i + per_batch]) * n, max_new_tokens)
-        ids, logprobs = sampler(policy.model, prompts[i:i + per_batch], max_new_tokens, policy.eos_ids,
+            progress.batch(len(batch) * n, max_new_tokens)
+        ids, logprobs = sampler(policy.model, batch, max_new_tokens, policy.eos_ids,
                                 policy.pad_id, cfg.temperature, cfg.top_p, generator or policy.generator, n,
                                 progress=progress)
         results += [(row, policy.tokenizer.decode(row, skip_special_tokens=True), logp)
@@ -945,9 +954,9 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
            progress=None):
-    """KV-cached batched sampling: each prompt (token ids) sampled n times -> per row, prompt-major, the sampled ids
-    (EOS included) and each token's log-probability under softmax(logits / T) (pick_tokens). A row stops at an EOS id or
-    its budget and leaves the batch and the cache."""
+    """KV-cached batched sampling: each prompt (token ids) sampled n times -> per row, prompt-major, the
+    sampled ids (EOS included) and each token's log-probability under softmax(logits / T) (pick_tokens). A row
+    stops at an EOS id or its budget and leaves the batch and the cache."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
@@ -1003,9 +1012,10 @@ def left_pad(prompts, pad_id, device):
 
 
 def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the `candidates`
-    likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut (T = 0: 1) [b], and rows
-    whose nucleus reached past the candidates [b] (checked: all rows then draw from the whole sorted vocabulary)."""
+    """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the
+    `candidates` likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut (T =
+    0: 1) [b], and rows whose nucleus reached past the candidates [b] (checked: all rows then draw from the
+    whole sorted vocabulary)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1051,9 +1061,9 @@ def fast_decoding(model, cfg):
 
 
 def pick_sampler(policy, prompts, cfg):
-    """sample_fast where it can run, else sample. On first use for a model a few greedy rows must agree between the two;
-    if they differ or the fast one fails, it warns once and keeps the reference loop for this model (out of memory and
-    CUDA errors propagate: fatal_cuda_error)."""
+    """sample_fast where it can run, else sample. On first use for a model a few greedy rows must agree
+    between the two; if they differ or the fast one fails, it warns once and keeps the reference loop for this
+    model (out of memory and CUDA errors propagate: fatal_cuda_error)."""
     if not fast_decoding(policy.model, cfg):
         return sample
     if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
@@ -1094,9 +1104,10 @@ def first_line(error, width=200):
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None,
                 n=1, segment=256, cuda_graph=None, progress=None):
-    """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph (cuda_graph=None: on
-    CUDA). The host reads the device once per window of up to 8 steps (redone, checked, if a nucleus overflowed:
-    pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal sample()'s."""
+    """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph
+    (cuda_graph=None: on CUDA). The host reads the device once per window of up to 8 steps (redone, checked,
+    if a nucleus overflowed: pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal
+    sample()'s."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
@@ -1203,8 +1214,9 @@ class DecodeStep:
             return self.logits
 
     def capture(self):
-        """This step run once on the device's capture stream (the warm-up), then recorded as a CUDA graph in its pool. A
-        refused capture warns and turns graphs off for this model only; the errors fatal_cuda_error names propagate."""
+        """This step run once on the device's capture stream (the warm-up), then recorded as a CUDA graph in
+        its pool. A refused capture warns and turns graphs off for this model only; the errors
+        fatal_cuda_error names propagate."""
         stream, pool = capture_stream_and_pool(self.tokens.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -1250,8 +1262,9 @@ def record_graph(fn, pool):
 
 @functools.cache
 def capture_stream_and_pool(device):
-    """The stream that records `device`'s decode steps and the memory pool their graphs share, one each per device for
-    the run (entering torch.cuda.graph each time would wait for the device and empty the allocator's cache)."""
+    """The stream that records `device`'s decode steps and the memory pool their graphs share, one each per
+    device for the run (entering torch.cuda.graph each time would wait for the device and empty the
+    allocator's cache)."""
     with torch.cuda.device(device):
         return torch.cuda.Stream(), torch.cuda.MemPool()
 
@@ -1721,8 +1734,8 @@ def pass_at(n, c, j):
 
 
 def majority_correct(samples):
-    """1 if the majority answer of `samples` is correct, else 0; a tie scores the fraction of the tied answers that are
-    correct. Samples without an answer do not vote; no vote scores 0."""
+    """1 if the majority answer of `samples` is correct, else 0; a tie scores the fraction of the tied answers
+    that are correct. Samples without an answer do not vote; no vote scores 0."""
     answers = [s["answer"] for s in samples if s["answer"] is not None]
     counts = {a: answers.count(a) for a in answers}
     tied = [a for a, c in counts.items() if c == max(counts.values())]
@@ -1935,8 +1948,8 @@ def checkpoint_state(folder):
 
 
 def saved_config(path):
-    """The Config of a checkpoint folder (its state.json) or of a run's config.json, older runs' removed or renamed
-    settings mapped to today's."""
+    """The Config of a checkpoint folder (its state.json) or of a run's config.json, older runs' removed or
+    renamed settings mapped to today's."""
     saved = checkpoint_state(path)["config"] if Path(path).is_dir() else json.loads(Path(path).read_text())
     saved.pop("export", None)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
@@ -1954,8 +1967,9 @@ def keep_logged_steps(out, step):
 
 
 def resume_config(cfg, given):
-    """The resumed run's saved config (its newest checkpoint's, else its config.json), with the RESUME_OVERRIDES flags
-    among `given` (the flags set) applied; any other given flag that differs is a UsageError."""
+    """The resumed run's saved config (its newest checkpoint's, else its config.json), with the
+    RESUME_OVERRIDES flags among `given` (the flags set) applied; any other given flag that differs is a
+    UsageError."""
     found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
     if not found and not config_file.is_file():
         raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
@@ -1974,8 +1988,8 @@ def resume_config(cfg, given):
 
 
 def adapters_config(cfg, given=frozenset()):
-    """--adapters: the models it was trained on unless --model1/--model2 are given (`given`: the flags set; another
-    model name warns), and the checkpoint's own LoRA rank, alpha and targets."""
+    """--adapters: the models it was trained on unless --model1/--model2 are given (`given`: the flags set;
+    another model name warns), and the checkpoint's own LoRA rank, alpha and targets."""
     saved = saved_config(find_checkpoint(cfg.adapters))
     trained = {f"model{m}": getattr(saved, f"model{m}") for m in (1, 2) if f"model{m}" not in given}
     cfg = replace(cfg, **trained)
@@ -2136,8 +2150,8 @@ def sampler_note(row):
 
 
 def watch_for_nothing_to_learn(row, counters, cfg, every=5):
-    """Warn when every sample of a step hit the token budget or every advantage group had equal rewards (no advantage is
-    nonzero): at the first such step, then every `every` steps while it goes on."""
+    """Warn when every sample of a step hit the token budget or every advantage group had equal rewards (no
+    advantage is nonzero): at the first such step, then every `every` steps while it goes on."""
     truncated, constant = row["truncated"] == 1, row["constant_groups"] == row["advantage_groups"]
     streak = counters["nothing_to_learn"] = counters["nothing_to_learn"] + 1 if truncated or constant else 0
     if streak == 0 or (streak - 1) % every:
@@ -2155,9 +2169,10 @@ def watch_for_nothing_to_learn(row, counters, cfg, every=5):
 
 
 def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
-    """Warn when for `patience` steps in a row a model's round-A traces had a mean advantage <= `push` while its KL to
-    the base or its entropy rose: its updates push it away from its own cold behaviour (README: the weaker partner).
-    Round B is not read: rescued traces there stay positive while the cold ones are pushed down."""
+    """Warn when for `patience` steps in a row a model's round-A traces had a mean advantage <= `push` while
+    its KL to the base or its entropy rose: its updates push it away from its own cold behaviour (README: the
+    weaker partner). Round B is not read: rescued traces there stay positive while the cold ones are pushed
+    down."""
     flags = (("--adv-group model", cfg.adv_group == "model" or cfg.single),  # --single: per model already
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
@@ -2227,8 +2242,8 @@ class Progress:
         self.rows, self.tokens, self.batch_rows = self.rows + rows, self.tokens + tokens, 0
 
     def show(self, rows=0, tokens=0, position=0, closing=False):
-        """rows, tokens: done so far in the current batch; position: its decode steps so far. Time left: the batch's
-        steps to its budget at its pace so far, then the remaining rows at the time per row so far."""
+        """rows, tokens: done so far in the current batch; position: its decode steps so far. Time left: the
+        batch's steps to its budget at its pace so far, then the remaining rows at the time per row so far."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
         ran, left = self.last - self.batch_start, "time left: ?"
@@ -2312,7 +2327,8 @@ def main(argv=None):
 
 
 def run_job(cfg, given=frozenset()):
-    """The whole job for one config; `given`: the flags set on the command line (they win on --resume and --demo)."""
+    """The whole job for one config; `given`: the flags set on the command line (they win on --resume and
+    --demo)."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
         if run_finished(cfg):
@@ -2351,9 +2367,9 @@ def run_job(cfg, given=frozenset()):
         return code
     run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
     for policy in policies:  # a fallback that held for hours: said again at the end (metrics: sampler_m1/m2)
-        if sampler_in_use(policy, cfg) in FALLBACK_SAMPLERS:
-            print(f"note: {policy.name} was sampled with the {sampler_in_use(policy, cfg)} sampler, slower than "
-                  f"the GPU sampler (its warning above says why)")
+        if (sampler := sampler_in_use(policy, cfg)) in FALLBACK_SAMPLERS:
+            print(f"note: {policy.name} was sampled with the {sampler} sampler, slower than the GPU sampler "
+                  f"(its warning above says why)")
     print(f"curves: python tools/curves.py {out} draws {out / 'curves.svg'}")
     if cfg.demo:
         print(f"demo: what {cfg.steps} training steps changed, before -> after (change)")
@@ -2730,8 +2746,8 @@ def tiny_model(arch, tokenizer, seed, hidden=64, layers=2):
 
 
 def supervised_warmup(model, tokenizer, problems, target, seed, lr=3e-3, batch=32, max_steps=600):
-    """Supervised training on worked solutions (half the prompts hinted) until the sampled accuracy (T = 0.7, 4 samples
-    of each of the 25 questions) reaches `target`. Returns (steps, accuracy)."""
+    """Supervised training on worked solutions (half the prompts hinted) until the sampled accuracy (T = 0.7,
+    4 samples of each of the 25 questions) reaches `target`. Returns (steps, accuracy)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     checks = [Problem("", f"What is {a} + {b} ?", str(a + b), "number") for a in range(5) for b in range(5)]

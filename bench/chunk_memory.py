@@ -32,18 +32,19 @@ def measure(phase, rows, chunk):
     core.add_lora(model, 16, 32)
     ids = torch.randint(0, config.vocab_size, (rows, chunk + 1))
     mask, adv, w = torch.ones(rows, chunk), torch.randn(rows), torch.ones(rows)
-    if phase == 2:  # the policy pass first, then measure its backward only
+
+    def policy_pass():
         with core.recomputed_activations(model, True):
             logp, _, _ = core.token_logprobs(model, ids, chunk, 0.7)
-            loss, _ = core.policy_loss(logp, logp.detach(), adv, w, mask, 0.04)
+            return core.policy_loss(logp, logp.detach(), adv, w, mask, 0.04)[0]
+
+    loss = policy_pass() if phase == 2 else None  # the backward is measured alone, after its policy pass
     with PeakRSS() as peak:
         if phase == 0:
             with torch.no_grad(), core.lora_disabled(model):
                 core.token_logprobs(model, ids, chunk)
         elif phase == 1:
-            with core.recomputed_activations(model, True):
-                logp, _, _ = core.token_logprobs(model, ids, chunk, 0.7)
-                core.policy_loss(logp, logp.detach(), adv, w, mask, 0.04)
+            policy_pass()
         else:
             loss.backward()
     return peak.gb
