@@ -590,13 +590,13 @@ class Run:
     stop: object = None           # the StopRequest while the loop runs
 
 
-def train(cfg, policies, train_set, test_set, out):
+def train(cfg, policies, train_set, test_set, out, stop):
     """The training loop: per step its questions, core_step, one update per model, the log, then end_of_step.
     Returns (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a
-    checkpoint (StopRequest); out of memory raises a TrainingError (out_of_memory)."""
+    checkpoint (stop: main's StopRequest); out of memory raises a TrainingError (out_of_memory)."""
     rank, world = dist_info()
-    run = start_or_resume(Run(cfg, policies, test_set, out))
-    run.stop, step, stats = StopRequest(), run.start, []
+    run = start_or_resume(Run(cfg, policies, test_set, out, stop=stop))
+    step, stats, stop.in_loop = run.start, [], True
     try:
         for step in range(run.start, cfg.steps):
             started, stats = time.time(), []
@@ -619,7 +619,7 @@ def train(cfg, policies, train_set, test_set, out):
     except torch.OutOfMemoryError:
         raise out_of_memory(run, step, stats) from None
     finally:
-        run.stop.release()
+        stop.in_loop = False
     return 0, True
 
 
@@ -718,11 +718,12 @@ def end_of_step(run, done):
 
 
 class StopRequest:
-    """Until release(), SIGINT (Ctrl-C) or SIGTERM sets `requested`: the loop finishes its step, checkpoints
-    and exits 130. A second signal raises KeyboardInterrupt at once."""
+    """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
+    sets `requested`: the loop finishes its step, checkpoints and exits 130. Elsewhere, or a second time, they
+    raise KeyboardInterrupt at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.in_loop = False
         self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def release(self):
@@ -730,7 +731,7 @@ class StopRequest:
             signal.signal(s, handler)
 
     def __call__(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.in_loop:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
@@ -2303,11 +2304,11 @@ def append_jsonl(path, row):
 # The command line
 
 def main(argv=None):
-    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # like Ctrl-C
+    stop = StopRequest()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
     try:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-        code = run_job(cfg, given)
+        code = run_job(cfg, given, stop)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
     except (UsageError, TrainingError) as e:
@@ -2321,14 +2322,14 @@ def main(argv=None):
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        stop.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def run_job(cfg, given=frozenset()):
+def run_job(cfg, given, stop):
     """The whole job for one config; `given`: the flags set on the command line (they win on --resume and
-    --demo)."""
+    --demo); stop: main's StopRequest."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
         if run_finished(cfg):
@@ -2362,7 +2363,7 @@ def run_job(cfg, given=frozenset()):
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if cfg.eval_only:
         return 0
-    code, finished = train(cfg, policies, train_set, test_set, out)
+    code, finished = train(cfg, policies, train_set, test_set, out, stop)
     if not finished:
         return code
     run_evaluation(policies, test_set, cfg, out, "eval_after", "after training", step=cfg.steps)
