@@ -78,9 +78,8 @@ class TrainingError(Exception):
 # Config: one field per setting; its help is its comment and its --help line
 
 def arg(default, help, section=None, kind=None, **extra):
-    """A Config field: default, --help line, the --help section it opens, and kind: "training" (what training
-    computes: --eval-only refuses it) or "execution" (how a run executes: --resume may change it); extra:
-    argparse's (choices)."""
+    """A Config field: its default, --help line and the --help section it opens; kind "training" (--eval-only
+    refuses it) or "execution" (--resume may change it); extra: argparse's (choices)."""
     return field(default=default, metadata={"help": help, "section": section, "kind": kind, **extra})
 
 
@@ -183,7 +182,6 @@ class Config:
                      choices=("auto", "bfloat16", "float32"))
 
 
-# what a Config field's kind says (arg): the flags --eval-only refuses, and those --resume may change
 TRAINING_ONLY = {f.name for f in fields(Config) if f.metadata["kind"] == "training"}
 RESUME_OVERRIDES = {f.name for f in fields(Config) if f.metadata["kind"] == "execution"}
 
@@ -228,8 +226,6 @@ class Policy:
 def core_step(policies, problems, cfg, weights):
     """Rollouts, rewards and advantages of one step (weights: reward_weights) -> one group of traces per
     question (both models, both rounds) and each question's hint (None: no hint)."""
-    if not problems:  # every question of this rank's share was too long
-        return [], []
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
@@ -237,7 +233,9 @@ def core_step(policies, problems, cfg, weights):
             hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
         round_b(policies, problems, groups, hints, cfg)
     for problem, group in zip(problems, groups):
-        mark_failed_cold(group)
+        solved = solved_cold(group)
+        for t in group:
+            t.failed_cold = t.model not in solved
         score_and_advantages(group, problem.kind, cfg, weights)
     return groups, hints
 
@@ -254,13 +252,6 @@ def round_a(policies, problems, cfg):
 def solved_cold(group):
     """The models with a correct round-A trace of the question."""
     return {t.model for t in group if t.round == "A" and t.correct}
-
-
-def mark_failed_cold(group):
-    """Sets t.failed_cold on every trace of one question, both rounds: its model did not solve it cold."""
-    solved = solved_cold(group)
-    for t in group:
-        t.failed_cold = t.model not in solved
 
 
 def teacher_hint(group, problem, cfg, weights):
@@ -290,8 +281,7 @@ def round_b(policies, problems, groups, hints, cfg):
 
 
 def score_and_advantages(group, kind, cfg, weights):
-    """R(tau) of every trace, then A(tau) within each advantage group. --single: each model is also scored
-    alone (no cross-model terms)."""
+    """R(tau) of every trace (--single: each model's alone), then A(tau) within each advantage group."""
     for traces in (advantage_groups(group, cfg) if cfg.single else [group]):
         for t, reward, terms in zip(traces, *score_group(traces, kind, cfg, weights)):
             t.reward, t.terms = reward, terms
@@ -315,20 +305,17 @@ def score_group(traces, kind, cfg, weights):
     """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (weights:
     reward_weights) -> (rewards [n], terms [n]: a dict each, the diversity terms unweighted)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
-    correct = [t.correct for t in traces]
-    models = [t.model for t in traces]
+    correct, models = [t.correct for t in traces], [t.model for t in traces]
     diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
     complement = (complementarity_rewards(phi, correct, models, [t.round for t in traces], cfg.dpp_eps)
                   if len(set(models)) > 1 else torch.zeros(len(traces)))
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
-    rewards, terms = [], []
-    for i, t in enumerate(traces):
-        fmt = cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)  # boxed or marked
-        terms.append({"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
-                      "rescue": rescue[i], "format": fmt})
-        rewards.append(cfg.w_correct * terms[i]["correct"] + weights["w_div"] * terms[i]["div"]
-                       + weights["lambda_cm"] * terms[i]["cm"] + terms[i]["rescue"] + terms[i]["format"])
+    terms = [{"correct": float(t.correct), "div": float(div), "cm": float(cm), "rescue": bonus,
+              "format": cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)}
+             for t, div, cm, bonus in zip(traces, diversity, complement, rescue)]  # format: boxed or marked
+    rewards = [cfg.w_correct * x["correct"] + weights["w_div"] * x["div"] + weights["lambda_cm"] * x["cm"]
+               + x["rescue"] + x["format"] for x in terms]
     return rewards, terms
 
 
@@ -363,9 +350,7 @@ def complementarity_rewards(phi, correct, model_ids, rounds, eps=1e-3):
     """Cross-model complementarity: a correct trace's determinant gain against the partner's correct traces of
     the same round (1 when it has none: right where the peer is wrong). phi: [n, d]; the rest: [n] -> [n]."""
     out = torch.zeros(len(correct), dtype=torch.float64)
-    for i in range(len(correct)):
-        if not correct[i]:
-            continue
+    for i in (j for j, c in enumerate(correct) if c):  # wrong traces get 0
         partner = [j for j in range(len(correct))
                    if correct[j] and model_ids[j] != model_ids[i] and rounds[j] == rounds[i]]
         out[i] = dpp_gains(torch.cat([phi[partner], phi[i:i + 1]]), eps)[-1] if partner else 1.0
@@ -373,8 +358,7 @@ def complementarity_rewards(phi, correct, model_ids, rounds, eps=1e-3):
 
 
 def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
-    """Rescue bonus: round B, hint shown, the model failed all its round-A samples, the trace is correct.
-    All args [n] bool -> [n]."""
+    """Rescue bonus where all hold: round B, hint shown, its model failed cold, correct. [n] bool -> [n]."""
     return [bonus * float(all(flags)) for flags in zip(round_b, hint_shown, failed_cold, correct)]
 
 
@@ -412,19 +396,17 @@ def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
 
 
 def rollout_mismatch(rollout_logp, update_logp, mask):
-    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64):
-    the gap between the sampler's and the update's log-probability of each sampled token, same temperature.
-    The tokens come from the top-p cut, so the second is k3's form, not an unbiased KL. All args [b, L] -> two
-    scalars."""
+    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64,
+    same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
+    second is k3's form, not an unbiased KL. All args [b, L] -> two scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
 
 def token_logprobs(model, input_ids, chunk, temperature=None):
     """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature also (no
-    gradient) the entropy and log softmax(logits / temperature) of each target, else None. Rows must be
-    right-padded (no attention mask); the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V]
-    never exists."""
+    gradient) the entropy and log softmax(logits / T) of each target, else None. Rows right-padded (no mask);
+    the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V] never exists."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
@@ -498,14 +480,12 @@ def clip_and_step(policy, loss_sum, cfg, lr):
 
 
 def update_stats(sums, total_tokens, grad_norm, skipped, cfg):
-    """The update's logged numbers from its LOGGED sums over all ranks: per token, the mismatch per token it
-    was measured on."""
+    """The logged numbers from the LOGGED sums over ranks: per token (the mismatch: per measured token)."""
     tokens, measured = total_tokens or 1.0, sums["measured"]
     return {"loss": sums["loss"] / tokens,
             "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
             "entropy": sums["entropy"] / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
-            "skipped": int(skipped),
-            "mismatch": sums["mismatch"] / measured if measured else None,
+            "skipped": int(skipped), "mismatch": sums["mismatch"] / measured if measured else None,
             "mismatch_kl": sums["mismatch_kl"] / measured if measured else None}
 
 
@@ -560,8 +540,7 @@ def importance_weights(traces, logp, policy, cfg):
     shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
                          device=logp.device)  # where each completion starts later in the hinted layout
     index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
-    index = index.clamp(0, sampled.shape[1] - 1)
-    rho = torch.exp(logp.detach() - sampled.gather(1, index)).clamp(max=1.0)
+    rho = torch.exp(logp.detach() - sampled.gather(1, index.clamp(0, sampled.shape[1] - 1))).clamp(max=1.0)
     hinted = torch.tensor([t.cold_prompt_ids is not None for t in traces], device=logp.device)
     return torch.where(hinted[:, None], rho, torch.ones_like(rho))
 
@@ -626,17 +605,15 @@ def train(cfg, policies, train_set, test_set, out, stop):
 def count_nonfinite(run, stats, step):
     """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
     in_a_row = run.counters["nonfinite_in_a_row"]
-    for m, (policy, s) in enumerate(zip(run.policies, stats), 1):
-        in_a_row[m - 1] = in_a_row[m - 1] + 1 if s["skipped"] else 0
+    for i, (pol, s) in enumerate(zip(run.policies, stats)):
+        in_a_row[i] = in_a_row[i] + 1 if s["skipped"] else 0
         if s["skipped"]:
-            print(f"warning: non-finite loss or gradient for {policy.name} at step {step + 1}: update "
-                  f"skipped")
+            print(f"warning: non-finite loss or gradient for {pol.name} at step {step + 1}: update skipped")
 
 
 def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
-    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems (those too
-    long for a model) and sampled tokens (kept across resumes); None when no rank had a question that
-    fitted."""
+    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems and sampled
+    tokens (kept across resumes); None when no rank had a question that fitted."""
     counters = run.counters
     shards = all_gather((groups, skipped, rollout_s))
     all_groups = [g for shard, _, _ in shards for g in shard]
@@ -657,9 +634,8 @@ def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
 
 
 def out_of_memory(run, step, stats):
-    """The TrainingError for CUDA out of memory in `step`, saying how to resume with smaller batches. In a
-    single process, when no model had updated in it (`stats` empty) and it is not this invocation's first
-    step, the state at its start is saved first."""
+    """The TrainingError for CUDA out of memory in `step`: resume with smaller batches. A single process first
+    saves the state at its start if no model updated in it (`stats` empty), past this invocation's first."""
     if not stats and step > run.start and dist_info()[1] == 1:
         save_checkpoint(run, step)
     halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
@@ -668,8 +644,7 @@ def out_of_memory(run, step, stats):
 
 
 def start_or_resume(run):
-    """The run from its first step: a resumed run's newest checkpoint, else step 0 after the first
-    evaluation."""
+    """The run at its first step: a resumed run's newest checkpoint, else step 0 after eval_before."""
     rank, cfg, out = dist_info()[0], run.cfg, run.out
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
@@ -742,10 +717,9 @@ class StopRequest:
 # LoRA, by hand: the trainable policy pi_theta; with the adapters off, the reference policy pi_ref
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) * B A x around a frozen nn.Linear; B starts at zero, so training starts at the
-    base model. A and B stay fp32, cast to the input's dtype. Rollouts and the update both run this forward:
-    the sampler draws from the trained policy itself, never from a merged bf16 copy that would round small
-    changes away."""
+    """y = W x + (alpha / r) * B A x around a frozen nn.Linear; B starts at zero (training starts at the base
+    model). A and B stay fp32, cast to the input's dtype. Rollouts and the update both run this forward: the
+    sampler draws from the policy itself, not from a merged bf16 copy that would round small changes away."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
@@ -767,8 +741,7 @@ class LoRALinear(nn.Module):
 def add_lora(model, rank, alpha, targets=LORA_TARGETS):
     """Freeze the model, wrap each nn.Linear whose name ends in one of `targets`; returns their names."""
     targets = set(targets.split(",")) if isinstance(targets, str) else set(targets)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     linear = {n: n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     unmatched = sorted(targets - set(linear.values()))
     if unmatched:
@@ -813,11 +786,8 @@ def lora_disabled(model):
 
 def lora_state(model):
     """The adapters under PEFT's names: 'base_model.model.<module>.lora_A.weight' [r, in], lora_B [out, r]."""
-    state = {}
-    for name, layer in lora_layers(model).items():
-        state[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-    return state
+    return {f"base_model.model.{name}.{key}.weight": getattr(layer, key).detach().cpu().contiguous()
+            for name, layer in lora_layers(model).items() for key in ("lora_A", "lora_B")}
 
 
 def lora_config(model, base_model):
@@ -864,17 +834,14 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt: 'Question:', an optional 'Hint:', the step-by-step cue, the format.
-    Tokenised once per tokenizer, question and hint (cached); a new list each call."""
+    """Token ids of the chat prompt (prompt_ids: cached per tokenizer, question, hint), as a new list."""
     return list(prompt_ids(tokenizer, question, kind, hint))
 
 
 @functools.lru_cache(maxsize=16384)
 def prompt_ids(tokenizer, question, kind, hint):
-    content = f"Question: {question}\n"
-    if hint:
-        content += f"Hint:\n{hint}\n"
-    content += f"Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
+    hinted = f"Hint:\n{hint}\n" if hint else ""
+    content = f"Question: {question}\n{hinted}Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
     if getattr(tokenizer, "chat_template", None):
         content = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
@@ -955,14 +922,12 @@ def generate(policy, prompts, max_new_tokens, cfg, n=1, generator=None, progress
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None, n=1,
            progress=None):
-    """KV-cached batched sampling: each prompt (token ids) sampled n times -> per row, prompt-major, the
-    sampled ids (EOS included) and each token's log-probability under softmax(logits / T) (pick_tokens). A row
-    stops at an EOS id or its budget and leaves the batch and the cache."""
+    """KV-cached batched sampling, n rows per prompt -> per row, prompt-major, the sampled ids (EOS included)
+    and their log-probs as drawn (pick_tokens); a row leaves batch and cache at an EOS id or its budget."""
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
     live = torch.arange(len(logits), device=logits.device)  # original row of each batch row
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
-    out, out_logp = [[] for _ in live], [[] for _ in live]
-    sampled = 0
+    out, out_logp, sampled = [[] for _ in live], [[] for _ in live], 0
     for step in range(max_new_tokens):
         sampled += len(live)
         if progress is not None and progress.due():
@@ -986,9 +951,8 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
 
 
 def prefill(model, prompts, pad_id, n):
-    """The left-padded prompts through the model at once, then repeated n times (the samples of a prompt share
-    one prefill). Returns the DynamicCache, next-token logits [rows, V] (fp32), the attention mask
-    [rows, width] and each row's next position [rows]."""
+    """The left-padded prompts through the model at once, then repeated n times (a prompt's samples share one
+    prefill) -> DynamicCache, next-token logits [rows, V] fp32, mask [rows, width], next position [rows]."""
     from transformers import DynamicCache
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -1014,9 +978,8 @@ def left_pad(prompts, pad_id, device):
 
 def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
     """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the
-    `candidates` likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut (T =
-    0: 1) [b], and rows whose nucleus reached past the candidates [b] (checked: all rows then draw from the
-    whole sorted vocabulary)."""
+    `candidates` likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut [b]
+    (T = 0: 1), and rows whose nucleus passed the candidates [b] (checked: all then draw from a full sort)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1043,10 +1006,7 @@ def hit_budget(ids, budget, eos_ids):
 
 def until_eos(ids, eos_ids):
     """The tokens up to and including the first EOS (all of them if there is none)."""
-    for i, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[:i + 1]
-    return ids
+    return next((ids[:i + 1] for i, token in enumerate(ids) if token in eos_ids), ids)
 
 
 # -----------------------------------------------------------------------------
@@ -1062,9 +1022,8 @@ def fast_decoding(model, cfg):
 
 
 def pick_sampler(policy, prompts, cfg):
-    """sample_fast where it can run, else sample. On first use for a model a few greedy rows must agree
-    between the two; if they differ or the fast one fails, it warns once and keeps the reference loop for this
-    model (out of memory and CUDA errors propagate: fatal_cuda_error)."""
+    """sample_fast where it can run, else sample. On first use for a model, greedy rows of the two must agree;
+    if not, or if sample_fast fails, it warns once and keeps sample (fatal_cuda_error's errors propagate)."""
     if not fast_decoding(policy.model, cfg):
         return sample
     if policy.fast_agrees is None and prompts:  # a torchrun rank may have no test question to sample
@@ -1105,10 +1064,9 @@ def first_line(error, width=200):
 @torch.no_grad()
 def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top_p=0.9, generator=None,
                 n=1, segment=256, cuda_graph=None, progress=None):
-    """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph
-    (cuda_graph=None: on CUDA). The host reads the device once per window of up to 8 steps (redone, checked,
-    if a nucleus overflowed: pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal
-    sample()'s."""
+    """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph (default:
+    on CUDA). The host reads the device once per window of up to 8 steps (redone, checked, if a nucleus
+    overflowed: pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal sample()'s."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
@@ -1138,8 +1096,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             if progress is not None and progress.due():
                 progress.show(rows - len(live) + int(finished.sum()), sampled, start)
             saved = logits.clone(), finished.clone(), step.snapshot(), generator.get_state()
-            checked = False  # each window unchecked first: the host waits for the device once, at its end
-            while True:  # once; again, checked, when a nucleus reached past the candidates
+            for checked in (False, True):  # unchecked (one host read); checked if a nucleus overflowed
                 short = torch.zeros((), dtype=torch.bool, device=device)
                 for s in window:
                     tokens, logp, cut = pick_tokens(logits, temperature, top_p, generator, checked)
@@ -1151,7 +1108,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
                 verdict = (short.int() + 2 * finished.all().int()).item()  # the window's one device read
                 if not verdict & 1:
                     break
-                logits, finished, checked = saved[0], saved[1].clone(), True
+                logits, finished = saved[0], saved[1].clone()
                 step.restore(saved[2])
                 generator.set_state(saved[3])
             if verdict & 2:
@@ -1191,8 +1148,7 @@ class DecodeStep:
 
     def __init__(self, model, cache, attn, positions, cursor, cuda_graph):
         self.model, self.cache, self.attn, self.positions, self.cursor = model, cache, attn, positions, cursor
-        self.tokens = torch.zeros_like(positions)
-        self.cuda_graph = cuda_graph
+        self.tokens, self.cuda_graph = torch.zeros_like(positions), cuda_graph
         self.graph = self.logits = None
 
     def forward(self):
@@ -1263,9 +1219,8 @@ def record_graph(fn, pool):
 
 @functools.cache
 def capture_stream_and_pool(device):
-    """The stream that records `device`'s decode steps and the memory pool their graphs share, one each per
-    device for the run (entering torch.cuda.graph each time would wait for the device and empty the
-    allocator's cache)."""
+    """The stream that records `device`'s decode steps and their graphs' memory pool, one each per device
+    (entering torch.cuda.graph each time would wait for the device and empty the allocator's cache)."""
     with torch.cuda.device(device):
         return torch.cuda.Stream(), torch.cuda.MemPool()
 
