@@ -1375,8 +1375,7 @@ def normalize_gold(gold, kind):
 
 def is_correct(text, gold, kind):
     """Correctness c(tau) in {0, 1}: the extracted answer equals the normalised gold."""
-    answer = extract_answer(text, kind)
-    if answer is None or answer != normalize_gold(gold, kind):
+    if extract_answer(text, kind) != normalize_gold(gold, kind):  # None (no answer) is never a gold
         return False
     if kind == "math":  # normalize_math drops 'x =', but 'y = 3/2' is not the asymptote 'x = 3/2'
         named = [re.match(r"\s*([a-zA-Z])\s*=", s) for s in (last_boxed(text), gold)]
@@ -1471,8 +1470,7 @@ def load_data(cfg):
     """(training set, test set): cfg.train_n seeded training questions and the first cfg.eval_n test
     questions (--eval-only on a single-file dataset: all of it)."""
     train_set = [] if cfg.eval_only else load_problems(cfg.data, "train", cfg.data_dir, cfg.seed)
-    single_file = cfg.data in ("aime24", "aime25", "gpqa")
-    test_split = "all" if cfg.eval_only and single_file else "test"
+    test_split = "all" if cfg.eval_only and cfg.data in ("aime24", "aime25", "gpqa") else "test"
     test_set = load_problems(cfg.data, test_split, cfg.data_dir, cfg.seed)
     random.Random(cfg.seed).shuffle(train_set)
     train_set, test_set = train_set[:cfg.train_n], test_set[:cfg.eval_n] if cfg.eval_n else test_set
@@ -1631,10 +1629,8 @@ def split_80_20(problems, split):
 
 def training_order(n, step, batch, seed):
     """Indices of the questions of `step`: epochs of seeded shuffles, so the order follows from step alone."""
-    start = step * batch
     indices = []
-    while len(indices) < batch:
-        epoch, offset = divmod(start + len(indices), n)
+    for epoch, offset in (divmod(i, n) for i in range(step * batch, (step + 1) * batch)):
         order = list(range(n))
         random.Random(stream_seed(seed, "data order", epoch)).shuffle(order)
         indices.append(order[offset])
@@ -1726,15 +1722,6 @@ def team_metrics(records, j):
             f"correlated_failure@{j}": joint - (1 - sum(solved1) / n) * (1 - sum(solved2) / n)}
 
 
-def evaluable(policies, problems, cfg):
-    """Test problems whose cold prompt plus the evaluation budget fits every model's context."""
-    usable = [p for p in problems if fits(policies, p, cfg.eval_max_new_tokens)]
-    if len(usable) < len(problems):
-        print(f"warning: {len(problems) - len(usable)} test problem(s) skipped: prompt + "
-              f"--eval-max-new-tokens {cfg.eval_max_new_tokens} over the model context")
-    return usable
-
-
 def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
     """evaluate(), then out/NAME.json and its records out/NAME_samples.jsonl; an evaluation with a `step` also
     goes into out/evals.jsonl, the run's evaluation curve."""
@@ -1749,16 +1736,14 @@ def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
 
 
 def print_table(tag, m, names):
-    """The evaluation as one block: Pass@j and maj@k per model, the team, and (k even) the team at an equal
-    budget of k candidates beside each model's best-of-k and self-consistency."""
+    """The evaluation as one block; k even: the team at k candidates beside each model's Pass@k and maj@k."""
     k, n = m["k"], m["questions"]
     print(f"\n{tag}: {n} question{'s' * (n != 1)}, {k} sample{'s' * (k != 1)} per model")
     header = "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1))
     print(f"  {'':<28}{header}{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):
         passes = "".join(f"{m[f'pass@{j}_m{i}']:>8.3f}" for j in range(1, k + 1))
-        print(f"  {shortened(name, 28):<28}{passes}"
-              + f"{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
+        print(f"  {shortened(name, 28):<28}{passes}{m[f'maj@{k}_m{i}']:>8.3f}{m[f'truncated_m{i}']:>10.3f}")
     if len(names) == 1:  # one model alone
         return print()
     print(f"  team, {k} + {k} samples: Team Pass@{k} {m[f'team_pass@{k}']:.3f} | team vote "
@@ -1861,12 +1846,9 @@ def load_optimizer(optimizer, path):
 def rng_tensors(policies):
     """This process's RNG states: torch CPU, each model's sampler, CUDA."""
     tensors = {"torch_cpu": torch.get_rng_state()}
-    for m, policy in enumerate(policies, 1):
-        tensors[f"sampler_{m}"] = policy.generator.get_state().cpu()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = state
-    return tensors
+    tensors |= {f"sampler_{m}": policy.generator.get_state().cpu() for m, policy in enumerate(policies, 1)}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return tensors | {f"cuda_{i}": state for i, state in enumerate(cuda)}
 
 
 def check_in_sync(policies):
@@ -1883,8 +1865,7 @@ def check_in_sync(policies):
 
 def checkpoints(run_dir):
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / "state.json").exists()) if root.is_dir() else []
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "state.json").exists())
 
 
 def find_checkpoint(path):
@@ -1899,13 +1880,11 @@ def find_checkpoint(path):
 
 
 def checkpoint_state(folder):
-    """A checkpoint's state.json: step, data position, world size, Python RNG states, counters, config."""
     return json.loads((Path(folder) / "state.json").read_text())
 
 
 def saved_config(path):
-    """The Config of a checkpoint folder (its state.json) or of a run's config.json, older runs' removed or
-    renamed settings mapped to today's."""
+    """The Config of a checkpoint folder or a run's config.json, older runs' settings mapped to today's."""
     saved = checkpoint_state(path)["config"] if Path(path).is_dir() else json.loads(Path(path).read_text())
     saved.pop("export", None)
     for old, decoder in (("eager_decode", "reference"), ("compile_decode", "graphs")):
@@ -1923,9 +1902,8 @@ def keep_logged_steps(out, step):
 
 
 def resume_config(cfg, given):
-    """The resumed run's saved config (its newest checkpoint's, else its config.json), with the
-    RESUME_OVERRIDES flags among `given` (the flags set) applied; any other given flag that differs is a
-    UsageError."""
+    """The saved config of the run --resume names (its newest checkpoint's, else its config.json), with the
+    RESUME_OVERRIDES flags among `given` applied; another given flag that differs is a UsageError."""
     found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
     if not found and not config_file.is_file():
         raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
@@ -1964,15 +1942,6 @@ def adapters_config(cfg, given=frozenset()):
 # Distributed: `torchrun --nproc_per_node N core.py ...` trains data-parallel (NCCL on GPUs, gloo on CPU).
 # Each rank samples its share of every step's questions; token counts and LoRA gradients are summed over
 # ranks, so every rank takes the same AdamW step; rank 0 logs and saves.
-
-def init_distributed():
-    """Join the process group that torchrun describes in the environment; returns (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist_info()
-
 
 def dist_info():
     """(rank, world size); (0, 1) in a single process."""
@@ -2042,8 +2011,7 @@ def log_step(run, step, row, problems, groups, hints):
 
 
 def step_log(step, cfg, groups, stats, seconds, skipped_problems):
-    """One metrics row: accuracy and length per model and round, rescues, hint leaks, reward terms, per-model
-    loss, KL, advantage and entropy diagnostics, speed. seconds: (the slowest rank's rollouts, the rest)."""
+    """One metrics row (its keys below); seconds: (the slowest rank's rollouts, the rest)."""
     traces = [t for g in groups for t in g]
     row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
     for m in (1, 2):
@@ -2070,16 +2038,14 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
                 f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
                 f"mismatch_m{m}": s["mismatch"], f"mismatch_kl_m{m}": s["mismatch_kl"],
-                f"sampler_m{m}": s["sampler"],
-                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
+                f"sampler_m{m}": s["sampler"], f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
     baselines = [a for g in groups for a in advantage_groups(g, cfg)]
     row["advantage_groups"] = len(baselines)
     row["constant_groups"] = sum(all(t.advantage == 0 for t in a) for a in baselines)  # nothing to learn
-    row["skipped_problems"] = skipped_problems
-    row["rollout_s"], row["update_s"] = seconds
-    row["seconds"] = sum(seconds)
+    row |= {"skipped_problems": skipped_problems, "rollout_s": seconds[0], "update_s": seconds[1],
+            "seconds": sum(seconds)}
     row["tok_per_s"] = sum(len(t.completion_ids) for t in traces) / max(seconds[0], 1e-9)  # while sampling
     return row
 
@@ -2088,6 +2054,8 @@ def format_log(row, steps):
     def pair(key, fmt):  # model 1/model 2; "-" where a model has no value (no round B, or no second model)
         values = (row.get(f"{key}_m{m}") for m in (1, 2))
         return "/".join("-" if value is None else format(value, fmt) for value in values)
+    samplers = [row.get(f"sampler_m{m}") or "-" for m in (1, 2)]  # shown if one is a fallback
+    note = f" ({'/'.join(samplers)})" if set(samplers) & set(FALLBACK_SAMPLERS) else ""
     r = row
     return (f"step {r['step']}/{steps} | acc A {pair('acc_A', '.2f')} B {pair('acc_B', '.2f')} | rescue "
             f"{r['rescued']}/{r['eligible']} leak {r['hints_leaking']}/{r['hints_shown']} const "
@@ -2095,14 +2063,8 @@ def format_log(row, steps):
             f"div {r['div']:.2f}x{r['w_div']:g} cm {r['cm']:.2f}x{r['lambda_cm']:g} resc {r['rescue']:.3f} "
             f"fmt {r['format']:.2f} | A<0 {pair('neg_adv', '.2f')} H {pair('entropy', '.2f')} loss "
             f"{pair('loss', '+.4f')} kl {pair('kl', '.4f')} | trunc {r['truncated']:.2f} | mismatch "
-            f"{pair('mismatch', '.1e')} | {r['tok_per_s']:.0f} tok/s{sampler_note(row)} | "
+            f"{pair('mismatch', '.1e')} | {r['tok_per_s']:.0f} tok/s{note} | "
             f"{r['rollout_s']:.1f}+{r['update_s']:.1f}s")
-
-
-def sampler_note(row):
-    """' (sampler m1/m2)' when a model's rollouts come from a fallback sampler (sampler_in_use), else ''."""
-    samplers = [row.get(f"sampler_m{m}") or "-" for m in (1, 2)]
-    return f" ({'/'.join(samplers)})" if set(samplers) & set(FALLBACK_SAMPLERS) else ""
 
 
 def watch_for_nothing_to_learn(row, counters, cfg, every=5):
@@ -2126,9 +2088,8 @@ def watch_for_nothing_to_learn(row, counters, cfg, every=5):
 
 def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
     """Warn when for `patience` steps in a row a model's round-A traces had a mean advantage <= `push` while
-    its KL to the base or its entropy rose: its updates push it away from its own cold behaviour (README: the
-    weaker partner). Round B is not read: rescued traces there stay positive while the cold ones are pushed
-    down."""
+    its KL to the base or its entropy rose: its updates push it away from its own cold behaviour. Round B is
+    not read: rescued traces there stay positive while the cold ones are pushed down."""
     flags = (("--adv-group model", cfg.adv_group == "model" or cfg.single),  # --single: per model already
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
@@ -2163,7 +2124,6 @@ def show_group(problem, group, hint, names):
 
 
 def one_line(text, width):
-    """The text stripped, each line break shown as \\n, cut to `width` characters ('...' at the cut)."""
     return shortened(text.strip().replace("\n", "\\n"), width)
 
 
@@ -2244,7 +2204,6 @@ def read_jsonl(path, lenient=False):
 
 
 def write_jsonl(path, rows):
-    """A JSONL file written to a temporary name and renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     os.replace(tmp, path)
@@ -2307,8 +2266,7 @@ def run_job(cfg, given, stop):
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, with_optimizer=False)
-    test_set = evaluable(policies, test_set, cfg)
-    check_sizes(policies, train_set, test_set, cfg)
+    test_set = check_sizes(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {out}")
@@ -2334,8 +2292,7 @@ def run_job(cfg, given, stop):
 
 
 def run_finished(cfg):
-    """Whether --resume names a run with nothing left to do: all its steps trained and evaluated, or (an
-    --eval-only run) its evaluation written."""
+    """Whether --resume names a finished run: every step trained and evaluated (--eval-only: eval.json)."""
     found = checkpoints(cfg.resume)
     step = checkpoint_state(found[-1])["step"] if found else 0
     evaluation = Path(cfg.resume) / ("eval.json" if cfg.eval_only else "eval_after.json")
@@ -2352,7 +2309,6 @@ def local_folder(name):
 
 
 def absolute(name):
-    """A local folder's absolute path; a hub id (or none) as given."""
     return str(Path(name).expanduser().absolute()) if local_folder(name) else name
 
 
@@ -2361,15 +2317,21 @@ def model_paths(cfg):
 
 
 def check_sizes(policies, train_set, test_set, cfg):
-    """Refuse a run none of whose test (or training) questions fits the models' context."""
+    """The test problems whose cold prompt plus the evaluation budget fits every model's context (the others
+    are skipped, with a warning); a run none of whose test (or training) problems fits is refused."""
+    usable = [p for p in test_set if fits(policies, p, cfg.eval_max_new_tokens)]
+    if len(usable) < len(test_set):
+        print(f"warning: {len(test_set) - len(usable)} test problem(s) skipped: prompt + "
+              f"--eval-max-new-tokens {cfg.eval_max_new_tokens} over the model context")
     if not cfg.eval_only and not any(fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)
                                      for p in train_set):
         raise UsageError(f"every training problem is too long: prompt over --max-prompt-tokens "
                          f"{cfg.max_prompt_tokens}, or prompt + --max-new-tokens {cfg.max_new_tokens} over "
                          f"the model context")
-    if not test_set:
+    if not usable:
         raise UsageError(f"every test problem is longer than the model context (prompt + "
                          f"--eval-max-new-tokens {cfg.eval_max_new_tokens}); lower --eval-max-new-tokens")
+    return usable
 
 
 def build_parser(with_defaults=True):
@@ -2384,10 +2346,8 @@ def build_parser(with_defaults=True):
         text = f.metadata["help"].replace("%", "%%") + (f" (default: {f.default})" if shown else "")
         default = f.default if with_defaults else argparse.SUPPRESS
         extra = {k: v for k, v in f.metadata.items() if k not in ("help", "section", "kind")}  # choices
-        if isinstance(f.default, bool):
-            group.add_argument(flag_name(f.name), action="store_true", default=default, help=text)
-        else:
-            group.add_argument(flag_name(f.name), type=type(f.default), default=default, help=text, **extra)
+        how = {"action": "store_true"} if isinstance(f.default, bool) else {"type": type(f.default)} | extra
+        group.add_argument(flag_name(f.name), default=default, help=text, **how)
     return parser
 
 
@@ -2441,7 +2401,8 @@ def validate(cfg, given=frozenset()):
     ]
     for m, name in ((1, cfg.model1), (2, cfg.model2)):
         path = Path(name).expanduser()
-        checks += [(not looks_like_path(name) or path.exists(), f"--model{m} '{name}' does not exist"),
+        local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name  # not a hub id
+        checks += [(not local or path.exists(), f"--model{m} '{name}' does not exist"),
                    (not path.is_file(), f"--model{m} '{name}' is a file; pass the folder that holds its "
                                         f"config.json, weights and tokenizer")]
     for ok, message in checks:
@@ -2449,14 +2410,13 @@ def validate(cfg, given=frozenset()):
             raise UsageError(message)
 
 
-def looks_like_path(name):
-    """A local path, not a hub id ('org/name'): absolute, relative (./ ../ ~), or with more than one '/'."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def start_processes(cfg):
     """(rank, world size): joins torchrun's process group; only rank 0 prints (errors show on every rank)."""
-    rank, world = init_distributed()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist_info()
     if world > 1:
         if cfg.demo or cfg.device1 or cfg.device2:
             raise UsageError("under torchrun each rank uses its own GPU (or the CPU): drop --demo, --device1 "
@@ -2479,9 +2439,7 @@ def output_folder(cfg):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"output folder '{out}' exists and is not empty; pick a new --out or continue it "
                          f"with --resume {out}")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
+    parent = next(p for p in (out, *out.parents) if p.exists())  # the nearest existing folder
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"output folder '{out}' cannot be created: '{parent}' is not a writable folder")
     return out
@@ -2528,7 +2486,7 @@ def load_policy(m, path, device, cfg):
 
 def load_error(path, m, e):
     """The one-line error for a model that from_pretrained cannot load, with advice that fits the case."""
-    why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    why = f"{type(e).__name__}: {first_line(e)}"
     config = Path(path) / "config.json"
     if config.is_file() and '"model1":' in config.read_text(errors="replace"):  # a run's config.json
         return UsageError(f"'{path}' is a run folder, not a model; its adapters load with --adapters {path}")
@@ -2543,8 +2501,7 @@ def load_error(path, m, e):
 
 
 def check_models(cfg):
-    """Before loading anything, fail within seconds on a hub id neither in the local cache nor reachable
-    (a missing folder is caught by validate)."""
+    """Before any loading, fail fast on a hub id neither cached nor reachable (validate checks folders)."""
     from transformers.utils.hub import cached_file
     for m, name in enumerate(model_paths(cfg), 1):
         with contextlib.suppress(Exception):  # not a valid hub id, or not cached: the hub must answer
@@ -2614,8 +2571,7 @@ HEADLINE = [("Pass@1 m1", "pass@1_m1"), ("Pass@1 m2", "pass@1_m2"), ("Pass@k m1"
 
 
 def print_changes(out):
-    """The demo's closing table: each headline number before -> after (change). tools/compare.py puts several
-    runs side by side."""
+    """The demo's closing table: each headline number before -> after (change)."""
     files = [out / f"eval_{when}.json" for when in ("before", "after")]
     before, after = (json.loads(f.read_text()) if f.exists() else {} for f in files)
     k = after["k"]
@@ -2630,13 +2586,10 @@ def print_changes(out):
 
 
 def arithmetic_problems(n, seed):
-    """'What is a + b ?' with a, b in 0-4."""
     rng = random.Random(seed)
-    problems = []
-    for i in range(n):
-        a, b = rng.randint(0, 4), rng.randint(0, 4)
-        problems.append(Problem(f"arith-{seed}-{i}", f"What is {a} + {b} ?", str(a + b), "number"))
-    return problems
+    pairs = [(rng.randint(0, 4), rng.randint(0, 4)) for _ in range(n)]
+    return [Problem(f"arith-{seed}-{i}", f"What is {a} + {b} ?", str(a + b), "number")
+            for i, (a, b) in enumerate(pairs)]
 
 
 def arithmetic_solution(problem):
