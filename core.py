@@ -219,24 +219,24 @@ class Policy:
     context: int                          # max positions of the model
     optimizer: object = None              # AdamW over the LoRA parameters only
     generator: torch.Generator = None     # sampling randomness
-    hint_draws: random.Random = None      # round B's hint dropout: its own stream, as the sampler's
+    hint_draws: random.Random = None      # round B's hint dropout: a stream of its own, like `generator`
     fast_agrees: bool = None              # the GPU sampler agreed with the reference loop (None: unchecked)
 
 
-def core_step(policies, problems, cfg, weights):
-    """Rollouts, rewards and advantages of one step (weights: reward_weights) -> one group of traces per
+def core_step(policies, problems, cfg, schedule):
+    """Rollouts, rewards and advantages of one step (schedule: reward_schedule) -> one group of traces per
     question (both models, both rounds) and each question's hint (None: no hint)."""
     groups = round_a(policies, problems, cfg)
     hints = [None] * len(problems)
     if not cfg.single:
         if not cfg.no_rescue:  # --no-rescue: round B resamples without hints
-            hints = [teacher_hint(group, problem, cfg, weights) for group, problem in zip(groups, problems)]
+            hints = [teacher_hint(group, problem, cfg, schedule) for group, problem in zip(groups, problems)]
         round_b(policies, problems, groups, hints, cfg)
     for problem, group in zip(problems, groups):
-        solved = solved_cold(group)
+        solved = solved_cold(group)  # round A's verdict, read by the rescue bonus
         for t in group:
             t.failed_cold = t.model not in solved
-        score_and_advantages(group, problem.kind, cfg, weights)
+        score_and_advantages(group, problem.kind, cfg, schedule)
     return groups, hints
 
 
@@ -254,10 +254,11 @@ def solved_cold(group):
     return {t.model for t in group if t.round == "A" and t.correct}
 
 
-def teacher_hint(group, problem, cfg, weights):
+def teacher_hint(group, problem, cfg, schedule):
     """The hint of one question, from round A alone: its highest-reward correct trace, answer stripped (ties:
-    by a hash of the text, not by model); None when none is correct or only the answer is left."""
-    rewards, _ = score_group(group, problem.kind, cfg, weights)
+    by a hash of the text, not by model); None when none is correct or only the answer is left. Under
+    --hint-to failed only a model that failed cold sees it, so the trace it reads is its peer's."""
+    rewards, _ = score_group(group, problem.kind, cfg, schedule)
     best = max((r for t, r in zip(group, rewards) if t.correct), default=None)
     if best is None:
         return None
@@ -268,7 +269,8 @@ def teacher_hint(group, problem, cfg, weights):
 
 def round_b(policies, problems, groups, hints, cfg):
     """K' more samples per model and question, added to the groups. A model that failed cold (any model with
-    --hint-to all) sees the hint with probability 1 - hint_dropout; the others resample cold."""
+    --hint-to all) sees the hint with probability 1 - hint_dropout, drawn per sample (one request each); the
+    others resample cold."""
     requests = [[] for _ in policies]
     for q, (group, hint) in enumerate(zip(groups, hints)):
         solved = solved_cold(group)
@@ -280,17 +282,18 @@ def round_b(policies, problems, groups, hints, cfg):
     sample_round(policies, problems, requests, groups, cfg, "B")
 
 
-def score_and_advantages(group, kind, cfg, weights):
-    """R(tau) of every trace (--single: each model's alone), then A(tau) within each advantage group."""
-    for traces in (advantage_groups(group, cfg) if cfg.single else [group]):
-        for t, reward, terms in zip(traces, *score_group(traces, kind, cfg, weights)):
+def score_and_advantages(group, kind, cfg, schedule):
+    """R(tau) of every trace, then A(tau) within each baseline group (--single: a model's traces, scored
+    alone too)."""
+    for traces in (baseline_groups(group, cfg) if cfg.single else [group]):
+        for t, reward, terms in zip(traces, *score_group(traces, kind, cfg, schedule)):
             t.reward, t.terms = reward, terms
-    for traces in advantage_groups(group, cfg):
+    for traces in baseline_groups(group, cfg):
         for t, a in zip(traces, group_advantages([t.reward for t in traces], cfg.adv_scale).tolist()):
             t.advantage = a
 
 
-def advantage_groups(group, cfg):
+def baseline_groups(group, cfg):
     """The traces of one question that share a baseline: all of them (--adv-group joint, the paper), or each
     model's own (--adv-group model, and --single)."""
     if cfg.single or cfg.adv_group == "model":
@@ -301,9 +304,9 @@ def advantage_groups(group, cfg):
 # -----------------------------------------------------------------------------
 # Rewards: pure functions of one question's traces
 
-def score_group(traces, kind, cfg, weights):
-    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (weights:
-    reward_weights) -> (rewards [n], terms [n]: a dict each, the diversity terms unweighted)."""
+def score_group(traces, kind, cfg, schedule):
+    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (schedule:
+    reward_schedule) -> (rewards [n], terms [n]: a dict each, as Trace.terms holds them)."""
     phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
     correct, models = [t.correct for t in traces], [t.model for t in traces]
     diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
@@ -314,7 +317,7 @@ def score_group(traces, kind, cfg, weights):
     terms = [{"correct": float(t.correct), "div": float(div), "cm": float(cm), "rescue": bonus,
               "format": cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)}
              for t, div, cm, bonus in zip(traces, diversity, complement, rescue)]  # format: boxed or marked
-    rewards = [cfg.w_correct * x["correct"] + weights["w_div"] * x["div"] + weights["lambda_cm"] * x["cm"]
+    rewards = [cfg.w_correct * x["correct"] + schedule["w_div"] * x["div"] + schedule["lambda_cm"] * x["cm"]
                + x["rescue"] + x["format"] for x in terms]
     return rewards, terms
 
@@ -357,13 +360,14 @@ def complementarity_rewards(phi, correct, model_ids, rounds, eps=1e-3):
     return out
 
 
-def rescue_bonuses(round_b, hint_shown, failed_cold, correct, bonus):
+def rescue_bonuses(in_round_b, hint_shown, failed_cold, correct, bonus):
     """Rescue bonus where all hold: round B, hint shown, its model failed cold, correct. [n] bool -> [n]."""
-    return [bonus * float(all(flags)) for flags in zip(round_b, hint_shown, failed_cold, correct)]
+    return [bonus * float(all(flags)) for flags in zip(in_round_b, hint_shown, failed_cold, correct)]
 
 
-def reward_weights(cfg, step):
-    """Diversity 0.2 -> 0.05, complementarity 0 -> 0.1, from step cfg.steps // 2 on (the paper's epoch 2)."""
+def reward_schedule(cfg, step):
+    """The weights that change halfway (the paper's epoch 2): w_div -> w_div * div_anneal, lambda_cm 0 ->
+    lambda_cm, from step cfg.steps // 2 on (0-based)."""
     late = step >= cfg.steps // 2
     return {"w_div": cfg.w_div * (cfg.div_anneal if late else 1.0),
             "lambda_cm": cfg.lambda_cm if late else 0.0}
@@ -382,41 +386,41 @@ def group_advantages(rewards, scale="std"):
 # -----------------------------------------------------------------------------
 # The update: token log-probabilities, the loss, one AdamW step per model
 
-def policy_loss(logp, ref_logp, advantages, weights, mask, beta, rho=None):
+def policy_loss(logp, ref_logp, advantages, round_w, mask, beta, rho=None):
     """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of k3's KL_t = exp(r)
     - r - 1, r = log pi_ref - log pi (ref_logp None: no KL term; rho None: 1). One update per batch, so PPO's
-    ratio is 1. logp, ref_logp, mask, rho: [b, L]; advantages, weights: [b] -> (loss sum, KL sum)."""
+    ratio is 1. logp, ref_logp, mask, rho: [b, L]; advantages, round_w: [b] -> (loss sum, KL sum)."""
     pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
     if ref_logp is None:
-        return (weights[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
+        return (round_w[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
     log_ratio = ref_logp - logp
     kl = torch.exp(log_ratio) - log_ratio - 1
-    per_token = weights[:, None] * (pg + beta * kl)
+    per_token = round_w[:, None] * (pg + beta * kl)
     return (per_token * mask).sum(), (kl.detach() * mask).sum()
 
 
 def rollout_mismatch(rollout_logp, update_logp, mask):
-    """Sums over the masked tokens of |r| and of exp(r) - r - 1, r = log pi_update - log pi_rollout (fp64,
-    same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
+    """Sums over the masked tokens of |r| and of exp(r) - r - 1 (in fp64), r = log pi_update - log pi_rollout
+    (same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
     second is k3's form, not an unbiased KL. All args [b, L] -> two scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
 
 def token_logprobs(model, input_ids, chunk, temperature=None):
-    """(logp, entropy, logp_at_t), each [b, T-1] fp32: log pi(x_{t+1} | x_<=t); with a temperature also (no
-    gradient) the entropy and log softmax(logits / T) of each target, else None. Rows right-padded (no mask);
-    the lm_head runs `chunk` positions at a time, checkpointed, so [b, T, V] never exists."""
+    """(logp, entropy, logp_tempered), each [b, L-1] fp32 (L: input length): log pi(x_{t+1} | x_<=t); with
+    a temperature also (no gradient) the entropy and log softmax(logits / temperature) of each target, else
+    None. Rows right-padded (no mask); the lm_head runs `chunk` positions at a time: no [b, L, V] tensor."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
-    diagnostics = {}  # chunk start -> (entropy, log-probs at T): once each, not again when recomputed
+    diagnostics = {}  # chunk start -> (entropy, tempered log-probs): once each, not again when recomputed
 
     def chunk_logprobs(h, y, start):
         logp = torch.log_softmax(head(h).float(), dim=-1)  # [b, chunk, V]
         target = logp.gather(-1, y[..., None]).squeeze(-1)
         if temperature is not None and start not in diagnostics:
-            with torch.no_grad():  # the entropy; log softmax(logits / T) = log softmax(logp / T), at y
+            with torch.no_grad():  # the entropy; log softmax(logits / temp) = log softmax(logp / temp), at y
                 diagnostics[start] = (-logp.exp().mul_(logp).sum(-1),
                                       target / temperature - torch.logsumexp(logp / temperature, dim=-1))
         return target
@@ -426,8 +430,12 @@ def token_logprobs(model, input_ids, chunk, temperature=None):
               else chunk_logprobs(*c) for c in chunks]
     if temperature is None:
         return torch.cat(pieces, dim=1), None, None
-    entropy, logp_at_t = (torch.cat(parts, dim=1) for parts in zip(*diagnostics.values()))
-    return torch.cat(pieces, dim=1), entropy, logp_at_t
+    entropy, logp_tempered = (torch.cat(parts, dim=1) for parts in zip(*diagnostics.values()))
+    return torch.cat(pieces, dim=1), entropy, logp_tempered
+
+
+# what update_policy sums over its micro-batches and ranks: token sums, and the tokens the mismatch covers
+LOGGED = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
 
 
 def update_policy(policy, traces, cfg, lr):
@@ -437,9 +445,9 @@ def update_policy(policy, traces, cfg, lr):
     model, device = policy.model, policy.device
     tokens = torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)
     total_tokens = all_reduce_sum(tokens).item()
-    sums = torch.zeros(len(LOGGED), device=device)  # LOGGED's sums over micro-batches, then over ranks
     if total_tokens == 0:  # no traces on any rank
         return update_stats(dict.fromkeys(LOGGED, 0.0), total_tokens, 0.0, False, cfg)
+    sums = torch.zeros(len(LOGGED), device=device)  # LOGGED's sums over micro-batches, then over ranks
     ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
     for mb in (ordered[i:i + cfg.micro_batch] for i in range(0, len(ordered), cfg.micro_batch)):
         prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # the cold one under --round-b-context cold
@@ -447,28 +455,25 @@ def update_policy(policy, traces, cfg, lr):
         with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model (--beta-kl 0: no KL term)
             ref = token_logprobs(model, ids, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
         with recomputed_activations(model, not cfg.no_grad_checkpoint):  # pi_theta
-            logp, entropy, logp_at_t = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
+            logp, entropy, logp_tempered = token_logprobs(model, ids, cfg.logprob_chunk,
+                                                          cfg.temperature or 1.0)
         rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
         loss, kl = policy_loss(logp, ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()
         rollout_logp, measured = rollout_logprobs(mb, mask)  # the sampler's own log-probs, for the mismatch
-        mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_at_t, measured)
+        mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_tempered, measured)
         logged = (loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum())  # LOGGED
         sums += torch.stack(logged)
     sums = dict(zip(LOGGED, all_reduce_sum(sums).tolist()))
+    all_reduce_grads(lora_parameters(model))  # the gradients, too, summed over ranks
     grad_norm, skipped = clip_and_step(policy, sums["loss"], cfg, lr)
     return update_stats(sums, total_tokens, grad_norm, skipped, cfg)
 
 
-# what update_policy sums over its micro-batches and ranks: token sums, and the tokens the mismatch covers
-LOGGED = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
-
-
 def clip_and_step(policy, loss_sum, cfg, lr):
-    """The gradients summed over ranks, clipped to cfg.grad_clip, then one AdamW step at `lr`, unless the
-    loss or the gradient is not finite. Returns (the gradient norm before clipping, whether it skipped)."""
+    """The gradients clipped to cfg.grad_clip, then one AdamW step at `lr`, unless the loss or the gradient is
+    not finite. Returns (the gradient norm before clipping, whether it skipped)."""
     params = lora_parameters(policy.model)
-    all_reduce_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     skipped = not (math.isfinite(loss_sum) and math.isfinite(grad_norm))
     if not skipped:
@@ -501,8 +506,8 @@ def recomputed_activations(model, on):
 
 
 def micro_batch(traces, prompts, policy, cfg):
-    """Right-padded prompt + completion ids [b, T], the mask of the log-prob positions that predict completion
-    tokens [b, T-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
+    """Right-padded prompt + completion ids [b, L], the mask of the log-prob positions that predict completion
+    tokens [b, L-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
     device = policy.device
     width = max(len(p) + len(t.completion_ids) for p, t in zip(prompts, traces))
     ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
@@ -517,8 +522,8 @@ def micro_batch(traces, prompts, policy, cfg):
 
 
 def rollout_logprobs(traces, mask):
-    """The sampler's log-probability of each completion token at micro_batch's positions [b, T-1], and the
-    mask [b, T-1] of those known: traces that carry them, trained on the prompt they were sampled from."""
+    """The sampler's log-probability of each completion token at micro_batch's positions [b, L-1], and the
+    mask [b, L-1] of those known: traces that carry them, trained on the prompt they were sampled from."""
     logp, measured = torch.zeros_like(mask), torch.zeros_like(mask)
     for row, t in enumerate(traces):
         if t.rollout_logprobs is not None and t.cold_prompt_ids is None:
@@ -531,7 +536,7 @@ def rollout_logprobs(traces, mask):
 def importance_weights(traces, logp, policy, cfg):
     """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a
     hinted trace trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the
-    others. logp: [b, T-1] -> [b, T-1], or None when no trace is trained on a cold prompt."""
+    others. logp: [b, L-1] -> [b, L-1], or None when no trace is trained on a cold prompt."""
     if not any(t.cold_prompt_ids for t in traces):
         return None
     with torch.no_grad():
@@ -570,9 +575,10 @@ class Run:
 
 
 def train(cfg, policies, train_set, test_set, out, stop):
-    """The training loop: per step its questions, core_step, one update per model, the log, then end_of_step.
-    Returns (exit code, whether all cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a
-    checkpoint (stop: main's StopRequest); out of memory raises a TrainingError (out_of_memory)."""
+    """The training loop (after start_or_resume: a checkpoint, or eval_before): per step (0-based) its
+    questions, core_step, one update per model, the log, then end_of_step. Returns (exit code, whether all
+    cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a checkpoint (stop: main's StopRequest);
+    out of memory raises a TrainingError (out_of_memory)."""
     rank, world = dist_info()
     run = start_or_resume(Run(cfg, policies, test_set, out, stop=stop))
     step, stats, stop.in_loop = run.start, [], True
@@ -582,7 +588,7 @@ def train(cfg, policies, train_set, test_set, out, stop):
             order = training_order(len(train_set), step, cfg.batch_questions, cfg.seed)
             batch = [train_set[i] for i in order][rank::world]  # this rank's share of the step's questions
             usable = [p for p in batch if fits(policies, p, cfg.max_new_tokens, cfg.max_prompt_tokens)]
-            groups, hints = core_step(policies, usable, cfg, reward_weights(cfg, step))
+            groups, hints = core_step(policies, usable, cfg, reward_schedule(cfg, step))
             rollout_s = time.time() - started
             for m, policy in enumerate(policies, 1):  # every rank updates, traces or not: gradients summed
                 traces = [t for g in groups for t in g if t.model == m]
@@ -611,20 +617,21 @@ def count_nonfinite(run, stats, step):
             print(f"warning: non-finite loss or gradient for {pol.name} at step {step + 1}: update skipped")
 
 
-def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
-    """The step's metrics row over all ranks (step_log), with the run's totals of skipped problems and sampled
-    tokens (kept across resumes); None when no rank had a question that fitted."""
+def metrics_row(run, step, groups, stats, started, rollout_s, too_long):
+    """The step's metrics row over all ranks (step_metrics), with the run's totals of problems skipped as too
+    long and of sampled tokens (kept across resumes); None when no rank had a question that fitted."""
     counters = run.counters
-    shards = all_gather((groups, skipped, rollout_s))
+    shards = all_gather((groups, too_long, rollout_s))
     all_groups = [g for shard, _, _ in shards for g in shard]
-    skipped, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
-    counters["skipped_problems"] += skipped
-    if skipped:
-        print(f"warning: {skipped} problem(s) skipped at step {step + 1}: prompt longer than "
+    too_long, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
+    counters["skipped_problems"] += too_long
+    if too_long:
+        print(f"warning: {too_long} problem(s) skipped at step {step + 1}: prompt longer than "
               f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
     if not all_groups:
         return None
-    row = step_log(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s), skipped)
+    row = step_metrics(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s),
+                       too_long)
     row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
     totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
@@ -635,7 +642,8 @@ def metrics_row(run, step, groups, stats, started, rollout_s, skipped):
 
 def out_of_memory(run, step, stats):
     """The TrainingError for CUDA out of memory in `step`: resume with smaller batches. A single process first
-    saves the state at its start if no model updated in it (`stats` empty), past this invocation's first."""
+    saves the adapters as they were at its start if no model updated in it (`stats` empty), past this
+    invocation's first step (the random streams have moved on: the resumed step draws anew)."""
     if not stats and step > run.start and dist_info()[1] == 1:
         save_checkpoint(run, step)
     halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
@@ -979,7 +987,8 @@ def left_pad(prompts, pad_id, device):
 def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
     """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the
     `candidates` likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut [b]
-    (T = 0: 1), and rows whose nucleus passed the candidates [b] (checked: all then draw from a full sort)."""
+    (T = 0: softmax(logits)), and rows whose nucleus passed the candidates [b] (checked: all then draw from
+    a full sort)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1641,11 +1650,11 @@ def training_order(n, step, batch, seed):
 # Evaluation: cold prompts only, k samples per model and question, each model from its own stream; every
 # number is computed from the per-question records written next to it
 
-def evaluate(policies, usable, cfg, tag):
+def evaluate(policies, test_set, cfg, tag):
     """Prints the table; returns (metrics, records), a record per question: id, question, gold and, per model
     ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text."""
     rank, world = dist_info()
-    mine = list(enumerate(usable))[rank::world]  # this rank's share of the questions
+    mine = list(enumerate(test_set))[rank::world]  # this rank's share of the questions
     start = time.time()
     records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
     progress = Progress(f"{tag}: evaluating", len(policies) * len(mine) * cfg.eval_k, always=True)
@@ -1767,16 +1776,16 @@ def shortened(name, width):
 # -----------------------------------------------------------------------------
 # Checkpoints and resume: each written to a temporary folder and renamed into place (a kill leaves no half)
 
-def save_checkpoint(run, step):
-    """checkpoints/step_NNNNNN/: adapters (PEFT's layout), optimizer states, every rank's RNG states, step,
-    data position, counters, config. Every rank takes part; rank 0 writes."""
+def save_checkpoint(run, done):
+    """checkpoints/step_NNNNNN/ after `done` steps: adapters (PEFT's layout), optimizer states, every rank's
+    RNG states, data position, counters, config. Every rank takes part; rank 0 writes."""
     cfg, policies, out = run.cfg, run.policies, run.out
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
     if dist_info()[0] != 0:
         return None
     root = out / "checkpoints"
-    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    final, tmp = root / f"step_{done:06d}", root / f".tmp-step_{done:06d}"
     if final.exists():
         return final
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1787,7 +1796,7 @@ def save_checkpoint(run, step):
         save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
     save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
               str(tmp / "rng.safetensors"))
-    state = {"step": step, "data_position": step * cfg.batch_questions, "world_size": len(rngs),
+    state = {"step": done, "data_position": done * cfg.batch_questions, "world_size": len(rngs),
              "python_rng": [py for _, py in rngs], "counters": run.counters, "config": asdict(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     os.replace(tmp, final)
@@ -2010,7 +2019,7 @@ def log_step(run, step, row, problems, groups, hints):
             append_jsonl(run.out / "samples.jsonl", sample_record(step, problems[0], groups[0], hints[0]))
 
 
-def step_log(step, cfg, groups, stats, seconds, skipped_problems):
+def step_metrics(step, cfg, groups, stats, seconds, skipped_problems):
     """One metrics row (its keys below); seconds: (the slowest rank's rollouts, the rest)."""
     traces = [t for g in groups for t in g]
     row = {"step": step + 1, "time": time.time(), "questions": len(groups), "lr": learning_rate(cfg, step)}
@@ -2028,8 +2037,8 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
     row["hints_shown"], row["hints_leaking"] = len(hinted), sum(t.hint_leaks for t in hinted)
     row["hint_leak"] = row["hints_leaking"] / len(hinted) if hinted else None
     row["reward"] = sum(t.reward for t in traces) / len(traces)
-    row |= reward_weights(cfg, step)  # the weights in force: w_div, lambda_cm
-    for term in traces[0].terms:  # correct, div, cm, rescue, format: whatever score_group pays
+    row |= reward_schedule(cfg, step)  # the weights in force: w_div, lambda_cm
+    for term in traces[0].terms:  # correct, div, cm, rescue, format: whatever score_group records
         row[term] = sum(t.terms[term] for t in traces) / len(traces)
     for m, s in enumerate(stats, 1):
         advantages = [t.advantage for t in traces if t.model == m]
@@ -2041,7 +2050,7 @@ def step_log(step, cfg, groups, stats, seconds, skipped_problems):
                 f"sampler_m{m}": s["sampler"], f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
-    baselines = [a for g in groups for a in advantage_groups(g, cfg)]
+    baselines = [a for g in groups for a in baseline_groups(g, cfg)]
     row["advantage_groups"] = len(baselines)
     row["constant_groups"] = sum(all(t.advantage == 0 for t in a) for a in baselines)  # nothing to learn
     row |= {"skipped_problems": skipped_problems, "rollout_s": seconds[0], "update_s": seconds[1],
@@ -2094,20 +2103,20 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
-    kl_start, start = counters["kl_before"], counters["entropy_before"]
+    kl_before, entropy_before = counters["kl_before"], counters["entropy_before"]
     for m, name in names.items():
         i, kl, entropy, cold = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"adv_A_m{m}"]
         pushed = cold is not None and cold <= push
         streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if pushed else 0
         if streak and (streak - 1) % patience == 0:  # a window starts: where its KL and entropy were
-            kl_start[i], start[i] = kl, entropy
-        kl_rose = kl is not None and kl > kl_start[i]  # None: --beta-kl 0, the KL is not measured
-        if streak and streak % patience == 0 and (kl_rose or entropy > start[i]):
-            went = "" if kl is None else f"its KL to the base went {kl_start[i]:.4f} -> {kl:.4f} and "
+            kl_before[i], entropy_before[i] = kl, entropy
+        kl_rose = kl is not None and kl > kl_before[i]  # None: --beta-kl 0, the KL is not measured
+        if streak and streak % patience == 0 and (kl_rose or entropy > entropy_before[i]):
+            went = "" if kl is None else f"its KL to the base went {kl_before[i]:.4f} -> {kl:.4f} and "
             print(f"warning: {name}: for {streak} steps in a row its cold (round-A) traces had a mean "
                   f"advantage of {push:+.2f} or less ({cold:+.2f} now); over the last {patience} steps "
-                  f"{went}its entropy went {start[i]:.2f} -> {entropy:.2f}: its updates push it away from "
-                  f"its own cold samples (README: the weaker partner; {advice})", flush=True)
+                  f"{went}its entropy went {entropy_before[i]:.2f} -> {entropy:.2f}: its updates push it "
+                  f"away from its own cold samples (README: the weaker partner; {advice})", flush=True)
 
 
 def show_group(problem, group, hint, names):

@@ -164,7 +164,7 @@ def test_protocol_hints_only_failed_models_and_pays_rescue(monkeypatch):
     monkeypatch.setattr(core, "generate", fake_generate)
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
     cfg = core.Config(hint_dropout=0.0)
-    groups, hints = core.core_step(policies, [problem], cfg, core.reward_weights(cfg, 0))
+    groups, hints = core.core_step(policies, [problem], cfg, core.reward_schedule(cfg, 0))
     group = groups[0]
     assert [(t.model, t.round) for t in group] == [(1, "A"), (1, "A"), (2, "A"), (2, "A"), (1, "B"), (2, "B")]
     assert hints[0] and "\\boxed" not in hints[0] and "Hint:" in seen[1][-1] and "Hint:" not in seen[2][-1]
@@ -182,7 +182,7 @@ def protocol_step(monkeypatch, problems, scripts, cfg):
     monkeypatch.setattr(core, "generate", lambda policy, prompts, max_new, cfg, n=1, **_:
                         [([1, 2], next(scripts[policy.index]), [-0.5, -0.5]) for _ in prompts for _ in range(n)])
     policies = [FakePolicy(m, tokenizer) for m in (1, 2)]
-    return core.core_step(policies, problems, cfg, core.reward_weights(cfg, 0))
+    return core.core_step(policies, problems, cfg, core.reward_schedule(cfg, 0))
 
 
 @pytest.mark.parametrize("hint_to", ["failed", "all"])
@@ -212,7 +212,7 @@ def test_swapping_the_models_swaps_every_reward_advantage_and_hint(monkeypatch, 
             policy = FakePolicy(0, tokenizer)
             policy.name, policy.hint_draws = name, random.Random(name)  # its streams are its own
             policies.append(policy)
-        groups, hints = core.core_step(policies, problems, cfg, core.reward_weights(cfg, 1))  # second half: cm on
+        groups, hints = core.core_step(policies, problems, cfg, core.reward_schedule(cfg, 1))  # second half: cm on
         return hints, [keyed_by_model_name(group, order) for group in groups]
 
     hints_ab, ab = step("ab")
@@ -261,7 +261,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
     groups, hints = protocol_step(monkeypatch, problems, scripts, cfg)
     assert hints == ["9 * 2 = 18, so", "Add nine to nine."]
     assert [t.hint_leaks for g in groups for t in g if t.hint_shown] == [True, False]  # '18' is read from the first
-    row = core.step_log(0, cfg, groups, [NO_UPDATE] * 2, (1.0, 0.5), 0)
+    row = core.step_metrics(0, cfg, groups, [NO_UPDATE] * 2, (1.0, 0.5), 0)
     assert (row["hints_shown"], row["hints_leaking"], row["hint_leak"]) == (2, 1, 0.5)
     assert (row["w_div"], row["lambda_cm"]) == (0.2, 0.0)  # the weights in force at step 0
 
@@ -269,7 +269,7 @@ def test_hint_leak_is_counted_per_shown_hint(monkeypatch):
 def test_format_bonus_is_paid_for_an_explicit_answer_only():
     cfg = core.Config()
     traces = [core.Trace(1, "A", [], [], "9 * 2 = 18. \\boxed{18}", True), core.Trace(1, "A", [], [], "9 * 2 = 18", True)]
-    _, terms = core.score_group(traces, "number", cfg, core.reward_weights(cfg, 0))
+    _, terms = core.score_group(traces, "number", cfg, core.reward_schedule(cfg, 0))
     assert [t["format"] for t in terms] == [0.1, 0.0] and all(t.correct for t in traces)
 
 
@@ -296,7 +296,7 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
         stats = [NO_UPDATE] * 2
         for t in (t for g in groups for t in g):
             t.terms["extra"] = 0.5  # a new reward term is logged as it is, with no change to the log
-        row = core.step_log(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
+        row = core.step_metrics(0, core.Config(adv_group=adv_group), groups, stats, (1.0, 0.5), 0)
         assert row["extra"] == 0.5 and set(row) >= {"correct", "div", "cm", "rescue", "format"}
         assert row["constant_groups"] == (1 if adv_group == "model" else 0)  # counted where the baseline is: model 2's
         assert row["advantage_groups"] == (4 if adv_group == "model" else 2)  # of 2 questions x (2 models or 1 group)
@@ -305,7 +305,7 @@ def test_advantage_groups_of_a_weaker_partner(monkeypatch):
     twins = [core.Trace(m, "A", [1], [2], "", False, reward=r) for m, r in ((1, 0.5), (2, 0.5 + 1e-10))]
     for t, a in zip(twins, core.group_advantages([t.reward for t in twins]).tolist()):
         t.advantage = a
-    assert core.step_log(0, core.Config(), [twins], stats, (1.0, 0.5), 0)["constant_groups"] == 1
+    assert core.step_metrics(0, core.Config(), [twins], stats, (1.0, 0.5), 0)["constant_groups"] == 1
 
 
 def test_shown_samples_name_round_and_advantage_and_keep_the_text_as_written(capsys):
@@ -386,8 +386,8 @@ def test_group_advantages():
 
 def test_reward_schedule():
     cfg = core.Config(steps=10)
-    assert core.reward_weights(cfg, 0) == {"w_div": 0.2, "lambda_cm": 0.0}
-    late = core.reward_weights(cfg, 5)
+    assert core.reward_schedule(cfg, 0) == {"w_div": 0.2, "lambda_cm": 0.0}
+    late = core.reward_schedule(cfg, 5)
     assert math.isclose(late["w_div"], 0.05) and late["lambda_cm"] == 0.1
 
 
@@ -494,7 +494,7 @@ def test_the_rollout_update_mismatch_of_a_core_step(warm_pair, dtype):
         for p in core.lora_parameters(policy.model):
             p.add_(0.02 * torch.randn_like(p))
     problems = core.arithmetic_problems(4, 0)
-    groups, _ = core.core_step([policy], problems, cfg, core.reward_weights(cfg, 0))
+    groups, _ = core.core_step([policy], problems, cfg, core.reward_schedule(cfg, 0))
     stats = core.update_policy(policy, [t for g in groups for t in g], cfg, 0.0)
     assert 0 <= stats["mismatch"] < (1e-4 if dtype == "float32" else 1e-3) and 0 <= stats["mismatch_kl"] < 1e-6
 
@@ -798,7 +798,7 @@ def test_samplers_call_the_models_without_deprecated_arguments(tiny_models):
         policy = make_policy(tiny_models[1], cfg)
         problem = core.Problem("p", "What is 1 + 2 ?", "3", "number")
         groups, _ = core.core_step([policy], [problem], core.replace(cfg, single=True),
-                                   core.reward_weights(cfg, 0))
+                                   core.reward_schedule(cfg, 0))
         core.update_policy(policy, groups[0], cfg, 1e-3)
 
 
@@ -1239,11 +1239,11 @@ def test_a_fallback_sampler_shows_in_the_step_line_and_the_metrics_row(tiny_mode
     policy.fast_agrees = False
     assert core.sampler_in_use(policy, cfg) == "reference (fallback)"
     group = [core.Trace(m, "A", [1], [2, 3], "", m == 1) for m in (1, 2)]
-    core.score_and_advantages(group, "number", cfg, core.reward_weights(cfg, 0))
+    core.score_and_advantages(group, "number", cfg, core.reward_schedule(cfg, 0))
     lines = {}
     for sampler in ("graphs", "reference (fallback)"):
         stats = [NO_UPDATE | {"sampler": "graphs"}, NO_UPDATE | {"sampler": sampler}]
-        row = core.step_log(0, cfg, [group], stats, (1.0, 0.5), 0)
+        row = core.step_metrics(0, cfg, [group], stats, (1.0, 0.5), 0)
         assert (row["sampler_m1"], row["sampler_m2"]) == ("graphs", sampler)
         lines[sampler] = core.format_log(row, 1)
     assert "graphs" not in lines["graphs"]

@@ -249,7 +249,7 @@ def bench_core_step(policies, args, device):
 def one_step(policies, problems, cfg, run):
     """What core.train does in one step, without the loop around it: the metrics row."""
     started = time.time()
-    groups, _ = core.core_step(policies, problems, cfg, core.reward_weights(cfg, 0))
+    groups, _ = core.core_step(policies, problems, cfg, core.reward_schedule(cfg, 0))
     rollout_s = time.time() - started
     stats = [core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, core.learning_rate(cfg, 0))
              | {"sampler": core.sampler_in_use(policy, cfg)} for m, policy in enumerate(policies, 1)]
