@@ -233,7 +233,7 @@ def core_step(policies, problems, cfg, schedule):
             hints = [teacher_hint(group, problem, cfg, schedule) for group, problem in zip(groups, problems)]
         round_b(policies, problems, groups, hints, cfg)
     for problem, group in zip(problems, groups):
-        solved = solved_cold(group)  # round A's verdict, read by the rescue bonus
+        solved = solved_cold(group)  # round A's verdict, read by the rescue bonus and the log
         for t in group:
             t.failed_cold = t.model not in solved
         score_and_advantages(group, problem.kind, cfg, schedule)
@@ -389,7 +389,7 @@ def group_advantages(rewards, scale="std"):
 def policy_loss(logp, ref_logp, advantages, round_w, mask, beta, rho=None):
     """Token sums of loss_t = w(tau) * (-A(tau) * rho_t * log pi(y_t) + beta * KL_t) and of k3's KL_t = exp(r)
     - r - 1, r = log pi_ref - log pi (ref_logp None: no KL term; rho None: 1). One update per batch, so PPO's
-    ratio is 1. logp, ref_logp, mask, rho: [b, L]; advantages, round_w: [b] -> (loss sum, KL sum)."""
+    ratio is 1. logp, ref_logp, mask, rho: [b, L-1]; advantages, round_w: [b] -> (loss sum, KL sum)."""
     pg = -advantages[:, None] * logp * (1.0 if rho is None else rho)
     if ref_logp is None:
         return (round_w[:, None] * pg * mask).sum(), torch.zeros((), device=logp.device)
@@ -402,7 +402,7 @@ def policy_loss(logp, ref_logp, advantages, round_w, mask, beta, rho=None):
 def rollout_mismatch(rollout_logp, update_logp, mask):
     """Sums over the masked tokens of |r| and of exp(r) - r - 1 (in fp64), r = log pi_update - log pi_rollout
     (same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
-    second is k3's form, not an unbiased KL. All args [b, L] -> two scalars."""
+    second is k3's form, not an unbiased KL. All args [b, L-1] -> two scalars."""
     r = (update_logp - rollout_logp).double()
     return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
@@ -571,7 +571,7 @@ class Run:
     out: Path                     # the run folder
     counters: dict = field(default_factory=lambda: new_counters())  # counted across steps, checkpointed
     start: int = 0                # the first step of this invocation (a resumed run's checkpoint step)
-    stop: object = None           # the StopRequest while the loop runs
+    stop: object = None           # main's StopRequest (its `in_loop` set while the loop runs)
 
 
 def train(cfg, policies, train_set, test_set, out, stop):
@@ -652,7 +652,8 @@ def out_of_memory(run, step, stats):
 
 
 def start_or_resume(run):
-    """The run at its first step: a resumed run's newest checkpoint, else step 0 after eval_before."""
+    """The run at its first step: a resumed run's newest checkpoint, else step 0 after eval_before (unless
+    --no-eval-before)."""
     rank, cfg, out = dist_info()[0], run.cfg, run.out
     if cfg.resume and checkpoints(out):
         folder = find_checkpoint(out)
@@ -702,8 +703,9 @@ def end_of_step(run, done):
 
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
-    sets `requested`: the loop finishes its step, checkpoints and exits 130. Elsewhere, or a second time, they
-    raise KeyboardInterrupt at once."""
+    sets `requested`: the loop finishes its step, checkpoints and exits 130; a second raises
+    KeyboardInterrupt. Elsewhere the handler found at the start acts (ignored stays ignored), SIGTERM's
+    default as Ctrl-C's."""
 
     def __init__(self):
         self.requested = self.in_loop = False
@@ -714,6 +716,9 @@ class StopRequest:
             signal.signal(s, handler)
 
     def __call__(self, signum, frame):
+        previous = self.previous[signum]
+        if not self.in_loop and (previous == signal.SIG_IGN or callable(previous)):
+            return None if previous == signal.SIG_IGN else previous(signum, frame)
         if self.requested or not self.in_loop:
             raise KeyboardInterrupt
         self.requested = True
@@ -842,7 +847,7 @@ FORMAT_INSTRUCTION = {
 
 
 def build_prompt(tokenizer, question, kind, hint=None):
-    """Token ids of the chat prompt (prompt_ids: cached per tokenizer, question, hint), as a new list."""
+    """Token ids of the chat prompt (prompt_ids: cached per tokenizer, question, kind, hint), a new list."""
     return list(prompt_ids(tokenizer, question, kind, hint))
 
 

@@ -2394,6 +2394,29 @@ def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
     assert_same_runs(tmp_path / "straight", tmp_path / "killed")
 
 
+def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_the_loop():
+    """main's StopRequest: outside the loop the handler found at its start acts (a job started in the background
+    ignores Ctrl-C, and must keep doing so while it loads and evaluates), SIGTERM's default acts as Ctrl-C; in the
+    loop the first signal asks for a stop, a second aborts."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop = core.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # ignored before main: still ignored
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested
+        stop.in_loop = True
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        stop.release()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_sigterm_finishes_the_step_saves_exits_130_and_resumes_bit_identical(warm_pair, tmp_path):
     """What timeout, SLURM and Kubernetes send: like Ctrl-C (the same handler), the step finishes, a checkpoint is
     saved, the resume command printed; the resumed run ends bit-identical to an uninterrupted one, no row twice."""
