@@ -592,8 +592,7 @@ def train(cfg, policies, train_set, test_set, out, stop):
             rollout_s = time.time() - started
             for m, policy in enumerate(policies, 1):  # every rank updates, traces or not: gradients summed
                 traces = [t for g in groups for t in g if t.model == m]
-                stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step))
-                             | {"sampler": sampler_in_use(policy, cfg)})
+                stats.append(update_policy(policy, traces, cfg, learning_rate(cfg, step)))
             count_nonfinite(run, stats, step)
             row = metrics_row(run, step, groups, stats, started, rollout_s, len(batch) - len(usable))
             if row:
@@ -632,6 +631,7 @@ def metrics_row(run, step, groups, stats, started, rollout_s, too_long):
         return None
     row = step_metrics(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s),
                        too_long)
+    row |= {f"sampler_m{m}": sampler_in_use(p, run.cfg) for m, p in enumerate(run.policies, 1)}  # this rank's
     row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
     totals = counters["sampled_tokens"]  # the run's compute, across resumes
     for m in (1, 2):
@@ -2052,7 +2052,7 @@ def step_metrics(step, cfg, groups, stats, seconds, skipped_problems):
         row |= {f"loss_m{m}": s["loss"], f"kl_m{m}": s["kl"], f"entropy_m{m}": s["entropy"],
                 f"grad_norm_m{m}": s["grad_norm"], f"nonfinite_m{m}": s["skipped"],
                 f"mismatch_m{m}": s["mismatch"], f"mismatch_kl_m{m}": s["mismatch_kl"],
-                f"sampler_m{m}": s["sampler"], f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
+                f"neg_adv_m{m}": sum(a < 0 for a in advantages) / n,
                 f"pos_adv_m{m}": sum(a > 0 for a in advantages) / n}
         row |= {f"adv_{r}_m{m}": sum(a) / len(a) if a else None for r, a in by_round.items()}
     baselines = [a for g in groups for a in baseline_groups(g, cfg)]
@@ -2415,8 +2415,8 @@ def validate(cfg, given=frozenset()):
     ]
     for m, name in ((1, cfg.model1), (2, cfg.model2)):
         path = Path(name).expanduser()
-        local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name  # not a hub id
-        checks += [(not local or path.exists(), f"--model{m} '{name}' does not exist"),
+        path_like = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name  # not a hub id
+        checks += [(not path_like or path.exists(), f"--model{m} '{name}' does not exist"),
                    (not path.is_file(), f"--model{m} '{name}' is a file; pass the folder that holds its "
                                         f"config.json, weights and tokenizer")]
     for ok, message in checks:

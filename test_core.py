@@ -136,8 +136,7 @@ def test_paper_defaults():
 # -----------------------------------------------------------------------------
 # The CORE step: round A, teacher hint, round B, rewards and advantages
 
-NO_UPDATE = {"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0, "mismatch": None, "mismatch_kl": None,
-             "sampler": "reference"}
+NO_UPDATE = {"loss": 0, "kl": 0, "entropy": 0, "grad_norm": 0, "skipped": 0, "mismatch": None, "mismatch_kl": None}
 
 
 class FakePolicy:
@@ -1240,10 +1239,11 @@ def test_a_fallback_sampler_shows_in_the_step_line_and_the_metrics_row(tiny_mode
     assert core.sampler_in_use(policy, cfg) == "reference (fallback)"
     group = [core.Trace(m, "A", [1], [2, 3], "", m == 1) for m in (1, 2)]
     core.score_and_advantages(group, "number", cfg, core.reward_schedule(cfg, 0))
-    lines = {}
-    for sampler in ("graphs", "reference (fallback)"):
-        stats = [NO_UPDATE | {"sampler": "graphs"}, NO_UPDATE | {"sampler": sampler}]
-        row = core.step_metrics(0, cfg, [group], stats, (1.0, 0.5), 0)
+    monkeypatch.setattr(core, "GRAPHLESS", set())
+    run, lines = core.Run(cfg, [make_policy(tiny_models[0], cfg), policy], [], None), {}
+    for sampler, agrees in (("graphs", None), ("reference (fallback)", False)):
+        policy.fast_agrees = agrees
+        row = core.metrics_row(run, 0, [group], [NO_UPDATE] * 2, time.time(), 1.0, 0)
         assert (row["sampler_m1"], row["sampler_m2"]) == ("graphs", sampler)
         lines[sampler] = core.format_log(row, 1)
     assert "graphs" not in lines["graphs"]

@@ -252,7 +252,7 @@ def one_step(policies, problems, cfg, run):
     groups, _ = core.core_step(policies, problems, cfg, core.reward_schedule(cfg, 0))
     rollout_s = time.time() - started
     stats = [core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, core.learning_rate(cfg, 0))
-             | {"sampler": core.sampler_in_use(policy, cfg)} for m, policy in enumerate(policies, 1)]
+             for m, policy in enumerate(policies, 1)]
     return core.metrics_row(run, 0, groups, stats, started, rollout_s, 0)
 
 
