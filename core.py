@@ -10,10 +10,12 @@ Two small LLMs learn together with reinforcement learning. For every training qu
   Round B (rescue)  each model samples K' more solutions. A model that failed every cold sample sees the hint
                     with probability 1 - hint_dropout; everyone else resamples cold.
   Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus,
-                    the diversity terms being determinant gains of n-gram features over correct traces.
+                    the diversity terms being determinant gains of n-gram features over correct traces
+                    (w2 anneals and lambda_cm starts at 0 halfway through training).
   Update            A = (R - mean) / (std + 1e-4) over all traces of the question (both models, both rounds);
                     each model's LoRA adapter takes one AdamW step on the token-level mean of
-                    w * (-A log pi(token) + beta * KL(pi || base)), w = 1 for round A and 0.8 for round B.
+                    w * (-A log pi(token) + beta * KL(pi || base)), w = 1 for round A and 0.8 for round B;
+                    log pi is the model's own (temperature 1, no top-p), as in the official code.
 
 The headline metric is Team Pass@k: a test question is solved if any of the 2 x k cold samples (k per model,
 no hints) is correct.
@@ -22,13 +24,14 @@ no hints) is correct.
   python core.py --data gsm8k --steps 500     # the paper's Qwen2.5-3B + Qwen3-4B pair on one GPU
   python core.py --data math500 --eval-only --adapters runs/gsm8k-.../checkpoints/step_000500
 
-Departures from the paper (README, "Known deviations"): a real determinant gain for DPP-lite and
+Departures from the paper (docs/method.md, "Known deviations"): a real determinant gain for DPP-lite and
 complementarity, a format bonus, epsilon 1e-4, unbiased Pass@j; options for per-model advantages, hinted
 traces trained for the cold prompt, and baselines at an equal budget (--single, --model2 none).
 
-Read top-down: Config; the CORE step; rewards; the update; the training loop. Then the building blocks:
+Read top-down: Config (to skim), then the method: core_step (round A, the teacher's hint, round B, rewards,
+advantages), rewards, the update (update_policy, policy_loss), the loop (train). Then the building blocks:
 LoRA, rollouts, the GPU sampler, answers, data, evaluation, checkpoints, distributed, logging; the command
-line; the demo as an appendix. Tooling a run does not need lives in tools/ (curves, run comparison).
+line; the demo as an appendix. Tools a run does not need are in tools/ (curves.py, compare.py, export.py).
 """
 
 import argparse
@@ -75,7 +78,7 @@ class TrainingError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Config: one field per setting; its help is its comment and its --help line
+# Config: one field per setting, made by arg(): its default, its --help line, its --help section, its kind
 
 def arg(default, help, section=None, kind=None, **extra):
     """A Config field: its default, --help line and the --help section it opens; kind "training" (--eval-only
@@ -187,14 +190,14 @@ RESUME_OVERRIDES = {f.name for f in fields(Config) if f.metadata["kind"] == "exe
 
 
 # -----------------------------------------------------------------------------
-# The CORE step: round A, the teacher's hint, round B, rewards, advantages
+# The CORE step: round A, the teacher's hint, round B, rewards, advantages (train then updates each model)
 
 @dataclass
 class Trace:
     model: int                # the model that sampled it: 1 or 2
     round: str                # "A" (cold) or "B" (rescue)
     prompt_ids: list          # exact prompt it was sampled from (hint included)
-    completion_ids: list      # exact sampled token ids
+    completion_ids: list      # exact sampled token ids (the end-of-sequence token included)
     text: str                 # decoded completion
     correct: bool             # c(tau)
     rollout_logprobs: list = None  # log-probability of each sampled token as drawn (softmax(logits / T))
@@ -202,7 +205,7 @@ class Trace:
     hint_leaks: bool = False  # ... and the gold can be read from it (gold_visible)
     cold_prompt_ids: list = None  # ... and, under --round-b-context cold, the question's prompt without it
     truncated: bool = False   # hit the token budget without an end-of-sequence token
-    failed_cold: bool = False  # its model got every round-A sample of this question wrong
+    failed_cold: bool = False  # its model got every round-A sample of this question wrong (set by core_step)
     reward: float = 0.0       # R(tau)
     terms: dict = field(default_factory=dict)  # correct, div, cm (unweighted); rescue, format (as paid)
     advantage: float = 0.0    # A(tau)
@@ -224,73 +227,97 @@ class Policy:
 
 
 def core_step(policies, problems, cfg, schedule):
-    """Rollouts, rewards and advantages of one step (schedule: reward_schedule) -> one group of traces per
-    question (both models, both rounds) and each question's hint (None: no hint)."""
+    """Rounds A and B of one step, then each trace's reward and advantage (schedule: reward_schedule) -> per
+    question, its traces (both models, both rounds) and its hint (None: no hint). train then updates."""
     groups = round_a(policies, problems, cfg)
+    solved = [{t.model for t in group if t.correct} for group in groups]  # per question: who solved it cold
     hints = [None] * len(problems)
-    if not cfg.single:
+    if not cfg.single:  # --single: each model alone, no round B
         if not cfg.no_rescue:  # --no-rescue: round B resamples without hints
             hints = [teacher_hint(group, problem, cfg, schedule) for group, problem in zip(groups, problems)]
-        round_b(policies, problems, groups, hints, cfg)
-    for problem, group in zip(problems, groups):
-        solved = solved_cold(group)  # round A's verdict, read by the rescue bonus and the log
-        for t in group:
-            t.failed_cold = t.model not in solved
-        score_and_advantages(group, problem.kind, cfg, schedule)
+        round_b(policies, problems, groups, hints, solved, cfg)
+    for problem, group, solvers in zip(problems, groups, solved):
+        for t in group:  # round A's verdict on the trace's model: the rescue bonus reads it
+            t.failed_cold = t.model not in solvers
+        score_traces(group, problem.kind, cfg, schedule)
+        set_advantages(group, cfg)
     return groups, hints
 
 
 def round_a(policies, problems, cfg):
-    """K cold samples per model and question (--single: as many as CORE samples in both rounds, K + K')."""
-    n = (cfg.single_samples or cfg.k + cfg.k_rescue) if cfg.single else cfg.k
+    """K cold samples per model and question -> one group of traces per question."""
+    n = (cfg.single_samples or cfg.k + cfg.k_rescue) if cfg.single else cfg.k  # --single: CORE's K + K'
     requests = [[(q, None) for q in range(len(problems))] for _ in policies]  # per model: (question, no hint)
     groups = [[] for _ in problems]
     sample_round(policies, problems, requests, groups, cfg, "A", n=n)
     return groups
 
 
-def solved_cold(group):
-    """The models with a correct round-A trace of the question."""
-    return {t.model for t in group if t.round == "A" and t.correct}
-
-
 def teacher_hint(group, problem, cfg, schedule):
-    """The hint of one question, from round A alone: its highest-reward correct trace, answer stripped (ties:
-    by a hash of the text, not by model); None when none is correct or only the answer is left. Under
-    --hint-to failed only a model that failed cold sees it, so the trace it reads is its peer's."""
+    """The hint of one question: the correct round-A trace of highest reward, final answers stripped (None if
+    none is correct or only the answer is left); under --hint-to failed, a model reads its peer's trace."""
+    # The reward here is over round A alone (round B is not sampled yet) and comes before core_step sets
+    # failed_cold: that is safe, as the one term that reads failed_cold, the rescue bonus, is round B's only.
     rewards, _ = score_group(group, problem.kind, cfg, schedule)
     best = max((r for t, r in zip(group, rewards) if t.correct), default=None)
     if best is None:
         return None
     tied = [t for t, r in zip(group, rewards) if t.correct and r >= best - 1e-9]
-    hint = strip_answer(min(tied, key=lambda t: zlib.crc32(t.text.encode())).text)
-    return None if is_bare_answer(hint, problem.gold, problem.kind) else hint or None
+    teacher = min(tied, key=lambda t: zlib.crc32(t.text.encode()))  # a tie goes by the text, never the model
+    hint = strip_answer(teacher.text)
+    return None if not hint or is_bare_answer(hint, problem.gold, problem.kind) else hint
 
 
-def round_b(policies, problems, groups, hints, cfg):
+def round_b(policies, problems, groups, hints, solved, cfg):
     """K' more samples per model and question, added to the groups. A model that failed cold (any model with
-    --hint-to all) sees the hint with probability 1 - hint_dropout, drawn per sample (one request each); the
-    others resample cold."""
-    requests = [[] for _ in policies]
-    for q, (group, hint) in enumerate(zip(groups, hints)):
-        solved = solved_cold(group)
+    --hint-to all) is offered the hint, and each of its samples shows it with probability 1 - hint_dropout;
+    the others resample cold, as does a sample whose prompt has no room left for the hint (hint_for)."""
+    requests = [[] for _ in policies]  # per model: (question, hint or None), one request per sample
+    for q, hint in enumerate(hints):
         for m, policy in enumerate(policies, 1):
-            for _ in range(cfg.k_rescue):
-                offered = hint and (m not in solved or cfg.hint_to == "all")
-                shown = bool(offered) and policy.hint_draws.random() >= cfg.hint_dropout
+            offered = hint is not None and (m not in solved[q] or cfg.hint_to == "all")
+            for _ in range(cfg.k_rescue):  # a draw from the model's hint-dropout stream for offered ones only
+                shown = offered and policy.hint_draws.random() >= cfg.hint_dropout
                 requests[m - 1].append((q, hint_for(policy, problems[q], hint, cfg) if shown else None))
     sample_round(policies, problems, requests, groups, cfg, "B")
 
 
-def score_and_advantages(group, kind, cfg, schedule):
-    """R(tau) of every trace, then A(tau) within each baseline group (--single: a model's traces, scored
-    alone too)."""
-    for traces in (baseline_groups(group, cfg) if cfg.single else [group]):
-        for t, reward, terms in zip(traces, *score_group(traces, kind, cfg, schedule)):
-            t.reward, t.terms = reward, terms
+def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
+    """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m, checks every
+    answer and adds each Trace to groups[question index]."""
+    progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
+    for m, (policy, asks) in enumerate(zip(policies, requests), 1):
+        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
+                   for q, hint in asks]
+        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
+        for i, ((q, hint), prompt) in enumerate(zip(asks, prompts)):
+            problem = problems[q]
+            for ids, text, logprobs in outputs[i * n:(i + 1) * n]:  # this prompt's n samples
+                groups[q].append(Trace(
+                    model=m, round=round_name, prompt_ids=prompt, completion_ids=ids, text=text,
+                    correct=is_correct(text, problem.gold, problem.kind), rollout_logprobs=logprobs,
+                    hint_shown=hint is not None, hint_leaks=hint is not None and gold_visible(hint, problem),
+                    cold_prompt_ids=cold_prompt(policy, problem, hint, cfg),
+                    truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids)))
+    progress.close()
+
+
+def score_traces(group, kind, cfg, schedule):
+    """R(tau) and its terms for every trace of one question, scored together (the diversity and
+    complementarity pools are the whole group); --single scores each model's traces alone."""
+    pools = baseline_groups(group, cfg) if cfg.single else [group]
+    for traces in pools:
+        rewards, terms = score_group(traces, kind, cfg, schedule)
+        for t, reward, trace_terms in zip(traces, rewards, terms):
+            t.reward, t.terms = reward, trace_terms
+
+
+def set_advantages(group, cfg):
+    """A(tau): group_advantages over each set of a question's traces that share a baseline."""
     for traces in baseline_groups(group, cfg):
-        for t, a in zip(traces, group_advantages([t.reward for t in traces], cfg.adv_scale).tolist()):
-            t.advantage = a
+        advantages = group_advantages([t.reward for t in traces], cfg.adv_scale)
+        for t, advantage in zip(traces, advantages.tolist()):
+            t.advantage = advantage
 
 
 def baseline_groups(group, cfg):
@@ -305,20 +332,24 @@ def baseline_groups(group, cfg):
 # Rewards: pure functions of one question's traces
 
 def score_group(traces, kind, cfg, schedule):
-    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of one question's traces (schedule:
-    reward_schedule) -> (rewards [n], terms [n]: a dict each, as Trace.terms holds them)."""
-    phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])
+    """R(tau) = w1*c + w_div*div + lambda_cm*cm + rescue + format of each of one question's traces (schedule:
+    reward_schedule's w_div and lambda_cm) -> (rewards [n], terms [n]: a dict each, as in Trace.terms)."""
+    phi = torch.stack([ngram_features(t.text, cfg.ngram_dim) for t in traces])  # [n, ngram_dim]
     correct, models = [t.correct for t in traces], [t.model for t in traces]
     diversity = diversity_rewards(phi, correct, cfg.dpp_eps)
-    complement = (complementarity_rewards(phi, correct, models, [t.round for t in traces], cfg.dpp_eps)
-                  if len(set(models)) > 1 else torch.zeros(len(traces)))
+    complement = torch.zeros(len(traces))  # one model alone: no partner to complement
+    if len(set(models)) > 1:
+        complement = complementarity_rewards(phi, correct, models, [t.round for t in traces], cfg.dpp_eps)
     rescue = rescue_bonuses([t.round == "B" for t in traces], [t.hint_shown for t in traces],
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
-    terms = [{"correct": float(t.correct), "div": float(div), "cm": float(cm), "rescue": bonus,
-              "format": cfg.w_format * (extract_answer(t.text, kind, fallback=False) is not None)}
-             for t, div, cm, bonus in zip(traces, diversity, complement, rescue)]  # format: boxed or marked
-    rewards = [cfg.w_correct * x["correct"] + schedule["w_div"] * x["div"] + schedule["lambda_cm"] * x["cm"]
-               + x["rescue"] + x["format"] for x in terms]
+    rewards, terms = [], []
+    for i, t in enumerate(traces):
+        states_answer = extract_answer(t.text, kind, fallback=False) is not None  # boxed, or after a marker
+        terms.append({"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
+                      "rescue": rescue[i], "format": cfg.w_format * states_answer})
+        x = terms[i]  # c, div and cm unweighted; the rescue and format bonuses as paid
+        rewards.append(cfg.w_correct * x["correct"] + schedule["w_div"] * x["div"]
+                       + schedule["lambda_cm"] * x["cm"] + x["rescue"] + x["format"])
     return rewards, terms
 
 
@@ -361,8 +392,9 @@ def complementarity_rewards(phi, correct, model_ids, rounds, eps=1e-3):
 
 
 def rescue_bonuses(in_round_b, hint_shown, failed_cold, correct, bonus):
-    """Rescue bonus where all hold: round B, hint shown, its model failed cold, correct. [n] bool -> [n]."""
-    return [bonus * float(all(flags)) for flags in zip(in_round_b, hint_shown, failed_cold, correct)]
+    """The rescue bonus of each trace: `bonus` where all hold (round B, hint shown, its model failed cold,
+    correct), else 0. Each argument [n] bool -> [n]."""
+    return [bonus if all(flags) else 0.0 for flags in zip(in_round_b, hint_shown, failed_cold, correct)]
 
 
 def reward_schedule(cfg, step):
@@ -399,18 +431,41 @@ def policy_loss(logp, ref_logp, advantages, round_w, mask, beta, rho=None):
     return (per_token * mask).sum(), (kl.detach() * mask).sum()
 
 
-def rollout_mismatch(rollout_logp, update_logp, mask):
-    """Sums over the masked tokens of |r| and of exp(r) - r - 1 (in fp64), r = log pi_update - log pi_rollout
-    (same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
-    second is k3's form, not an unbiased KL. All args [b, L-1] -> two scalars."""
-    r = (update_logp - rollout_logp).double()
-    return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
+def update_policy(policy, traces, cfg, lr):
+    """One AdamW step of one model: the token-level mean of policy_loss over its traces on every rank, in
+    micro-batches of similar length, then clip and step (a non-finite loss or gradient skips the step).
+    Returns the logged numbers (UpdateLog.stats)."""
+    model, device = policy.model, policy.device
+    tokens = torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)
+    total_tokens = all_reduce_sum(tokens).item()  # the mean's denominator: this model's tokens on all ranks
+    if total_tokens == 0:  # no traces on any rank
+        return UpdateLog.stats(dict.fromkeys(UpdateLog.NAMES, 0.0), total_tokens, 0.0, False, cfg)
+    log = UpdateLog(device)
+    ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
+    for start in range(0, len(ordered), cfg.micro_batch):
+        mb = ordered[start:start + cfg.micro_batch]
+        prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # the cold one under --round-b-context cold
+        ids, mask, adv, w = padded_batch(mb, prompts, policy, cfg)
+        with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model (--beta-kl 0: no KL term)
+            ref = token_logprobs(model, ids, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
+        model.train(not cfg.no_grad_checkpoint)  # pi_theta; train mode turns on load_policy's checkpointing
+        logp, entropy, logp_tempered = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
+        model.eval()  # Qwen has no dropout: train mode changed nothing else
+        rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
+        loss, kl = policy_loss(logp, ref, adv, w, mask, cfg.beta_kl, rho)
+        (loss / total_tokens).backward()
+        log.add(mb, mask, loss, kl, entropy, logp_tempered)
+    sums = log.over_ranks()
+    all_reduce_grads(lora_parameters(model))  # the gradients, too, summed over ranks
+    grad_norm, skipped = clip_and_step(policy, sums["loss"], cfg, lr)
+    return log.stats(sums, total_tokens, grad_norm, skipped, cfg)
 
 
-def token_logprobs(model, input_ids, chunk, temperature=None):
-    """(logp, entropy, logp_tempered), each [b, L-1] fp32 (L: input length): log pi(x_{t+1} | x_<=t); with
-    a temperature also (no gradient) the entropy and log softmax(logits / temperature) of each target, else
-    None. Rows right-padded (no mask); the lm_head runs `chunk` positions at a time: no [b, L, V] tensor."""
+def token_logprobs(model, input_ids, chunk, sampling_temperature=None):
+    """(logp, entropy, logp_tempered), each [b, L-1] fp32 (L: input length). logp: log pi(x_{t+1} | x_<=t) at
+    temperature 1, the loss's. For the log only, given a sampling temperature (else None), no gradient: the
+    entropy at temperature 1 and each target's log softmax(logits / temperature). Rows right-padded (no mask);
+    the lm_head runs `chunk` positions at a time: no [b, L, V] tensor exists."""
     hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     targets = input_ids[:, 1:]
@@ -419,55 +474,54 @@ def token_logprobs(model, input_ids, chunk, temperature=None):
     def chunk_logprobs(h, y, start):
         logp = torch.log_softmax(head(h).float(), dim=-1)  # [b, chunk, V]
         target = logp.gather(-1, y[..., None]).squeeze(-1)
-        if temperature is not None and start not in diagnostics:
+        if sampling_temperature is not None and start not in diagnostics:
             with torch.no_grad():  # the entropy; log softmax(logits / temp) = log softmax(logp / temp), at y
-                diagnostics[start] = (-logp.exp().mul_(logp).sum(-1),
-                                      target / temperature - torch.logsumexp(logp / temperature, dim=-1))
+                diagnostics[start] = (-logp.exp().mul_(logp).sum(-1), target / sampling_temperature
+                                      - torch.logsumexp(logp / sampling_temperature, dim=-1))
         return target
 
-    chunks = [(hidden[:, s:s + chunk], targets[:, s:s + chunk], s) for s in range(0, hidden.shape[1], chunk)]
-    pieces = [checkpoint(chunk_logprobs, *c, use_reentrant=False) if torch.is_grad_enabled()
-              else chunk_logprobs(*c) for c in chunks]
-    if temperature is None:
-        return torch.cat(pieces, dim=1), None, None
-    entropy, logp_tempered = (torch.cat(parts, dim=1) for parts in zip(*diagnostics.values()))
-    return torch.cat(pieces, dim=1), entropy, logp_tempered
+    starts = range(0, hidden.shape[1], chunk)
+    chunks = [(hidden[:, s:s + chunk], targets[:, s:s + chunk], s) for s in starts]
+    logp = torch.cat([checkpoint(chunk_logprobs, *c, use_reentrant=False) if torch.is_grad_enabled()
+                      else chunk_logprobs(*c) for c in chunks], dim=1)  # logits recomputed, never kept
+    if sampling_temperature is None:
+        return logp, None, None
+    entropy = torch.cat([diagnostics[s][0] for s in starts], dim=1)
+    logp_tempered = torch.cat([diagnostics[s][1] for s in starts], dim=1)
+    return logp, entropy, logp_tempered
 
 
-# what update_policy sums over its micro-batches and ranks: token sums, and the tokens the mismatch covers
-LOGGED = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
+def padded_batch(traces, prompts, policy, cfg):
+    """Right-padded prompt + completion ids [b, L], the mask of the log-prob positions that predict completion
+    tokens [b, L-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
+    device = policy.device
+    width = max(len(p) + len(t.completion_ids) for p, t in zip(prompts, traces))
+    ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(traces), width - 1), device=device)
+    for row, (prompt, t) in enumerate(zip(prompts, traces)):
+        seq = prompt + t.completion_ids
+        ids[row, :len(seq)] = torch.tensor(seq, device=device)
+        mask[row, len(prompt) - 1:len(seq) - 1] = 1
+    adv = torch.tensor([t.advantage for t in traces], device=device)
+    w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in traces], device=device)
+    return ids, mask, adv, w
 
 
-def update_policy(policy, traces, cfg, lr):
-    """One AdamW step of one model on its traces (this rank's; the gradients are summed over ranks): the
-    token-level mean of policy_loss, in micro-batches sorted by length, then clip and step. Returns stats; a
-    non-finite loss or gradient skips the step (stats['skipped'] = 1)."""
-    model, device = policy.model, policy.device
-    tokens = torch.tensor(float(sum(len(t.completion_ids) for t in traces)), device=device)
-    total_tokens = all_reduce_sum(tokens).item()
-    if total_tokens == 0:  # no traces on any rank
-        return update_stats(dict.fromkeys(LOGGED, 0.0), total_tokens, 0.0, False, cfg)
-    sums = torch.zeros(len(LOGGED), device=device)  # LOGGED's sums over micro-batches, then over ranks
-    ordered = sorted(traces, key=lambda t: len(t.prompt_ids) + len(t.completion_ids))
-    for mb in (ordered[i:i + cfg.micro_batch] for i in range(0, len(ordered), cfg.micro_batch)):
-        prompts = [t.cold_prompt_ids or t.prompt_ids for t in mb]  # the cold one under --round-b-context cold
-        ids, mask, adv, w = micro_batch(mb, prompts, policy, cfg)
-        with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model (--beta-kl 0: no KL term)
-            ref = token_logprobs(model, ids, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
-        with recomputed_activations(model, not cfg.no_grad_checkpoint):  # pi_theta
-            logp, entropy, logp_tempered = token_logprobs(model, ids, cfg.logprob_chunk,
-                                                          cfg.temperature or 1.0)
-        rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
-        loss, kl = policy_loss(logp, ref, adv, w, mask, cfg.beta_kl, rho)
-        (loss / total_tokens).backward()
-        rollout_logp, measured = rollout_logprobs(mb, mask)  # the sampler's own log-probs, for the mismatch
-        mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_tempered, measured)
-        logged = (loss.detach(), kl, (entropy * mask).sum(), mismatch, mismatch_kl, measured.sum())  # LOGGED
-        sums += torch.stack(logged)
-    sums = dict(zip(LOGGED, all_reduce_sum(sums).tolist()))
-    all_reduce_grads(lora_parameters(model))  # the gradients, too, summed over ranks
-    grad_norm, skipped = clip_and_step(policy, sums["loss"], cfg, lr)
-    return update_stats(sums, total_tokens, grad_norm, skipped, cfg)
+def importance_weights(traces, logp, policy, cfg):
+    """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a
+    hinted trace trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the
+    others. logp: [b, L-1] -> [b, L-1], or None when no trace is trained on a cold prompt."""
+    if not any(t.cold_prompt_ids for t in traces):
+        return None
+    with torch.no_grad():
+        ids, _, _, _ = padded_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+        sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)[0]
+    shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
+                         device=logp.device)  # where each completion starts later in the hinted layout
+    index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
+    rho = torch.exp(logp.detach() - sampled.gather(1, index.clamp(0, sampled.shape[1] - 1))).clamp(max=1.0)
+    hinted = torch.tensor([t.cold_prompt_ids is not None for t in traces], device=logp.device)
+    return torch.where(hinted[:, None], rho, torch.ones_like(rho))
 
 
 def clip_and_step(policy, loss_sum, cfg, lr):
@@ -484,45 +538,47 @@ def clip_and_step(policy, loss_sum, cfg, lr):
     return grad_norm, skipped
 
 
-def update_stats(sums, total_tokens, grad_norm, skipped, cfg):
-    """The logged numbers from the LOGGED sums over ranks: per token (the mismatch: per measured token)."""
-    tokens, measured = total_tokens or 1.0, sums["measured"]
-    return {"loss": sums["loss"] / tokens,
-            "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
-            "entropy": sums["entropy"] / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
-            "skipped": int(skipped), "mismatch": sums["mismatch"] / measured if measured else None,
-            "mismatch_kl": sums["mismatch_kl"] / measured if measured else None}
+def learning_rate(cfg, step):
+    """10% linear warm-up, then cosine decay towards 0 at step cfg.steps."""
+    warmup = max(1, int(0.1 * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@contextlib.contextmanager
-def recomputed_activations(model, on):
-    """The decoder layers recompute their activations in the backward pass (gradient checkpointing, which
-    transformers applies in train mode only; Qwen has no dropout, so train mode changes nothing else)."""
-    model.train(on)
-    try:
-        yield
-    finally:
-        model.eval()
+class UpdateLog:
+    """What update_policy logs: token sums over its micro-batches, then its ranks, of the loss, the KL, the
+    entropy and the sampler/update mismatch (over the `measured` tokens: those with sampler log-probs)."""
+    NAMES = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
+
+    def __init__(self, device):
+        self.sums = dict.fromkeys(self.NAMES, torch.zeros((), device=device))
+
+    def add(self, traces, mask, loss, kl, entropy, logp_tempered):  # one micro-batch's
+        rollout_logp, measured = sampler_logprobs(traces, mask)
+        mismatch, mismatch_kl = rollout_mismatch(rollout_logp, logp_tempered, measured)
+        batch = {"loss": loss.detach(), "kl": kl, "entropy": (entropy * mask).sum(), "mismatch": mismatch,
+                 "mismatch_kl": mismatch_kl, "measured": measured.sum()}
+        self.sums = {name: self.sums[name] + batch[name] for name in self.NAMES}
+
+    def over_ranks(self):  # one all-reduce
+        totals = all_reduce_sum(torch.stack([self.sums[name] for name in self.NAMES]))
+        return dict(zip(self.NAMES, totals.tolist()))
+
+    @staticmethod
+    def stats(sums, total_tokens, grad_norm, skipped, cfg):
+        """The logged numbers: per token (the mismatch: per measured token)."""
+        tokens, measured = total_tokens or 1.0, sums["measured"]
+        return {"loss": sums["loss"] / tokens,
+                "kl": sums["kl"] / tokens if cfg.beta_kl > 0 else None,  # beta 0: not measured
+                "entropy": sums["entropy"] / tokens, "grad_norm": grad_norm, "tokens": total_tokens,
+                "skipped": int(skipped), "mismatch": sums["mismatch"] / measured if measured else None,
+                "mismatch_kl": sums["mismatch_kl"] / measured if measured else None}
 
 
-def micro_batch(traces, prompts, policy, cfg):
-    """Right-padded prompt + completion ids [b, L], the mask of the log-prob positions that predict completion
-    tokens [b, L-1], advantages [b], loss weights [b] (round B: round_b_weight)."""
-    device = policy.device
-    width = max(len(p) + len(t.completion_ids) for p, t in zip(prompts, traces))
-    ids = torch.full((len(traces), width), policy.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(traces), width - 1), device=device)
-    for row, (prompt, t) in enumerate(zip(prompts, traces)):
-        seq = prompt + t.completion_ids
-        ids[row, :len(seq)] = torch.tensor(seq, device=device)
-        mask[row, len(prompt) - 1:len(seq) - 1] = 1
-    adv = torch.tensor([t.advantage for t in traces], device=device)
-    w = torch.tensor([1.0 if t.round == "A" else cfg.round_b_weight for t in traces], device=device)
-    return ids, mask, adv, w
-
-
-def rollout_logprobs(traces, mask):
-    """The sampler's log-probability of each completion token at micro_batch's positions [b, L-1], and the
+def sampler_logprobs(traces, mask):
+    """The sampler's log-probability of each completion token at padded_batch's positions [b, L-1], and the
     mask [b, L-1] of those known: traces that carry them, trained on the prompt they were sampled from."""
     logp, measured = torch.zeros_like(mask), torch.zeros_like(mask)
     for row, t in enumerate(traces):
@@ -533,30 +589,12 @@ def rollout_logprobs(traces, mask):
     return logp, measured
 
 
-def importance_weights(traces, logp, policy, cfg):
-    """rho_t = min(1, pi(y_t | cold prompt) / pi(y_t | hinted prompt)), no gradient, for each token of a
-    hinted trace trained on its cold prompt (Guide-GRPO's correction, truncated as in V-trace); 1 for the
-    others. logp: [b, L-1] -> [b, L-1], or None when no trace is trained on a cold prompt."""
-    if not any(t.cold_prompt_ids for t in traces):
-        return None
-    with torch.no_grad():
-        ids, _, _, _ = micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
-        sampled = token_logprobs(policy.model, ids, cfg.logprob_chunk)[0]
-    shift = torch.tensor([len(t.prompt_ids) - len(t.cold_prompt_ids or t.prompt_ids) for t in traces],
-                         device=logp.device)  # where each completion starts later in the hinted layout
-    index = torch.arange(logp.shape[1], device=logp.device)[None] + shift[:, None]
-    rho = torch.exp(logp.detach() - sampled.gather(1, index.clamp(0, sampled.shape[1] - 1))).clamp(max=1.0)
-    hinted = torch.tensor([t.cold_prompt_ids is not None for t in traces], device=logp.device)
-    return torch.where(hinted[:, None], rho, torch.ones_like(rho))
-
-
-def learning_rate(cfg, step):
-    """10% linear warm-up, then cosine decay towards 0 at step cfg.steps."""
-    warmup = max(1, int(0.1 * cfg.steps))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def rollout_mismatch(rollout_logp, update_logp, mask):
+    """Sums over the masked tokens of |r| and of exp(r) - r - 1 (in fp64), r = log pi_update - log pi_rollout
+    (same temperature): the sampler/update gap per sampled token. The tokens come from the top-p cut, so the
+    second is k3's form, not an unbiased KL. All args [b, L-1] -> two scalars."""
+    r = (update_logp - rollout_logp).double()
+    return (r.abs() * mask).sum().float(), ((torch.expm1(r) - r) * mask).sum().float()
 
 
 # -----------------------------------------------------------------------------
@@ -569,7 +607,7 @@ class Run:
     policies: list                # the models being trained, model 1 first
     test_set: list                # the evaluation's questions
     out: Path                     # the run folder
-    counters: dict = field(default_factory=lambda: new_counters())  # counted across steps, checkpointed
+    loop_state: dict = field(default_factory=lambda: new_loop_state())  # carried across steps, checkpointed
     start: int = 0                # the first step of this invocation (a resumed run's checkpoint step)
     stop: object = None           # main's StopRequest (its `in_loop` set while the loop runs)
 
@@ -578,7 +616,7 @@ def train(cfg, policies, train_set, test_set, out, stop):
     """The training loop (after start_or_resume: a checkpoint, or eval_before): per step (0-based) its
     questions, core_step, one update per model, the log, then end_of_step. Returns (exit code, whether all
     cfg.steps are done). Ctrl-C and SIGTERM stop after the step with a checkpoint (stop: main's StopRequest);
-    out of memory raises a TrainingError (out_of_memory)."""
+    out of memory raises a TrainingError."""
     rank, world = dist_info()
     run = start_or_resume(Run(cfg, policies, test_set, out, stop=stop))
     step, stats, stop.in_loop = run.start, [], True
@@ -601,54 +639,11 @@ def train(cfg, policies, train_set, test_set, out, stop):
             if code is not None:
                 return code, False
     except torch.OutOfMemoryError:
-        raise out_of_memory(run, step, stats) from None
+        save_before_failed_step(run, step, stats)
+        raise out_of_memory_error(run, step) from None
     finally:
         stop.in_loop = False
     return 0, True
-
-
-def count_nonfinite(run, stats, step):
-    """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
-    in_a_row = run.counters["nonfinite_in_a_row"]
-    for i, (pol, s) in enumerate(zip(run.policies, stats)):
-        in_a_row[i] = in_a_row[i] + 1 if s["skipped"] else 0
-        if s["skipped"]:
-            print(f"warning: non-finite loss or gradient for {pol.name} at step {step + 1}: update skipped")
-
-
-def metrics_row(run, step, groups, stats, started, rollout_s, too_long):
-    """The step's metrics row over all ranks (step_metrics), with the run's totals of problems skipped as too
-    long and of sampled tokens (kept across resumes); None when no rank had a question that fitted."""
-    counters = run.counters
-    shards = all_gather((groups, too_long, rollout_s))
-    all_groups = [g for shard, _, _ in shards for g in shard]
-    too_long, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
-    counters["skipped_problems"] += too_long
-    if too_long:
-        print(f"warning: {too_long} problem(s) skipped at step {step + 1}: prompt longer than "
-              f"--max-prompt-tokens or the model context ({counters['skipped_problems']} so far)")
-    if not all_groups:
-        return None
-    row = step_metrics(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s),
-                       too_long)
-    row |= {f"sampler_m{m}": sampler_in_use(p, run.cfg) for m, p in enumerate(run.policies, 1)}  # this rank's
-    row["skipped_problems_total"] = counters["skipped_problems"]  # steps that logged no row included
-    totals = counters["sampled_tokens"]  # the run's compute, across resumes
-    for m in (1, 2):
-        totals[m - 1] += row[f"sampled_tokens_m{m}"]
-        row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
-    return row
-
-
-def out_of_memory(run, step, stats):
-    """The TrainingError for CUDA out of memory in `step`: resume with smaller batches. A single process first
-    saves the adapters as they were at its start if no model updated in it (`stats` empty), past this
-    invocation's first step (the random streams have moved on: the resumed step draws anew)."""
-    if not stats and step > run.start and dist_info()[1] == 1:
-        save_checkpoint(run, step)
-    halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
-    return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
-                         f"smaller batches: python core.py --resume {run.out} {halve}")
 
 
 def start_or_resume(run):
@@ -661,7 +656,8 @@ def start_or_resume(run):
         if rank == 0:
             keep_logged_steps(out, state["step"])
         print(f"resumed from {folder} at step {state['step']}")
-        return replace(run, start=state["step"], counters=new_counters() | state["counters"])  # older: fewer
+        saved = state.get("loop_state", state.get("counters", {}))  # "counters": an older checkpoint's name
+        return replace(run, start=state["step"], loop_state=new_loop_state() | saved)  # older: fewer keys
     if cfg.resume:  # stopped before its first checkpoint: the run starts again from step 0
         print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved config")
         if rank == 0:
@@ -671,9 +667,9 @@ def start_or_resume(run):
     return run
 
 
-def new_counters():
-    """What the loop counts across steps (saved in every checkpoint): per model, non-finite updates in a row,
-    the collapse watch's streak and window start, sampled tokens; problems skipped as too long."""
+def new_loop_state():
+    """What the loop carries across steps (checkpointed): per model, non-finite updates in a row, the collapse
+    watch's streak and window start, sampled tokens; the nothing-to-learn streak; problems skipped."""
     return {"nonfinite_in_a_row": [0, 0], "skipped_problems": 0, "pushed_away": [0, 0], "nothing_to_learn": 0,
             "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0], "sampled_tokens": [0, 0]}
 
@@ -684,46 +680,44 @@ def end_of_step(run, done):
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
         run_evaluation(policies, run.test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
     stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
-    if max(run.counters["nonfinite_in_a_row"]) >= 3:
+    if max(run.loop_state["nonfinite_in_a_row"]) >= 3:
         save_checkpoint(run, done)
         raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
                             f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
-    stop_after = done - run.start == cfg.stop_after
-    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or stop_after:
+    invocation_done = done - run.start == cfg.stop_after  # --stop-after's steps of this invocation are done
+    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or invocation_done:
         save_checkpoint(run, done)
     if stop.requested:
         print(f"stopped after step {done}; continue with: python core.py --resume {out}")
         return 130
-    if stop_after and done < cfg.steps:
+    if invocation_done and done < cfg.steps:
         print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: "
               f"python core.py --resume {out}")
         return 0
     return None
 
 
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
-    sets `requested`: the loop finishes its step, checkpoints and exits 130; a second raises
-    KeyboardInterrupt. Elsewhere the handler found at the start acts (ignored stays ignored), SIGTERM's
-    default as Ctrl-C's."""
+def count_nonfinite(run, stats, step):
+    """Each model's non-finite updates in a row (three stop the run: end_of_step); each one warns."""
+    in_a_row = run.loop_state["nonfinite_in_a_row"]
+    for i, (pol, s) in enumerate(zip(run.policies, stats)):
+        in_a_row[i] = in_a_row[i] + 1 if s["skipped"] else 0
+        if s["skipped"]:
+            print(f"warning: non-finite loss or gradient for {pol.name} at step {step + 1}: update skipped")
 
-    def __init__(self):
-        self.requested = self.in_loop = False
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def release(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def save_before_failed_step(run, step, stats):
+    """After out of memory in `step`, a single process past this invocation's first step saves the adapters of
+    the step's start if no model updated in it (`stats` empty); the resumed step draws anew."""
+    if not stats and step > run.start and dist_info()[1] == 1:
+        save_checkpoint(run, step)
 
-    def __call__(self, signum, frame):
-        previous = self.previous[signum]
-        if not self.in_loop and (previous == signal.SIG_IGN or callable(previous)):
-            return None if previous == signal.SIG_IGN else previous(signum, frame)
-        if self.requested or not self.in_loop:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
-              f"to abort)", flush=True)
+
+def out_of_memory_error(run, step):
+    """The TrainingError for CUDA out of memory in `step`: resume with smaller batches."""
+    halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
+    return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
+                         f"smaller batches: python core.py --resume {run.out} {halve}")
 
 
 # -----------------------------------------------------------------------------
@@ -887,25 +881,6 @@ def hint_for(policy, problem, hint, cfg):
     return cap_hint(hint, policy.tokenizer, tokens) if tokens > 0 else None
 
 
-def sample_round(policies, problems, requests, groups, cfg, round_name, n=1):
-    """Samples requests[m - 1] = [(question index, hint or None), ...] n times each with model m, checks every
-    answer and adds each Trace to groups[question index]."""
-    progress = Progress(f"round {round_name}", n * sum(map(len, requests)))
-    for m, (policy, asks) in enumerate(zip(policies, requests), 1):
-        prompts = [build_prompt(policy.tokenizer, problems[q].question, problems[q].kind, hint)
-                   for q, hint in asks]
-        outputs = generate(policy, prompts, cfg.max_new_tokens, cfg, n, progress=progress)
-        for i, (ids, text, logprobs) in enumerate(outputs):
-            (q, hint), prompt = asks[i // n], prompts[i // n]
-            gold, kind = problems[q].gold, problems[q].kind
-            groups[q].append(Trace(m, round_name, prompt, ids, text, is_correct(text, gold, kind),
-                                   rollout_logprobs=logprobs, hint_shown=hint is not None,
-                                   cold_prompt_ids=cold_prompt(policy, problems[q], hint, cfg),
-                                   hint_leaks=hint is not None and gold_visible(hint, problems[q]),
-                                   truncated=hit_budget(ids, cfg.max_new_tokens, policy.eos_ids)))
-    progress.close()
-
-
 def cold_prompt(policy, problem, hint, cfg):
     """The prompt without the hint, for a hinted trace that --round-b-context cold trains on (else None)."""
     if hint is None or cfg.round_b_context != "cold":
@@ -945,7 +920,7 @@ def sample(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7, top
         sampled += len(live)
         if progress is not None and progress.due():
             progress.show(len(out) - len(live), sampled, step)
-        tokens, logp, _ = pick_tokens(logits, temperature, top_p, generator)
+        tokens, logp = pick_tokens(logits, temperature, top_p, generator)
         for row, token, token_logp in zip(live.tolist(), tokens.tolist(), logp.tolist()):
             out[row].append(token)
             out_logp[row].append(token_logp)
@@ -989,11 +964,16 @@ def left_pad(prompts, pad_id, device):
     return ids, mask
 
 
-def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=1024):
-    """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p among the
-    `candidates` likeliest -> tokens [b], their log-prob under softmax(logits / T) before the top-p cut [b]
-    (T = 0: softmax(logits)), and rows whose nucleus passed the candidates [b] (checked: all then draw from
-    a full sort)."""
+def pick_tokens(logits, temperature, top_p, generator):
+    """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p -> tokens [b] and
+    their log-prob under softmax(logits / T) before the top-p cut [b] (T = 0: softmax(logits))."""
+    tokens, logp, _ = draw_tokens(logits, temperature, top_p, generator, sort_if_wider=True)
+    return tokens, logp
+
+
+def draw_tokens(logits, temperature, top_p, generator, sort_if_wider, candidates=1024):
+    """pick_tokens, its nucleus looked for among the `candidates` likeliest -> also the rows whose nucleus is
+    wider [b]; sort_if_wider: then all draw from a full sort (a host read), else sample_fast redoes them."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1004,13 +984,13 @@ def pick_tokens(logits, temperature, top_p, generator, checked=True, candidates=
         logp = probs.gather(-1, tokens[:, None]).log().squeeze(1)
         return tokens, logp, torch.zeros_like(tokens, dtype=torch.bool)
     top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
-    short = top.sum(-1) < top_p
-    if checked and short.any():
+    wider = top.sum(-1) < top_p
+    if sort_if_wider and wider.any():
         top, order = probs.sort(dim=-1, descending=True)
-        short = torch.zeros_like(short)
+        wider = torch.zeros_like(wider)
     top = top.masked_fill(top.cumsum(-1) - top > top_p, 0)  # mass before this token > top_p: outside
     tokens = order.gather(-1, torch.multinomial(top, 1, generator=generator)).squeeze(1)
-    return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), short
+    return tokens, probs.gather(-1, tokens[:, None]).log().squeeze(1), wider
 
 
 def hit_budget(ids, budget, eos_ids):
@@ -1080,7 +1060,7 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
                 n=1, segment=256, cuda_graph=None, progress=None):
     """sample() for the GPU: the same prefill, then a StaticCache and each decode step a CUDA graph (default:
     on CUDA). The host reads the device once per window of up to 8 steps (redone, checked, if a nucleus
-    overflowed: pick_tokens) and per `segment`, where finished rows leave. Greedy tokens equal sample()'s."""
+    overflowed: draw_tokens) and per `segment`, where finished rows leave. Greedy tokens equal sample()'s."""
     if model.config._attn_implementation != "sdpa":  # the boolean 4D mask means "may attend" to sdpa only
         raise ValueError(f"sample_fast needs sdpa attention, not {model.config._attn_implementation}")
     cache, logits, mask, next_pos = prefill(model, prompts, pad_id, n)
@@ -1111,21 +1091,22 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
                 progress.show(rows - len(live) + int(finished.sum()), sampled, start)
             saved = logits.clone(), finished.clone(), step.snapshot(), generator.get_state()
             for checked in (False, True):  # unchecked (one host read); checked if a nucleus overflowed
-                short = torch.zeros((), dtype=torch.bool, device=device)
+                overflow = torch.zeros((), dtype=torch.bool, device=device)
                 for s in window:
-                    tokens, logp, cut = pick_tokens(logits, temperature, top_p, generator, checked)
+                    tokens, logp, wider = draw_tokens(logits, temperature, top_p, generator, checked)
                     tokens = tokens.masked_fill(finished, pad_id)
                     out[live, s], out_logp[live, s] = tokens, logp
-                    short |= (cut & ~finished).any()
+                    overflow |= (wider & ~finished).any()
                     finished |= torch.isin(tokens, eos)
                     logits = step(tokens) if s + 1 < max_new_tokens else logits
-                verdict = (short.int() + 2 * finished.all().int()).item()  # the window's one device read
-                if not verdict & 1:
+                flags = (overflow.int() + 2 * finished.all().int()).item()  # two answers in one host read
+                overflowed, all_finished = bool(flags & 1), bool(flags & 2)
+                if not overflowed:
                     break
                 logits, finished = saved[0], saved[1].clone()
                 step.restore(saved[2])
                 generator.set_state(saved[3])
-            if verdict & 2:
+            if all_finished:
                 break
     kept = [until_eos(row, eos_ids) for row in out.tolist()]
     return kept, [logp[:len(row)] for row, logp in zip(kept, out_logp.tolist())]
@@ -1668,7 +1649,7 @@ def evaluate(policies, test_set, cfg, tag):
         stream = torch.Generator(device=pol.device).manual_seed(stream_seed(cfg.seed, "evaluation", m, rank))
         outs = generate(pol, prompts, cfg.eval_max_new_tokens, cfg, cfg.eval_k, stream, progress)
         for q, (r, (_, p)) in enumerate(zip(records, mine)):
-            r[f"m{m}"] = [sample_result(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
+            r[f"m{m}"] = [graded_answer(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
                           for ids, text, _ in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
     progress.close()
     records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
@@ -1677,7 +1658,7 @@ def evaluate(policies, test_set, cfg, tag):
     return metrics, records
 
 
-def sample_result(ids, text, problem, eos_ids, budget):
+def graded_answer(ids, text, problem, eos_ids, budget):
     correct = is_correct(text, problem.gold, problem.kind)  # c(tau), as in training
     return {"answer": extract_answer(text, problem.kind), "correct": correct, "tokens": len(ids),
             "truncated": hit_budget(ids, budget, eos_ids), "text": text}
@@ -1728,7 +1709,7 @@ def team_metrics(records, j):
     n = len(records)
     solved1, solved2 = ([any(s["correct"] for s in r[f"m{m}"][:j]) for r in records] for m in (1, 2))
     joint = sum(not a and not b for a, b in zip(solved1, solved2)) / n
-    votes = [majority_correct([s for pair in zip(r["m1"][:j], r["m2"][:j]) for s in pair]) for r in records]
+    votes = [majority_correct(r["m1"][:j] + r["m2"][:j]) for r in records]  # the 2j candidates' vote
     return {f"team_pass@{j}": sum(a or b for a, b in zip(solved1, solved2)) / n,
             f"team_vote@{j}": sum(votes) / n,
             f"p_12@{j}": sum(a and b for a, b in zip(solved1, solved2)) / n,
@@ -1783,7 +1764,7 @@ def shortened(name, width):
 
 def save_checkpoint(run, done):
     """checkpoints/step_NNNNNN/ after `done` steps: adapters (PEFT's layout), optimizer states, every rank's
-    RNG states, data position, counters, config. Every rank takes part; rank 0 writes."""
+    RNG states, data position, loop state, config. Every rank takes part; rank 0 writes."""
     cfg, policies, out = run.cfg, run.policies, run.out
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
@@ -1802,7 +1783,7 @@ def save_checkpoint(run, done):
     save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
               str(tmp / "rng.safetensors"))
     state = {"step": done, "data_position": done * cfg.batch_questions, "world_size": len(rngs),
-             "python_rng": [py for _, py in rngs], "counters": run.counters, "config": asdict(cfg)}
+             "python_rng": [py for _, py in rngs], "loop_state": run.loop_state, "config": asdict(cfg)}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     os.replace(tmp, final)
     for old in checkpoints(out)[:-cfg.keep]:
@@ -2014,14 +1995,38 @@ def log_step(run, step, row, problems, groups, hints):
     cfg = run.cfg
     print(format_log(row, cfg.steps), flush=True)
     names = {m: policy.name for m, policy in enumerate(run.policies, 1)}
-    watch_for_nothing_to_learn(row, run.counters, cfg)
-    watch_for_collapse(row, run.counters, names, cfg)
+    watch_for_nothing_to_learn(row, run.loop_state, cfg)
+    watch_for_collapse(row, run.loop_state, names, cfg)
     for q in range(min(cfg.show, len(problems))):
         show_group(problems[q], groups[q], hints[q], names)
     if dist_info()[0] == 0:
         append_jsonl(run.out / "metrics.jsonl", row)
         if problems:
-            append_jsonl(run.out / "samples.jsonl", sample_record(step, problems[0], groups[0], hints[0]))
+            append_jsonl(run.out / "samples.jsonl", traces_record(step, problems[0], groups[0], hints[0]))
+
+
+def metrics_row(run, step, groups, stats, started, rollout_s, too_long):
+    """The step's metrics row over all ranks (step_metrics), with the run's totals of problems skipped as too
+    long and of sampled tokens (kept across resumes); None when no rank had a question that fitted."""
+    loop_state = run.loop_state
+    shards = all_gather((groups, too_long, rollout_s))
+    all_groups = [g for shard, _, _ in shards for g in shard]
+    too_long, rollout_s = sum(n for _, n, _ in shards), max(s for _, _, s in shards)  # the slowest rank's
+    loop_state["skipped_problems"] += too_long
+    if too_long:
+        print(f"warning: {too_long} problem(s) skipped at step {step + 1}: prompt longer than "
+              f"--max-prompt-tokens or the model context ({loop_state['skipped_problems']} so far)")
+    if not all_groups:
+        return None
+    row = step_metrics(step, run.cfg, all_groups, stats, (rollout_s, time.time() - started - rollout_s),
+                       too_long)
+    row |= {f"sampler_m{m}": sampler_in_use(p, run.cfg) for m, p in enumerate(run.policies, 1)}  # this rank's
+    row["skipped_problems_total"] = loop_state["skipped_problems"]  # steps that logged no row included
+    totals = loop_state["sampled_tokens"]  # the run's compute, across resumes
+    for m in (1, 2):
+        totals[m - 1] += row[f"sampled_tokens_m{m}"]
+        row[f"sampled_tokens_total_m{m}"] = totals[m - 1]
+    return row
 
 
 def step_metrics(step, cfg, groups, stats, seconds, skipped_problems):
@@ -2081,11 +2086,11 @@ def format_log(row, steps):
             f"{r['rollout_s']:.1f}+{r['update_s']:.1f}s")
 
 
-def watch_for_nothing_to_learn(row, counters, cfg, every=5):
+def watch_for_nothing_to_learn(row, state, cfg, every=5):
     """Warn when every sample of a step hit the token budget or every advantage group had equal rewards (no
     advantage is nonzero): at the first such step, then every `every` steps while it goes on."""
     truncated, constant = row["truncated"] == 1, row["constant_groups"] == row["advantage_groups"]
-    streak = counters["nothing_to_learn"] = counters["nothing_to_learn"] + 1 if truncated or constant else 0
+    streak = state["nothing_to_learn"] = state["nothing_to_learn"] + 1 if truncated or constant else 0
     if streak == 0 or (streak - 1) % every:
         return
     verdict = {0.0: "wrong", 1.0: "right"}.get(row["correct"], "equally rewarded")
@@ -2100,7 +2105,7 @@ def watch_for_nothing_to_learn(row, counters, cfg, every=5):
     print(f"warning: step {row['step']}: nothing to learn ({steps}): {why}", flush=True)
 
 
-def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
+def watch_for_collapse(row, state, names, cfg, patience=3, push=-0.3):
     """Warn when for `patience` steps in a row a model's round-A traces had a mean advantage <= `push` while
     its KL to the base or its entropy rose: its updates push it away from its own cold behaviour. Round B is
     not read: rescued traces there stay positive while the cold ones are pushed down."""
@@ -2108,11 +2113,11 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
              ("--adv-scale none", cfg.adv_scale == "none"))
     options = [flag for flag, in_force in flags if not in_force]
     advice = f"try {' '.join(options)}" if options else "the advantage options are in force: lower --lr"
-    kl_before, entropy_before = counters["kl_before"], counters["entropy_before"]
+    kl_before, entropy_before = state["kl_before"], state["entropy_before"]
     for m, name in names.items():
         i, kl, entropy, cold = m - 1, row[f"kl_m{m}"], row[f"entropy_m{m}"], row[f"adv_A_m{m}"]
         pushed = cold is not None and cold <= push
-        streak = counters["pushed_away"][i] = counters["pushed_away"][i] + 1 if pushed else 0
+        streak = state["pushed_away"][i] = state["pushed_away"][i] + 1 if pushed else 0
         if streak and (streak - 1) % patience == 0:  # a window starts: where its KL and entropy were
             kl_before[i], entropy_before[i] = kl, entropy
         kl_rose = kl is not None and kl > kl_before[i]  # None: --beta-kl 0, the KL is not measured
@@ -2121,7 +2126,7 @@ def watch_for_collapse(row, counters, names, cfg, patience=3, push=-0.3):
             print(f"warning: {name}: for {streak} steps in a row its cold (round-A) traces had a mean "
                   f"advantage of {push:+.2f} or less ({cold:+.2f} now); over the last {patience} steps "
                   f"{went}its entropy went {entropy_before[i]:.2f} -> {entropy:.2f}: its updates push it "
-                  f"away from its own cold samples (README: the weaker partner; {advice})", flush=True)
+                  f"away from its cold samples (docs/method.md: the weaker partner; {advice})", flush=True)
 
 
 def show_group(problem, group, hint, names):
@@ -2141,7 +2146,7 @@ def one_line(text, width):
     return shortened(text.strip().replace("\n", "\\n"), width)
 
 
-def sample_record(step, problem, group, hint):
+def traces_record(step, problem, group, hint):
     traces = [{"model": t.model, "round": t.round, "hint_shown": t.hint_shown, "correct": t.correct,
                "reward": t.reward, "terms": t.terms, "advantage": t.advantage, "text": t.text} for t in group]
     return {"step": step + 1, "id": problem.id, "question": problem.question, "gold": problem.gold,
@@ -2231,6 +2236,31 @@ def append_jsonl(path, row):
 # -----------------------------------------------------------------------------
 # The command line
 
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
+    sets `requested`: the loop finishes its step, checkpoints and exits 130; a second raises
+    KeyboardInterrupt. Elsewhere the handler found at the start acts (ignored stays ignored), SIGTERM's
+    default as Ctrl-C's."""
+
+    def __init__(self):
+        self.requested = self.in_loop = False
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def release(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __call__(self, signum, frame):
+        previous = self.previous[signum]
+        if not self.in_loop and (previous == signal.SIG_IGN or callable(previous)):
+            return None if previous == signal.SIG_IGN else previous(signum, frame)
+        if self.requested or not self.in_loop:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
+              f"to abort)", flush=True)
+
+
 def main(argv=None):
     stop = StopRequest()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
     try:
@@ -2274,13 +2304,16 @@ def run_job(cfg, given, stop):
     barrier()  # every rank has checked the output folder before rank 0 creates it
     local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and torch.cuda.is_available() else ""
     devices = [resolve_device(cfg.device1 or local), resolve_device(cfg.device2 or cfg.device1 or local)]
-    train_set, test_set = demo_data(cfg, out) if cfg.demo else load_data(cfg)
+    if cfg.demo:
+        cfg, train_set, test_set = demo_data(cfg, out)
+    else:
+        train_set, test_set = load_data(cfg)
     check_models(cfg)
     policies = [load_policy(m, path, device, cfg)
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:
         load_checkpoint(find_checkpoint(cfg.adapters), policies, with_optimizer=False)
-    test_set = check_sizes(policies, train_set, test_set, cfg)
+    test_set = usable_test_set(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {out}")
@@ -2330,7 +2363,7 @@ def model_paths(cfg):
     return [cfg.model1] + ([] if cfg.model2 == "none" else [cfg.model2])
 
 
-def check_sizes(policies, train_set, test_set, cfg):
+def usable_test_set(policies, train_set, test_set, cfg):
     """The test problems whose cold prompt plus the evaluation budget fits every model's context (the others
     are skipped, with a warning); a run none of whose test (or training) problems fits is refused."""
     usable = [p for p in test_set if fits(policies, p, cfg.eval_max_new_tokens)]
@@ -2545,7 +2578,7 @@ def hub_reachable(timeout=3.0):
 # Appendix, the demo: two tiny models (Qwen2 and Qwen3 architectures), a tiny tokenizer, generated arithmetic
 
 # The demo's settings (a flag given on the command line wins). Its advantages are each model's own, in reward
-# units: with the paper's joint normalisation one of the two tiny models collapses on some seeds (README).
+# units: with the paper's joint ones the weaker tiny model loses accuracy at some seeds (docs/method.md).
 DEMO_SETTINGS = dict(data="arithmetic (demo)", steps=30, batch_questions=32, max_new_tokens=20,
                      eval_max_new_tokens=20, eval_n=400, lr=2e-3, lora_rank=8, lora_alpha=16.0,
                      adv_group="model", adv_scale="none", micro_batch=96, show=1, save_every=10, train_n=200,
@@ -2559,21 +2592,21 @@ QWEN_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p
 
 
 def demo_data(cfg, out):
-    """The demo's training and test questions; a new demo first builds its two models in out/models."""
+    """(cfg, training set, test set) of the demo; a new demo first builds its models in out/models."""
     if not cfg.resume:  # a resumed demo reloads the models its config names
         out.mkdir(parents=True, exist_ok=True)
         print(f"demo: building two tiny models (Qwen2 and Qwen3 architectures) in {out / 'models'}; "
               f"advantages: --adv-group {cfg.adv_group} --adv-scale {cfg.adv_scale} (the paper: joint, std)")
         try:
             paths = build_demo_models((out / "models").absolute(), cfg.seed)
-            cfg.model1, cfg.model2 = paths[0], "none" if cfg.model2 == "none" else paths[1]
+            cfg = replace(cfg, model1=paths[0], model2="none" if cfg.model2 == "none" else paths[1])
         except BaseException:  # stopped while building: leave no half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)
             raise
     print(f"demo: it trains on {cfg.train_n} and evaluates on {cfg.eval_n} draws of the same 25 questions "
           f"'What is a + b ?' (a, b in 0-4): the evaluation measures the trained skill on the questions it "
           f"trains on, not generalisation to new ones")
-    return arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
+    return cfg, arithmetic_problems(cfg.train_n, cfg.seed), arithmetic_problems(cfg.eval_n, cfg.seed + 1)
 
 
 # the headline numbers, as the demo's closing table and tools/compare.py label them ({k}: the evaluation's k)

@@ -414,7 +414,7 @@ def test_chunked_logprobs_entropy_and_tempered_logprobs_equal_full_logits():
     tempered = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     for chunk in (1, 3, 100):
         assert torch.allclose(core.token_logprobs(model, ids, chunk)[0], full, atol=1e-5)
-        logp, entropy, at_temperature = core.token_logprobs(model, ids, chunk, temperature=0.7)
+        logp, entropy, at_temperature = core.token_logprobs(model, ids, chunk, sampling_temperature=0.7)
         assert torch.allclose(logp, full, atol=1e-5) and torch.allclose(at_temperature, tempered, atol=1e-5)
         assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=1e-4)
 
@@ -428,7 +428,7 @@ def test_logprobs_of_right_padded_rows_need_no_attention_mask(tiny_models, monke
     lively(policy.model)
     prompt = core.build_prompt(policy.tokenizer, "What is 1 + 1 ?", "number")
     traces = [core.Trace(1, "A", prompt, list(range(5, 5 + n)), "", False, advantage=a) for n, a in ((2, 1.0), (9, -1.0))]
-    ids, mask, _, _ = core.micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+    ids, mask, _, _ = core.padded_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
     assert (ids[0, len(prompt) + 2:] == policy.pad_id).all()  # the short row is padded on the right
     padding = (ids != policy.pad_id).long()
     padding[:, :len(prompt)] = 1
@@ -1184,15 +1184,15 @@ def ancestors(event):
 
 
 def test_a_nucleus_wider_than_the_candidates_redecodes_its_window_exactly(tiny_models, monkeypatch):
-    """sample_fast does not wait for the device to learn whether each step's nucleus fitted in pick_tokens'
+    """sample_fast does not wait for the device to learn whether each step's nucleus fitted in draw_tokens'
     candidates: a window where one did not is decoded again from the same random state, checking every step. The
     result is the always-checked sampler's, token for token (sample(), which checks at every step; no row ends
     here, so both draw the same random numbers)."""
     model, tokenizer = loaded(tiny_models[1])
     lively(model, seed=3)
     prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
-    real_pick, restores = core.pick_tokens, []
-    monkeypatch.setattr(core, "pick_tokens", lambda *a: real_pick(*a, candidates=8))  # often too few at T = 1.5
+    real_draw, restores = core.draw_tokens, []
+    monkeypatch.setattr(core, "draw_tokens", lambda *a, **kw: real_draw(*a, **kw, candidates=8))  # often too few at T = 1.5
     real_restore = core.DecodeStep.restore
     monkeypatch.setattr(core.DecodeStep, "restore", lambda self, saved: (restores.append(1), real_restore(self, saved)))
     ref, ref_logp = core.sample(model, prompts, 20, set(), 0, 1.5, 0.95, torch.Generator().manual_seed(1), n=2)
@@ -1203,18 +1203,18 @@ def test_a_nucleus_wider_than_the_candidates_redecodes_its_window_exactly(tiny_m
 
 
 def test_after_a_redecoded_window_the_next_windows_are_unchecked_again(tiny_models, monkeypatch):
-    """The first window's nucleus outgrows pick_tokens' candidates (2 here, first pass only): that window is decoded
+    """The first window's nucleus outgrows draw_tokens' candidates (2 here, first pass only): that window is decoded
     again, checked at every step. The two windows after it are unchecked again: one device read each."""
     from torch.profiler import profile
     model, tokenizer = loaded(tiny_models[1])
     lively(model, seed=3)
-    real_pick, calls = core.pick_tokens, []
+    real_draw, calls = core.draw_tokens, []
 
-    def pick(*args):
+    def draw(*args, **kwargs):
         calls.append(1)
-        return real_pick(*args, candidates=2 if len(calls) <= 8 else 1024)
+        return real_draw(*args, **kwargs, candidates=2 if len(calls) <= 8 else 1024)
 
-    monkeypatch.setattr(core, "pick_tokens", pick)
+    monkeypatch.setattr(core, "draw_tokens", draw)
     real_restore, restores = core.DecodeStep.restore, []
     monkeypatch.setattr(core.DecodeStep, "restore", lambda self, saved: (restores.append(1), real_restore(self, saved)))
     mark_forward_and_prefill(monkeypatch)
@@ -1238,7 +1238,8 @@ def test_a_fallback_sampler_shows_in_the_step_line_and_the_metrics_row(tiny_mode
     policy.fast_agrees = False
     assert core.sampler_in_use(policy, cfg) == "reference (fallback)"
     group = [core.Trace(m, "A", [1], [2, 3], "", m == 1) for m in (1, 2)]
-    core.score_and_advantages(group, "number", cfg, core.reward_schedule(cfg, 0))
+    core.score_traces(group, "number", cfg, core.reward_schedule(cfg, 0))
+    core.set_advantages(group, cfg)
     monkeypatch.setattr(core, "GRAPHLESS", set())
     run, lines = core.Run(cfg, [make_policy(tiny_models[0], cfg), policy], [], None), {}
     for sampler, agrees in (("graphs", None), ("reference (fallback)", False)):
@@ -1315,8 +1316,8 @@ def test_rollouts_sample_the_policy_being_trained(tiny_models):
     traces = rollout()
     assert all(p._version == base[n][0] and torch.equal(p, base[n][1])
                for n, p in policy.model.named_parameters() if "lora" not in n)
-    ids, mask, _, _ = core.micro_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
-    rollout_logp, measured = core.rollout_logprobs(traces, mask)
+    ids, mask, _, _ = core.padded_batch(traces, [t.prompt_ids for t in traces], policy, cfg)
+    rollout_logp, measured = core.sampler_logprobs(traces, mask)
     with torch.no_grad():
         update_logp = core.token_logprobs(policy.model, ids, cfg.logprob_chunk, cfg.temperature)[2]
         with core.lora_disabled(policy.model):
@@ -1356,7 +1357,7 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7
     assert core.pick_tokens(logits, 0, 0.7, g)[0].item() == 0
     flat = torch.zeros(1, 5000)  # uniform: the nucleus is wider than the topk candidates, so the full sort is used
-    picks = {core.pick_tokens(flat, 1.0, 0.5, g, candidates=16)[0].item() for _ in range(200)}
+    picks = {core.draw_tokens(flat, 1.0, 0.5, g, True, candidates=16)[0].item() for _ in range(200)}
     assert len(picks) > 100 and max(picks) < 5000
 
 
@@ -1369,7 +1370,7 @@ def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
     expected = torch.zeros(50)
     expected[keep] = probs[keep] / probs[keep].sum()
     g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(core.pick_tokens(logits.expand(20000, 50), 1.0, 0.8, g, candidates=20)[0], minlength=50)
+    counts = torch.bincount(core.draw_tokens(logits.expand(20000, 50), 1.0, 0.8, g, True, candidates=20)[0], minlength=50)
     assert torch.allclose(counts / 20000, expected, atol=0.015)
 
 
@@ -2097,12 +2098,12 @@ def test_a_weaker_partner_is_diagnosed_and_the_model_option_stops_pushing_it_awa
 
 
 def test_a_step_with_nothing_to_learn_says_so_and_again_while_it_goes_on(warm_pair, tmp_path, capsys):
-    counters = core.new_counters()
+    state = core.new_loop_state()
     cases = [(1.0, 8, 0.0)] * 7 + [(0.2, 3, 0.5), (0.0, 8, 1.0)]  # (truncated, constant groups of 8, correct)
     for step, (truncated, constant, correct) in enumerate(cases, 1):
         row = {"step": step, "truncated": truncated, "constant_groups": constant, "advantage_groups": 8,
                "correct": correct}
-        core.watch_for_nothing_to_learn(row, counters, core.Config(max_new_tokens=128))
+        core.watch_for_nothing_to_learn(row, state, core.Config(max_new_tokens=128))
     warnings = capsys.readouterr().out.splitlines()
     assert [w.split(":")[0] for w in warnings] == ["warning"] * 3
     assert warnings[0] == ("warning: step 1: nothing to learn (1 step in a row): every sample hit --max-new-tokens 128 "
@@ -2119,11 +2120,11 @@ def test_a_step_with_nothing_to_learn_says_so_and_again_while_it_goes_on(warm_pa
 def collapse_warnings(capsys, steps, cfg=None):
     """watch_for_collapse over synthetic steps of model 2: (mean round-A advantage, KL, entropy[, fraction of all
     its traces negative])."""
-    counters = {"pushed_away": [0, 0], "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
+    state = {"pushed_away": [0, 0], "kl_before": [0.0, 0.0], "entropy_before": [0.0, 0.0]}
     for cold, kl, entropy, *negative in steps:
         row = {"adv_A_m1": 0.05, "neg_adv_m1": 0.3, "kl_m1": 0.01, "entropy_m1": 1.0,
                "adv_A_m2": cold, "neg_adv_m2": (negative or [0.9])[0], "kl_m2": kl, "entropy_m2": entropy}
-        core.watch_for_collapse(row, counters, {1: "strong", 2: "weak"}, cfg or core.Config())
+        core.watch_for_collapse(row, state, {1: "strong", 2: "weak"}, cfg or core.Config())
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
 
 
@@ -2633,7 +2634,7 @@ def test_too_long_prompts_are_skipped_and_counted(warm_pair, tmp_path, capsys):
     assert "problem(s) skipped" in capsys.readouterr().out
     state = json.loads((core.find_checkpoint(tmp_path / "run") / "state.json").read_text())
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert state["counters"]["skipped_problems"] == rows[-1]["skipped_problems_total"] > 0
+    assert state["loop_state"]["skipped_problems"] == rows[-1]["skipped_problems_total"] > 0
     assert [r["skipped_problems_total"] for r in rows] == list(itertools.accumulate(r["skipped_problems"] for r in rows))
 
 

@@ -226,7 +226,7 @@ def bench_core_step(policies, args, device):
     per_sentence = len(policies[0].tokenizer(" " + sentence, add_special_tokens=False)["input_ids"])
     filler = " ".join([sentence] * max(1, args.prompt_len // per_sentence))  # a prompt of about prompt_len tokens
     problems = [core.Problem(f"b{i}", f"{filler} What is {i} + 1 ?", str(i + 1), "number") for i in range(4)]
-    run = core.Run(cfg, policies, [], Path(args.out).parent)  # the state core.train carries (counters)
+    run = core.Run(cfg, policies, [], Path(args.out).parent)  # the state core.train carries (loop_state)
     step = lambda: one_step(policies, problems, cfg, run)  # noqa: E731
     _, warmup = timed(step, device)  # the first step also checks the fast path
     reset_peak(device)

@@ -33,10 +33,11 @@ def measure(phase, rows, chunk):
     ids = torch.randint(0, config.vocab_size, (rows, chunk + 1))
     mask, adv, w = torch.ones(rows, chunk), torch.randn(rows), torch.ones(rows)
 
-    def policy_pass():
-        with core.recomputed_activations(model, True):
-            logp, _, _ = core.token_logprobs(model, ids, chunk, 0.7)
-            return core.policy_loss(logp, logp.detach(), adv, w, mask, 0.04)[0]
+    def policy_pass():  # in train mode, as core.update_policy runs it
+        model.train()
+        logp, _, _ = core.token_logprobs(model, ids, chunk, 0.7)
+        model.eval()
+        return core.policy_loss(logp, logp.detach(), adv, w, mask, 0.04)[0]
 
     loss = policy_pass() if phase == 2 else None  # the backward is measured alone, after its policy pass
     with PeakRSS() as peak:
