@@ -11,7 +11,7 @@ Two small LLMs learn together with reinforcement learning. For every training qu
                     with probability 1 - hint_dropout; everyone else resamples cold.
   Reward            R = w1*c + w2*DPP-diversity + lambda_cm*complementarity + rescue bonus + format bonus,
                     the diversity terms being determinant gains of n-gram features over correct traces
-                    (w2 anneals and lambda_cm starts at 0 halfway through training).
+                    (halfway through training w2 drops to w2 * div_anneal and lambda_cm rises from 0).
   Update            A = (R - mean) / (std + 1e-4) over all traces of the question (both models, both rounds);
                     each model's LoRA adapter takes one AdamW step on the token-level mean of
                     w * (-A log pi(token) + beta * KL(pi || base)), w = 1 for round A and 0.8 for round B;
@@ -344,7 +344,7 @@ def score_group(traces, kind, cfg, schedule):
                             [t.failed_cold for t in traces], correct, cfg.rescue_bonus)
     rewards, terms = [], []
     for i, t in enumerate(traces):
-        states_answer = extract_answer(t.text, kind, fallback=False) is not None  # boxed, or after a marker
+        states_answer = extract_answer(t.text, kind, fallback=False) is not None  # boxed or marked only
         terms.append({"correct": float(t.correct), "div": float(diversity[i]), "cm": float(complement[i]),
                       "rescue": rescue[i], "format": cfg.w_format * states_answer})
         x = terms[i]  # c, div and cm unweighted; the rescue and format bonuses as paid
@@ -448,9 +448,9 @@ def update_policy(policy, traces, cfg, lr):
         ids, mask, adv, w = padded_batch(mb, prompts, policy, cfg)
         with torch.no_grad(), lora_disabled(model):  # pi_ref: the base model (--beta-kl 0: no KL term)
             ref = token_logprobs(model, ids, cfg.logprob_chunk)[0] if cfg.beta_kl > 0 else None
-        model.train(not cfg.no_grad_checkpoint)  # pi_theta; train mode turns on load_policy's checkpointing
+        model.train(not cfg.no_grad_checkpoint)  # pi_theta; gradient checkpointing acts in train mode only
         logp, entropy, logp_tempered = token_logprobs(model, ids, cfg.logprob_chunk, cfg.temperature or 1.0)
-        model.eval()  # Qwen has no dropout: train mode changed nothing else
+        model.eval()  # (Qwen has no dropout: the mode changes no number)
         rho = importance_weights(mb, logp, policy, cfg)  # None but for hinted traces on their cold prompt
         loss, kl = policy_loss(logp, ref, adv, w, mask, cfg.beta_kl, rho)
         (loss / total_tokens).backward()

