@@ -553,7 +553,7 @@ class UpdateLog:
     NAMES = ("loss", "kl", "entropy", "mismatch", "mismatch_kl", "measured")
 
     def __init__(self, device):
-        self.sums = dict.fromkeys(self.NAMES, torch.zeros((), device=device))
+        self.sums = {name: torch.zeros((), device=device) for name in self.NAMES}  # one tensor each
 
     def add(self, traces, mask, loss, kl, entropy, logp_tempered):  # one micro-batch's
         rollout_logp, measured = sampler_logprobs(traces, mask)
