@@ -38,15 +38,19 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
 import os
+import platform
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tarfile
 import time
@@ -847,12 +851,17 @@ def build_prompt(tokenizer, question, kind, hint=None):
 
 @functools.lru_cache(maxsize=16384)
 def prompt_ids(tokenizer, question, kind, hint):
-    hinted = f"Hint:\n{hint}\n" if hint else ""
-    content = f"Question: {question}\n{hinted}Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
+    content = user_prompt(question, kind, hint)
     if getattr(tokenizer, "chat_template", None):
         content = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
     return tuple(tokenizer(content, add_special_tokens=False)["input_ids"])
+
+
+def user_prompt(question, kind, hint=None):
+    """The prompt's text before the chat template wraps it: the question, the hint, the instruction."""
+    hinted = f"Hint:\n{hint}\n" if hint else ""
+    return f"Question: {question}\n{hinted}Let's solve this step by step. {FORMAT_INSTRUCTION[kind]}"
 
 
 def cap_hint(hint, tokenizer, max_tokens):
@@ -1445,6 +1454,7 @@ class Problem:
     question: str  # full question text (GPQA: with the lettered options)
     gold: str      # gold final answer
     kind: str      # answer kind: number | math | integer | choice
+    source: str = ""  # the file it was read from ("": generated, as the demo's)
 
 
 GITHUB, HF = "https://raw.githubusercontent.com", "https://huggingface.co/datasets"
@@ -1546,7 +1556,8 @@ def jsonl_problems(path, kind=None):
     problems, unusable = [], 0
     for lineno, row in enumerate(read_jsonl(path), 1):
         try:
-            problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", f"{path}:{lineno}"))
+            where = f"{path}:{lineno}"
+            problems.append(row_to_problem(row, kind or "math", f"{path.stem}-{lineno}", where, path))
         except UsageError:
             if kind is None:
                 raise
@@ -1560,8 +1571,8 @@ def jsonl_problems(path, kind=None):
     return problems
 
 
-def row_to_problem(row, kind, pid, where):
-    """One row -> Problem: GSM8K, MATH, MATH-500, AIME and generic {question, answer} rows."""
+def row_to_problem(row, kind, pid, where, source):
+    """One row of the file `source` -> Problem: GSM8K, MATH, MATH-500, AIME and generic {question, answer}."""
     question = row.get("question") or row.get("problem") or row.get("Question")
     if "answer" in row and row["answer"] is not None:
         answer = str(row["answer"])
@@ -1572,7 +1583,8 @@ def row_to_problem(row, kind, pid, where):
         raise UsageError(f"{where}: row has no 'question' or 'problem' field")
     if not gold:
         raise UsageError(f"{where}: row has no 'answer' field (or 'solution' with a \\boxed answer)")
-    return Problem(str(row.get("unique_id") or row.get("id") or pid), question.strip(), gold, kind)
+    pid = str(row.get("unique_id") or row.get("id") or pid)
+    return Problem(pid, question.strip(), gold, kind, str(source))
 
 
 def gsm8k_gold(solution):
@@ -1599,7 +1611,7 @@ def gpqa_problems(zip_path, seed):
         random.Random(f"{seed}-{row['Record ID']}").shuffle(order)
         lines = [f"({'ABCD'[pos]}) {options[o].strip()}" for pos, o in enumerate(order)]
         question = row["Question"].strip() + "\n\n" + "\n".join(lines)
-        problems.append(Problem(row["Record ID"], question, "ABCD"[order.index(0)], "choice"))
+        problems.append(Problem(row["Record ID"], question, "ABCD"[order.index(0)], "choice", str(zip_path)))
     return problems
 
 
@@ -1612,7 +1624,7 @@ def math_tar_problems(tar_path, split):
             if member.isfile() and member.name.endswith(".json") and len(parts) >= 3 and parts[-3] == split:
                 with contextlib.suppress(UsageError):  # the few rows without a usable \\boxed gold
                     row = json.load(tar.extractfile(member))
-                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name))
+                    problems.append(row_to_problem(row, "math", "/".join(parts[-3:]), member.name, tar_path))
     return problems
 
 
@@ -1638,8 +1650,11 @@ def training_order(n, step, batch, seed):
 
 def evaluate(policies, test_set, cfg, tag):
     """Prints the table; returns (metrics, records), a record per question: id, question, gold and, per model
-    ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text."""
+    ('m1', 'm2'), every sample's extracted answer, correctness, token count, truncation and text. The metrics
+    name what was evaluated: the question set's fingerprint (equal on every rank) and the settings."""
     rank, world = dist_info()
+    settings = eval_settings(cfg)
+    fingerprint = question_set(test_set, settings)
     mine = list(enumerate(test_set))[rank::world]  # this rank's share of the questions
     start = time.time()
     records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
@@ -1652,8 +1667,13 @@ def evaluate(policies, test_set, cfg, tag):
             r[f"m{m}"] = [graded_answer(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
                           for ids, text, _ in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
     progress.close()
-    records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
+    shards = all_gather((fingerprint, records))
+    if any(theirs != fingerprint for theirs, _ in shards):
+        raise TrainingError(f"the {world} processes hold different test questions (is the data the same on "
+                            f"every machine?): question sets {sorted({f[:12] for f, _ in shards})}")
+    records = sorted((r for _, shard in shards for r in shard), key=lambda r: r.pop("index"))
     metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
+    metrics |= {"question_set": fingerprint, "eval_settings": settings}
     print_table(tag, metrics, [p.name for p in policies])
     return metrics, records
 
@@ -1733,7 +1753,8 @@ def run_evaluation(policies, test_set, cfg, out, name, tag, step=None):
 def print_table(tag, m, names):
     """The evaluation as one block; k even: the team at k candidates beside each model's Pass@k and maj@k."""
     k, n = m["k"], m["questions"]
-    print(f"\n{tag}: {n} question{'s' * (n != 1)}, {k} sample{'s' * (k != 1)} per model")
+    print(f"\n{tag}: {n} question{'s' * (n != 1)}, {k} sample{'s' * (k != 1)} per model (question set "
+          f"{m['question_set'][:12]})")
     header = "".join(f"{f'Pass@{j}':>8}" for j in range(1, k + 1))
     print(f"  {'':<28}{header}{f'maj@{k}':>8}{'truncated':>10}")
     for i, name in enumerate(names, 1):
@@ -1931,6 +1952,156 @@ def adapters_config(cfg, given=frozenset()):
                   f"'{given}'")
     return replace(cfg, lora_rank=saved.lora_rank, lora_alpha=saved.lora_alpha,
                    lora_targets=saved.lora_targets)
+
+
+# -----------------------------------------------------------------------------
+# Provenance: which code, libraries, device, models, data and questions made a run's numbers (no network)
+
+def eval_settings(cfg):
+    """The settings an evaluation's numbers depend on besides its questions and models."""
+    return {"k": cfg.eval_k, "max_new_tokens": cfg.eval_max_new_tokens, "temperature": cfg.temperature,
+            "top_p": cfg.top_p, "seed": cfg.seed}
+
+
+def question_set(problems, settings):
+    """The fingerprint of what an evaluation evaluates: sha256 of the ordered questions as the prompt template
+    words them, their golds and kinds, and the settings. It is the same on every rank and machine (a model's
+    chat template is the model's: its provenance); one changed question or setting changes it."""
+    rows = [[user_prompt(p.question, p.kind), p.gold, p.kind] for p in problems]
+    return hashlib.sha256(json.dumps([rows, settings], sort_keys=True).encode()).hexdigest()
+
+
+def run_provenance(cfg, command, policies, train_set, test_set):
+    """This invocation of the run, as provenance.json records it: the command, the code, the libraries, the
+    world size, each model's source and device, each data file read and the question counts."""
+    files = sorted({str(Path(p.source).resolve()) for p in train_set + test_set if p.source})
+    names = [f"model{m}" for m in range(1, len(policies) + 1)]
+    return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command, "resumed": bool(cfg.resume),
+            "code": code_version(), "versions": library_versions(), "world_size": dist_info()[1],
+            "models": {name: model_source(path) for name, path in zip(names, model_paths(cfg))},
+            "devices": {name: device_info(policy) for name, policy in zip(names, policies)},
+            "adapters": adapters_source(cfg.adapters, len(policies)) if cfg.adapters else None,
+            "data": {"files": {f: file_sha256(f) for f in files}, "train_questions": len(train_set),
+                     "test_questions": len(test_set)}}
+
+
+def record_provenance(out, now):
+    """Appends this invocation to out/provenance.json. A resumed run first warns of each difference from the
+    invocation before it in code, libraries, models and data (fixing a bug and resuming is legitimate)."""
+    path = out / "provenance.json"
+    before = json.loads(path.read_text()) if path.is_file() else []
+    for key, old, new in provenance_changes(before[-1], now) if before else []:
+        print(f"warning: resumed with another {key}: {old} before, {new} now (provenance.json keeps both)")
+    path.with_suffix(".tmp").write_text(json.dumps(before + [now], indent=1))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def provenance_changes(before, now):
+    """(what, before, now) for each leaf of code, versions, models and data that differs."""
+    old, new = (flattened({key: p.get(key) for key in ("code", "versions", "models", "data")})
+                for p in (before, now))
+    return [(key, old.get(key, "none"), new.get(key, "none")) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
+def flattened(tree, prefix=""):
+    """A nested dict as one level: {'models model1 commit': 'abc...'}."""
+    if not isinstance(tree, dict):
+        return {prefix.strip(): tree}
+    return {k: v for key, sub in tree.items() for k, v in flattened(sub, f"{prefix} {key}").items()}
+
+
+def code_version():
+    """core.py's sha256; the commit of the git checkout holding it, read from .git (None outside one), and
+    whether tracked files differ from it (asks git; None without a git binary)."""
+    here = Path(__file__).resolve()
+    commit = git_commit(here.parent)
+    return {"core_sha256": file_sha256(here), "git_commit": commit,
+            "git_dirty": git_dirty(here.parent) if commit else None}
+
+
+def git_commit(folder):
+    """HEAD's commit, from the files of the .git folder above `folder` (a worktree's too): no git binary."""
+    git = next((p / ".git" for p in (folder, *folder.parents) if (p / ".git").exists()), None)
+    if git is None:
+        return None
+    if git.is_file():  # a worktree or submodule: "gitdir: PATH"
+        git = (git.parent / git.read_text().split(":", 1)[1].strip()).resolve()
+    common = (git / (git / "commondir").read_text().strip()) if (git / "commondir").is_file() else git
+    head = (git / "HEAD").read_text().strip()
+    if not head.startswith("ref: "):
+        return head  # a detached HEAD
+    ref = head.removeprefix("ref: ")
+    for root in (git, common):
+        if (root / ref).is_file():
+            return (root / ref).read_text().strip()
+    packed = common / "packed-refs"
+    lines = packed.read_text().splitlines() if packed.is_file() else []
+    return next((line.split()[0] for line in lines if line.endswith(" " + ref)), None)
+
+
+def git_dirty(folder):
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no git binary
+        return None
+    return bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def library_versions():
+    from importlib.metadata import version
+    return {"python": platform.python_version()} | {
+        name: version(name) for name in ("torch", "transformers", "tokenizers", "safetensors")}
+
+
+MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, weights, tokenizer, template
+
+
+def model_source(name):
+    """A local folder: its path and the sha256 of each of its MODEL_FILES (a full read: about 8 s for a 14 GB
+    pair in the page cache, docs/running.md); a hub id: the snapshot commit the local cache resolves it to,
+    'unknown' when not cached. The network is never asked."""
+    if local_folder(name):
+        folder = Path(name).expanduser().resolve()
+        files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in MODEL_FILES)
+        return {"folder": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}
+    from transformers.utils.hub import cached_file
+    found = None
+    with contextlib.suppress(Exception):  # not a valid hub id
+        found = cached_file(name, "config.json", local_files_only=True,
+                            _raise_exceptions_for_missing_entries=False)
+    return {"hub_id": name, "commit": Path(found).parent.name if found else "unknown"}
+
+
+def adapters_source(path, models):
+    """The checkpoint --adapters loaded: its folder and each adapter's sha256."""
+    folder = find_checkpoint(path).resolve()
+    files = {f"adapter_{m}": folder / f"adapter_{m}/adapter_model.safetensors" for m in range(1, models + 1)}
+    return {"folder": str(folder), "sha256": {name: file_sha256(f) for name, f in files.items()}}
+
+
+def device_info(policy):
+    """A model's device and dtype: CUDA's name, count, version and compute capability; on the CPU its model
+    and the vector instructions torch's kernels use (they move the CPU's numbers: docs/running.md)."""
+    info = {"device": str(policy.device), "dtype": str(policy.model.get_input_embeddings().weight.dtype)}
+    if policy.device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(policy.device)
+        return info | {"name": gpu.name, "count": torch.cuda.device_count(), "cuda": torch.version.cuda,
+                       "capability": f"{gpu.major}.{gpu.minor}"}
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    name = found.group(1) if found else platform.processor() or platform.machine()
+    return info | {"name": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                   "threads": torch.get_num_threads()}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -2266,7 +2437,8 @@ def main(argv=None):
     try:
         cfg = Config(**vars(build_parser().parse_args(argv)))
         given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
-        code = run_job(cfg, given, stop)
+        command = shlex.join(sys.orig_argv if argv is None else ["core.py", *argv])  # as typed
+        code = run_job(cfg, given, stop, command)
         barrier()  # under torchrun: every rank is done before any leaves
         return code
     except (UsageError, TrainingError) as e:
@@ -2285,9 +2457,9 @@ def main(argv=None):
             torch.distributed.destroy_process_group()
 
 
-def run_job(cfg, given, stop):
+def run_job(cfg, given, stop, command=""):
     """The whole job for one config; `given`: the flags set on the command line (they win on --resume and
-    --demo); stop: main's StopRequest."""
+    --demo); stop: main's StopRequest; command: the command line, for provenance.json."""
     if cfg.resume:
         cfg = resume_config(cfg, given)
         if run_finished(cfg):
@@ -2321,6 +2493,7 @@ def run_job(cfg, given, stop):
         run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
     if rank == 0:  # before training (a stopped run resumes from it); after an evaluation
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        record_provenance(out, run_provenance(cfg, command, policies, train_set, test_set))
     if cfg.eval_only:
         return 0
     code, finished = train(cfg, policies, train_set, test_set, out, stop)

@@ -1991,7 +1991,10 @@ def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
     ckpt = core.find_checkpoint(tmp_path / "ddp")
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert {k.split(".")[0] for k in core.load_file(str(ckpt / "rng.safetensors"))} == {"rank0", "rank1"}
-    assert json.loads((tmp_path / "ddp" / "eval_after.json").read_text())["questions"] == 2
+    after = json.loads((tmp_path / "ddp" / "eval_after.json").read_text())
+    assert after["questions"] == 2
+    cfg = core.saved_config(tmp_path / "ddp" / "config.json")  # each rank's fingerprint is the one-process one
+    assert after["question_set"] == core.question_set(core.load_data(cfg)[1], core.eval_settings(cfg))
     (tmp_path / "ddp" / "eval_after.json").unlink()  # unfinished again: the resume must load the checkpoint
     assert core.main(["--resume", str(tmp_path / "ddp")]) == 2  # 2 processes wrote it: needs 2
 
@@ -2572,11 +2575,13 @@ def test_the_study_names_every_variants_advantages_keeps_its_runs_and_resumes_a_
 
 
 def test_the_table_cuts_a_long_model_name_at_its_end_and_counts_in_words(capsys):
-    metrics = core.eval_metrics(records_of([[True, False]], [[False, False]]), 2)
+    fingerprint = {"question_set": "0aa11e3f944e" + "0" * 52}
+    metrics = core.eval_metrics(records_of([[True, False]], [[False, False]]), 2) | fingerprint
     core.print_table("after", metrics, ["Qwen/Qwen2.5-Coder-0.5B-Instruct-with-a-long-suffix", "m2"])
     out = capsys.readouterr().out
-    assert "  Qwen/Qwen2.5-Coder-0.5B-I... " in out and "after: 1 question, 2 samples per model" in out  # start kept
-    core.print_table("after", core.eval_metrics(records_of([[True]] * 3, [[False]] * 3), 1), ["m1", "m2"])
+    assert "  Qwen/Qwen2.5-Coder-0.5B-I... " in out  # its start kept
+    assert "after: 1 question, 2 samples per model (question set 0aa11e3f944e)" in out
+    core.print_table("after", core.eval_metrics(records_of([[True]] * 3, [[False]] * 3), 1) | fingerprint, ["m1", "m2"])
     assert "after: 3 questions, 1 sample per model" in capsys.readouterr().out
 
 
@@ -2669,6 +2674,151 @@ def test_answer_parsing_on_random_strings_never_raises_and_agrees_with_itself():
                 assert kind == "number" or "/" not in answer
             assert core.is_correct(text, answer, kind), (text, kind)
         assert isinstance(core.strip_answer(text), str)
+
+
+# -----------------------------------------------------------------------------
+# Provenance: each invocation's code, libraries, device, models and data; each evaluation's question set
+
+def test_the_question_set_fingerprint_changes_with_one_question_or_one_setting_and_nothing_else():
+    problems = core.arithmetic_problems(6, 0)
+    cfg = core.Config()
+    fingerprint = core.question_set(problems, core.eval_settings(cfg))
+    assert fingerprint == core.question_set(core.arithmetic_problems(6, 0), core.eval_settings(core.Config()))
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+    renamed = [core.replace(p, id=f"other-{i}", source="/elsewhere/test.jsonl") for i, p in enumerate(problems)]
+    assert core.question_set(renamed, core.eval_settings(cfg)) == fingerprint  # the same questions elsewhere
+    changed = [problems[:2] + [core.replace(problems[2], question="What is 9 + 9 ?")] + problems[3:],
+               problems[:2] + [core.replace(problems[2], gold="17")] + problems[3:],
+               problems[:5], problems[::-1]]
+    for other in changed:
+        assert core.question_set(other, core.eval_settings(cfg)) != fingerprint
+    for name, value in [("eval_k", 3), ("eval_max_new_tokens", 99), ("temperature", 0.6), ("top_p", 0.95),
+                        ("seed", 1)]:
+        assert core.question_set(problems, core.eval_settings(core.replace(cfg, **{name: value}))) != fingerprint
+    for name, value in [("lr", 1e-3), ("k", 4), ("gen_batch", 8), ("max_new_tokens", 9)]:  # training only
+        assert core.question_set(problems, core.eval_settings(core.replace(cfg, **{name: value}))) == fingerprint
+    template = dict(core.FORMAT_INSTRUCTION, number="Answer in \\boxed{}.")  # the prompt template is in it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core, "FORMAT_INSTRUCTION", template)
+        assert core.question_set(problems, core.eval_settings(cfg)) != fingerprint
+
+
+def test_ranks_that_hold_different_test_questions_stop_the_evaluation(tiny_models, monkeypatch):
+    cfg = core.Config(lora_rank=4, eval_k=1, eval_max_new_tokens=2)
+    policy = core.load_policy(1, tiny_models[0], torch.device("cpu"), cfg)
+    problems = core.arithmetic_problems(4, 0)
+    other = core.question_set(problems[:3], core.eval_settings(cfg))  # rank 1 read one question fewer
+    monkeypatch.setattr(core, "dist_info", lambda: (0, 2))
+    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, (other, [])])
+    with pytest.raises(core.TrainingError, match="the 2 processes hold different test questions"):
+        core.evaluate([policy], problems, cfg, "test")
+    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, (mine[0], [])])  # the same set: it goes on
+    metrics, _ = core.evaluate([policy], problems, cfg, "test")
+    assert metrics["question_set"] == core.question_set(problems, core.eval_settings(cfg))
+
+
+def eval_only_flags(models, data, out, *extra):
+    return ["--model1", models[0], "--model2", models[1], "--data", str(data), "--out", str(out), "--eval-only",
+            "--eval-k", "1", "--eval-max-new-tokens", "3", "--lora-rank", "4", "--device1", "cpu", *extra]
+
+
+def test_compare_marks_a_run_on_other_questions_or_code_and_leaves_identical_runs_unmarked(tiny_models, tmp_path,
+                                                                                          capsys):
+    data = arithmetic_file(tmp_path)
+    subset = write_jsonl(tmp_path / "subset.jsonl", [json.loads(line) for line in open(data)][:-1])  # one fewer
+    for name, flags in [("a", []), ("b", []), ("other", []), ("hotter", ["--temperature", "1.0"])]:
+        assert core.main(eval_only_flags(tiny_models, subset if name == "other" else data, tmp_path / name, *flags)) == 0
+    capsys.readouterr()
+    runs = [str(tmp_path / name) for name in ("a", "b", "other", "hotter")]
+    assert compare.main(runs) == 0
+    out = capsys.readouterr().out
+    fingerprint = json.loads((tmp_path / "a" / "eval.json").read_text())["question_set"]
+    assert re.search(rf"question set\s+{fingerprint[:12]}\s+{fingerprint[:12]}\s+\w{{12}}\s+\w{{12}}", out)
+    marks = [line for line in out.splitlines() if line.startswith("!")]
+    assert [line.split()[1] for line in marks] == ["other", "hotter"], out  # b is identical: unmarked
+    assert "question set" in marks[0] and "eval temperature 0.7 vs 1.0" in marks[1]
+    assert "code" not in marks[0] and "torch" not in marks[0]
+    record = tmp_path / "b" / "provenance.json"  # other code and another torch major version
+    rows = json.loads(record.read_text())
+    rows[-1]["code"]["core_sha256"], rows[-1]["versions"]["torch"] = "f" * 64, "3.0.0"
+    record.write_text(json.dumps(rows))
+    assert compare.main(runs[:2]) == 0
+    assert "! b is not like for like with a: code" in capsys.readouterr().out
+    assert "torch major 2 vs 3" in "".join(provenance_line for provenance_line in compare.provenance_marks(runs[:2]))
+
+
+def test_a_run_records_its_provenance_and_a_resume_on_changed_data_warns_and_records_both(warm_pair, tmp_path,
+                                                                                         capsys):
+    data, out = arithmetic_file(tmp_path), tmp_path / "run"
+    assert core.main(tiny_run_flags(warm_pair, data, out) + ["--save-every", "1", "--stop-after", "1"]) == 0
+    first = json.loads((out / "provenance.json").read_text())
+    assert len(first) == 1 and not first[0]["resumed"]
+    assert first[0]["command"].startswith("core.py --model1")
+    assert first[0]["code"]["core_sha256"] == core.file_sha256(HERE / "core.py")
+    assert set(first[0]["versions"]) == {"python", "torch", "transformers", "tokenizers", "safetensors"}
+    assert first[0]["devices"]["model1"]["device"] == "cpu" and first[0]["world_size"] == 1
+    weights = Path(warm_pair[0]) / "model.safetensors"
+    assert first[0]["models"]["model1"]["sha256"]["model.safetensors"] == core.file_sha256(weights)
+    assert first[0]["data"] == {"files": {str(data.resolve()): core.file_sha256(data)}, "train_questions": 9,
+                                "test_questions": 2}
+    capsys.readouterr()
+    rows = [json.loads(line) for line in open(data)]
+    write_jsonl(data, rows[:9] + [{"question": "What is 7 + 5 ?", "answer": "12"}] + rows[10:])  # a test question
+    assert core.main(["--resume", str(out)]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: resumed")]
+    assert warnings == [f"warning: resumed with another data files {data.resolve()}: "
+                        f"{first[0]['data']['files'][str(data.resolve())]} before, {core.file_sha256(data)} now "
+                        f"(provenance.json keeps both)"]
+    both = json.loads((out / "provenance.json").read_text())
+    assert len(both) == 2 and both[0] == first[0] and both[1]["resumed"]
+    assert both[1]["data"]["files"][str(data.resolve())] == core.file_sha256(data)
+    before, after = (json.loads((out / f"eval_{when}.json").read_text())["question_set"] for when in ("before", "after"))
+    assert before != after  # and tools/compare.py says so
+    assert any("differ in question set" in line for line in compare.provenance_marks([str(out)]))
+
+
+def test_provenance_asks_no_network_and_reads_a_hub_models_commit_from_the_cache(tiny_models, tmp_path, monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is blocked in this test")
+    for module, name in [(core.socket, "create_connection"), (core.socket, "getaddrinfo"),
+                         (core.socket.socket, "connect"), (core.urllib.request, "urlopen")]:
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny" / "snapshots" / ("c0ffee" * 6 + "abcd")
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("c0ffee" * 6 + "abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert core.model_source("someone/tiny") == {"hub_id": "someone/tiny", "commit": "c0ffee" * 6 + "abcd"}
+    assert core.model_source("someone/not-cached") == {"hub_id": "someone/not-cached", "commit": "unknown"}
+    out = tmp_path / "run"
+    assert core.main(eval_only_flags(tiny_models, arithmetic_file(tmp_path), out)) == 0
+    assert json.loads((out / "provenance.json").read_text())[0]["models"]["model2"]["folder"] == tiny_models[1]
+    assert attempts == []
+
+
+def test_the_git_commit_is_read_without_git_and_outside_a_checkout_is_none(tmp_path):
+    assert core.git_commit(tmp_path) is None
+    git = tmp_path / "repo" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "packed-refs").write_text("# pack-refs with: peeled\n" + "ab" * 20 + " refs/heads/main\n")
+    (tmp_path / "repo" / "src").mkdir()
+    assert core.git_commit(tmp_path / "repo" / "src") == "ab" * 20  # a packed ref, from a subfolder
+    (git / "refs" / "heads" / "main").write_text("cd" * 20 + "\n")
+    assert core.git_commit(tmp_path / "repo") == "cd" * 20  # a loose ref wins
+    (git / "HEAD").write_text("ef" * 20 + "\n")
+    assert core.git_commit(tmp_path / "repo") == "ef" * 20  # a detached HEAD
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "worktree" / ".git").write_text(f"gitdir: {git}\n")
+    assert core.git_commit(tmp_path / "worktree") == "ef" * 20
 
 
 # -----------------------------------------------------------------------------

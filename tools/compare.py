@@ -4,6 +4,9 @@
 
 Each cell is before -> after (change) for a training run, the one evaluation of an --eval-only run, or
 "before X" / "after X" for a training run with only that evaluation (stopped early, or --no-eval-before).
+Below the table, a line marks each run whose numbers are not like for like with the first run's: another
+evaluated question set or evaluation settings (the fingerprint in its evaluation records), other code (core.py's
+sha256 in provenance.json), or another major version of torch or transformers.
 """
 import json
 import sys
@@ -31,6 +34,8 @@ def compare(folders):
         rows += [("flags that differ:", ["" if differing else "none"] * len(folders))]
         rows += [(f"  {core.flag_name(k)}", [str(s.get(k)) for s in shown]) for k in differing]
     print_rows(rows)
+    for line in provenance_marks(folders):
+        print(line)
 
 
 def comparison_rows(folders):
@@ -38,9 +43,45 @@ def comparison_rows(folders):
     run's single value, for each of core.HEADLINE's numbers."""
     runs = [run_evaluations(f) for f in folders]
     firsts = [next(iter(evals.values()), None) for evals in runs]
+    facts = [provenance_facts(f) for f in folders]
     rows = [("", [Path(f).name for f in folders]),
-            ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts])]
+            ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts]),
+            ("question set", [(fact["question set"] or "-") + " (mixed)" * fact["mixed"] for fact in facts]),
+            ("code (core.py sha256)", [fact["code"] or "-" for fact in facts])]
     return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in core.HEADLINE]
+
+
+def provenance_facts(folder):
+    """What a run's numbers depend on besides its flags, None where not recorded (an older run): its last
+    evaluation's question set (the fingerprint's first 12 characters) and settings; core.py's sha256 and the
+    torch and transformers major versions of its last invocation (provenance.json). "mixed": whether its
+    evaluations evaluated different question sets (a run resumed on other data)."""
+    evals = list(run_evaluations(folder).values())
+    last_eval = evals[-1] if evals else {}
+    path = Path(folder) / "provenance.json"
+    last = json.loads(path.read_text())[-1] if path.is_file() else {}
+    versions = last.get("versions", {})
+    facts = {"question set": last_eval.get("question_set", "")[:12] or None}
+    facts |= {f"eval {key}": value for key, value in last_eval.get("eval_settings", {}).items()}
+    facts |= {"code": last["code"]["core_sha256"][:12] if last else None,
+              "torch major": versions.get("torch", "").split(".")[0] or None,
+              "transformers major": versions.get("transformers", "").split(".")[0] or None}
+    return facts | {"mixed": len({e.get("question_set") for e in evals}) > 1}
+
+
+def provenance_marks(folders):
+    """A line for each run whose provenance_facts differ from the first run's, or whose own evaluations differ
+    in question set, saying what differs; a fact one of the two runs did not record is not compared."""
+    facts = [provenance_facts(f) for f in folders]
+    lines = []
+    for folder, fact in zip(folders, facts):
+        differs = [f"{what} {facts[0][what]} vs {value}" for what, value in fact.items() if what != "mixed"
+                   and value is not None and facts[0].get(what) not in (None, value)]
+        differs += ["its evaluations before and after training differ in question set"] * fact["mixed"]
+        if differs:
+            lines.append(f"! {Path(folder).name} is not like for like with {Path(folders[0]).name}: "
+                         + "; ".join(differs))
+    return lines
 
 
 def run_evaluations(folder):
