@@ -1979,7 +1979,8 @@ def run_provenance(cfg, command, policies, train_set, test_set):
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command, "resumed": bool(cfg.resume),
             "code": code_version(), "versions": library_versions(), "world_size": dist_info()[1],
             "models": {name: model_source(path) for name, path in zip(names, model_paths(cfg))},
-            "devices": {name: device_info(policy) for name, policy in zip(names, policies)},
+            "devices": {name: device_info(p.device) | {"dtype": str(p.model.get_input_embeddings().weight.dtype)}
+                        for name, p in zip(names, policies)},
             "adapters": adapters_source(cfg.adapters, len(policies)) if cfg.adapters else None,
             "data": {"files": {f: file_sha256(f) for f in files}, "train_questions": len(train_set),
                      "test_questions": len(test_set)}}
@@ -2059,9 +2060,9 @@ MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, w
 
 
 def model_source(name):
-    """A local folder: its path and the sha256 of each of its MODEL_FILES (a full read: about 8 s for a 14 GB
-    pair in the page cache, docs/running.md); a hub id: the snapshot commit the local cache resolves it to,
-    'unknown' when not cached. The network is never asked."""
+    """A local folder: its path and the sha256 of each of its MODEL_FILES (a full read: for a 14 GB pair, 10 s
+    from the page cache, 23 s from a 0.6 GB/s disk: bench/results/hash_cost.txt); a hub id: the snapshot commit
+    the local cache resolves it to, 'unknown' when not cached. The network is never asked."""
     if local_folder(name):
         folder = Path(name).expanduser().resolve()
         files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in MODEL_FILES)
@@ -2081,19 +2082,19 @@ def adapters_source(path, models):
     return {"folder": str(folder), "sha256": {name: file_sha256(f) for name, f in files.items()}}
 
 
-def device_info(policy):
-    """A model's device and dtype: CUDA's name, count, version and compute capability; on the CPU its model
-    and the vector instructions torch's kernels use (they move the CPU's numbers: docs/running.md)."""
-    info = {"device": str(policy.device), "dtype": str(policy.model.get_input_embeddings().weight.dtype)}
-    if policy.device.type == "cuda":
-        gpu = torch.cuda.get_device_properties(policy.device)
+def device_info(device):
+    """A device: CUDA's name, count, version and compute capability; the CPU's model, cores, threads and the
+    vector instructions torch's kernels use (they move the CPU's numbers: docs/running.md)."""
+    info = {"device": str(device)}
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_properties(device)
         return info | {"name": gpu.name, "count": torch.cuda.device_count(), "cuda": torch.version.cuda,
                        "capability": f"{gpu.major}.{gpu.minor}"}
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     name = found.group(1) if found else platform.processor() or platform.machine()
     return info | {"name": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   "threads": torch.get_num_threads()}
+                   "cores": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
 def file_sha256(path):

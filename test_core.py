@@ -2566,6 +2566,9 @@ def test_the_study_names_every_variants_advantages_keeps_its_runs_and_resumes_a_
     study.main(argv)
     assert log.read_text().splitlines() == [f"--resume {out / 'core-2'}"]  # the finished 11 are read back
     table = capsys.readouterr().out
+    code = core.code_version()  # its header is generated: the code, device and versions it ran with
+    assert f"by core.py sha256 {code['core_sha256'][:12]}, git commit {(code['git_commit'] or 'none')[:12]}" in table
+    assert f"torch {torch.__version__}, transformers" in table and table.splitlines()[-1].startswith("# wall time: ")
     assert re.search(r"core\s+30\s+0.300 \(\+0.200\)", table) and f"runs in {out}" in table
     log.write_text("")
     study.main(argv)

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
+from bench.header import print_header, print_wall_time  # noqa: E402
 
 # copied from the models' config.json files (../shared/tokenizers/*/config.json)
 SHAPES = {
@@ -323,12 +324,15 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.time()
+    print_header("core.py's sampler, LoRA, update and CORE step, timed", str(device))
     shapes = TINY if args.tiny else SHAPES
     if args.model:
         shapes, args.models = {Path(args.model).name: folder_shape(args.model)}, [Path(args.model).name]
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
           f"torch {torch.__version__}, shapes: {'tiny' if args.tiny else 'real'}")
-    results = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny,
+    results = {"device": core.device_info(device), "code": core.code_version(), "versions": core.library_versions(),
+               "dtype": str(dtype), "tiny": args.tiny,
                "sampler": [], "greedy": [], "lora": [], "update": [], "core_step": None}
     tokenizer = core.demo_tokenizer()
     policies = []
@@ -354,6 +358,7 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
+    print_wall_time(started)
 
 
 if __name__ == "__main__":

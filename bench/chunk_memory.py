@@ -88,6 +88,8 @@ def main():
         print(json.dumps(measure(args.phase, args.rows, args.chunk)))
         return
     import torch
+    from bench.header import print_header
+    print_header("Peak memory of core.token_logprobs' chunked log-softmax, the model in bfloat16 (the chunks are fp32)")
     one = args.rows * args.chunk * 151936 * 4 / 1e9
     print(f"torch {torch.__version__}, CPU; {args.rows} rows x {args.chunk} positions x 151,936 vocabulary: "
           f"one fp32 [rows, chunk, vocab] tensor is {one:.2f} GB, one bf16 {one / 2:.2f} GB")

@@ -21,11 +21,13 @@ import io
 import json
 import re
 import sys
+import time
 import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
+from bench.header import print_header, print_wall_time  # noqa: E402
 
 
 def gsm8k_traces(path):
@@ -69,6 +71,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
     data = Path(parser.parse_args().data_dir)
+    started = time.time()
+    print_header("How much of the answer a CORE hint still gives away, on the reference solutions (text processing "
+                 "only: no model runs)")
+    print("# gold visible = the hint_leak every training step logs; checker = core.is_correct (last-number fallback "
+          "included) reads the gold from the hint\n")
     print(f"{'dataset':<22} {'solutions':>9} {'hints':>6} {'gold visible':>13} {'checker':>8}")
     for name, traces in [("gsm8k train", gsm8k_traces(data / "gsm8k" / "train.jsonl")),
                          ("gsm8k test", gsm8k_traces(data / "gsm8k" / "test.jsonl")),
@@ -76,6 +83,7 @@ def main():
                          ("gpqa diamond", gpqa_traces(data / "gpqa" / "dataset.zip"))]:
         total, hints, visible, checker = measure(traces)
         print(f"{name:<22} {total:>9} {hints:>6} {visible:>13.3f} {checker:>8.3f}")
+    print_wall_time(started)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ Run: python bench/math_forms.py [--data-dir ../shared/data]
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
+from bench.header import print_header, print_wall_time  # noqa: E402
 
 CLOSINGS = ["... so the answer follows.\n\n**Final Answer**\n$\\boxed{{{}}}$",
             "Therefore, the final answer is: $\\boxed{{{}}}$. I hope it is correct.", "Thus\n\\[\n\\boxed{{{}}}\n\\]"]
@@ -34,6 +36,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="", help="folder with math500/test.jsonl (default: download)")
     args = parser.parse_args()
+    started = time.time()
+    print_header("How often core's MATH checker accepts the forms a model would box for MATH-500's golds (text "
+                 "processing only: no model runs)")
+    print("# each form is boxed in three closings and must be judged right in all three; every rejected form is "
+          "listed\n")
     problems = core.load_problems("math500", "test", args.data_dir)
     golds = primary = some = forms = wrong = 0
     for index, problem in enumerate(problems):
@@ -46,6 +53,7 @@ def main():
             print(f"{'most common' if j == 0 else '':<12} {index:>3} gold {problem.gold!r}: {form!r} judged wrong")
     print(f"{golds} golds, {forms} forms: {wrong} forms judged wrong; {primary} golds reject their most common "
           f"form, {some} reject some form")
+    print_wall_time(started)
 
 
 FORMS = {  # question index -> equivalent boxed forms, the most common first

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import core  # noqa: E402
+from bench.header import print_header  # noqa: E402
 from bench.bench_core import merged  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     args = parser.parse_args()
+    print_header("The rollout-update mismatch of the demo with the adapters unmerged (core.py) and merged")
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("unmerged", "merged"):
             rows = run(variant, args, Path(tmp))

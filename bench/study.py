@@ -30,8 +30,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.header import print_header, print_wall_time  # noqa: E402
 
 CORE_PY = Path(__file__).resolve().parent.parent / "core.py"
 OURS = "--adv-group model --adv-scale none"  # core's advantages; the baselines use its scale
@@ -129,6 +133,8 @@ def main(argv=None):
     variants = dict(v.split("=", 1) for v in args.variants)
     out = Path(args.out)
     check_study(out, args.base)
+    started = time.time()
+    print_header("A study: each variant's flags on top of the same base, at several seeds")
     with ThreadPoolExecutor(args.workers) as pool:
         jobs = {(v, s): pool.submit(run, args.core, args.base, flags, s, out / f"{v}-{s}")
                 for v, flags in variants.items() for s in args.seeds}
@@ -146,6 +152,7 @@ def main(argv=None):
         print(line)
     for v, flags in variants.items():
         print(f"  {v}: {flags or '(no extra flags)'}")
+    print_wall_time(started)
 
 
 if __name__ == "__main__":
