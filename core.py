@@ -2014,7 +2014,7 @@ def flattened(tree, prefix=""):
 
 def code_version():
     """core.py's sha256; the commit of the git checkout holding it, read from .git (None outside one), and
-    whether tracked files differ from it (asks git; None without a git binary)."""
+    whether its Python files differ from it (asks git; None without a git binary)."""
     here = Path(__file__).resolve()
     commit = git_commit(here.parent)
     return {"core_sha256": file_sha256(here), "git_commit": commit,
@@ -2043,8 +2043,8 @@ def git_commit(folder):
 
 def git_dirty(folder):
     try:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                                capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"],
+                                cwd=folder, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):  # no git binary
         return None
     return bool(status.stdout.strip()) if status.returncode == 0 else None
