@@ -66,7 +66,7 @@ from pathlib import Path
 try:
     import torch
     import torch.nn as nn
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save_file
     from torch.utils.checkpoint import checkpoint
 except KeyboardInterrupt:  # Ctrl-C while the libraries load: a quiet exit
@@ -642,7 +642,9 @@ def train(cfg, policies, train_set, test_set, out, stop):
             code = end_of_step(run, step + 1)
             if code is not None:
                 return code, False
-    except torch.OutOfMemoryError:
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
         save_before_failed_step(run, step, stats)
         raise out_of_memory_error(run, step) from None
     finally:
@@ -654,8 +656,8 @@ def start_or_resume(run):
     """The run at its first step: a resumed run's newest checkpoint, else step 0 after eval_before (unless
     --no-eval-before)."""
     rank, cfg, out = dist_info()[0], run.cfg, run.out
-    if cfg.resume and checkpoints(out):
-        folder = find_checkpoint(out)
+    folder = newest_checkpoint(out, warn=True) if cfg.resume else None
+    if folder:
         state = load_checkpoint(folder, run.policies)
         if rank == 0:
             keep_logged_steps(out, state["step"])
@@ -683,20 +685,21 @@ def end_of_step(run, done):
     cfg, out, stop, policies = run.cfg, run.out, run.stop, run.policies
     if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:  # the last one is eval_after
         run_evaluation(policies, run.test_set, cfg, out, f"evals/step_{done:06d}", f"step {done}", step=done)
-    stop.requested = all_reduce_sum(torch.tensor(float(stop.requested), device=policies[0].device)).item() > 0
+    requested = torch.tensor(float(stop.take()), device=policies[0].device)
+    stopping = all_reduce_sum(requested).item() > 0  # every rank's decision, the same
     if max(run.loop_state["nonfinite_in_a_row"]) >= 3:
         save_checkpoint(run, done)
         raise TrainingError(f"3 non-finite updates in a row at step {done}: stopping (try a lower --lr "
                             f"or --max-new-tokens); the last checkpoint is in {out / 'checkpoints'}")
     invocation_done = done - run.start == cfg.stop_after  # --stop-after's steps of this invocation are done
-    if done % cfg.save_every == 0 or done == cfg.steps or stop.requested or invocation_done:
+    if done % cfg.save_every == 0 or done == cfg.steps or stopping or invocation_done:
         save_checkpoint(run, done)
-    if stop.requested:
-        print(f"stopped after step {done}; continue with: python core.py --resume {out}")
+    if stopping:
+        print(f"stopped after step {done}; continue with: {resume_command(out)}")
         return 130
     if invocation_done and done < cfg.steps:
         print(f"--stop-after {cfg.stop_after}: stopped after step {done}; continue with: "
-              f"python core.py --resume {out}")
+              f"{resume_command(out)}")
         return 0
     return None
 
@@ -721,7 +724,13 @@ def out_of_memory_error(run, step):
     """The TrainingError for CUDA out of memory in `step`: resume with smaller batches."""
     halve = f"--gen-batch {max(1, run.cfg.gen_batch // 2)} --micro-batch {max(1, run.cfg.micro_batch // 2)}"
     return TrainingError(f"CUDA out of memory at step {step + 1}; continue from the last checkpoint with "
-                         f"smaller batches: python core.py --resume {run.out} {halve}")
+                         f"smaller batches: {resume_command(run.out)} {halve}")
+
+
+def resume_command(out):
+    """The command that continues the run in `out`: under torchrun, with as many processes."""
+    world = dist_info()[1]
+    return f"{f'torchrun --nproc_per_node {world}' if world > 1 else 'python'} core.py --resume {out}"
 
 
 # -----------------------------------------------------------------------------
@@ -976,13 +985,14 @@ def left_pad(prompts, pad_id, device):
 def pick_tokens(logits, temperature, top_p, generator):
     """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p -> tokens [b] and
     their log-prob under softmax(logits / T) before the top-p cut [b] (T = 0: softmax(logits))."""
-    tokens, logp, _ = draw_tokens(logits, temperature, top_p, generator, sort_if_wider=True)
+    tokens, logp, _ = draw_tokens(logits, temperature, top_p, generator, sort_for=True)  # every row is live
     return tokens, logp
 
 
-def draw_tokens(logits, temperature, top_p, generator, sort_if_wider, candidates=1024):
+def draw_tokens(logits, temperature, top_p, generator, sort_for=None, candidates=1024):
     """pick_tokens, its nucleus looked for among the `candidates` likeliest -> also the rows whose nucleus is
-    wider [b]; sort_if_wider: then all draw from a full sort (a host read), else sample_fast redoes them."""
+    wider [b]. sort_for: the rows (bool [b], or True: all) whose wider nucleus makes every row draw from a
+    full sort (a host read); None: none (sample_fast then redoes the window, judging its live rows)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -994,7 +1004,7 @@ def draw_tokens(logits, temperature, top_p, generator, sort_if_wider, candidates
         return tokens, logp, torch.zeros_like(tokens, dtype=torch.bool)
     top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most likely first
     wider = top.sum(-1) < top_p
-    if sort_if_wider and wider.any():
+    if sort_for is not None and (wider & sort_for).any():
         top, order = probs.sort(dim=-1, descending=True)
         wider = torch.zeros_like(wider)
     top = top.masked_fill(top.cumsum(-1) - top > top_p, 0)  # mass before this token > top_p: outside
@@ -1102,7 +1112,8 @@ def sample_fast(model, prompts, max_new_tokens, eos_ids, pad_id, temperature=0.7
             for checked in (False, True):  # unchecked (one host read); checked if a nucleus overflowed
                 overflow = torch.zeros((), dtype=torch.bool, device=device)
                 for s in window:
-                    tokens, logp, wider = draw_tokens(logits, temperature, top_p, generator, checked)
+                    tokens, logp, wider = draw_tokens(logits, temperature, top_p, generator,
+                                                      sort_for=~finished if checked else None)
                     tokens = tokens.masked_fill(finished, pad_id)
                     out[live, s], out_logp[live, s] = tokens, logp
                     overflow |= (wider & ~finished).any()
@@ -1133,6 +1144,17 @@ def static_cache(model, source, rows, filled, length):
         new.keys[:, :, :filled], new.values[:, :, :filled] = keys, values
         new.cumulative_length.fill_(filled)  # next write position
     return cache
+
+
+def out_of_memory(error):
+    """Whether an error is the GPU's out of memory: torch.OutOfMemoryError (the caching allocator's), or an
+    AcceleratorError (a CUDA call's, such as a graph's instantiation) whose error_code, which torch 2.13 sets
+    on those it raises, is cudaErrorMemoryAllocation (2); one made without a code is judged by its message."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    code = getattr(error, "error_code", None)
+    cuda_error = isinstance(error, getattr(torch, "AcceleratorError", ()))
+    return cuda_error and (code == 2 if code is not None else "out of memory" in str(error))
 
 
 def fatal_cuda_error(error):
@@ -1785,7 +1807,8 @@ def shortened(name, width):
 
 def save_checkpoint(run, done):
     """checkpoints/step_NNNNNN/ after `done` steps: adapters (PEFT's layout), optimizer states, every rank's
-    RNG states, data position, loop state, config. Every rank takes part; rank 0 writes."""
+    RNG states, data position, loop state, config and each file's sha256. Every rank takes part; rank 0 writes
+    (durable_rename). A damaged checkpoint of the same step, left by a crash, is replaced."""
     cfg, policies, out = run.cfg, run.policies, run.out
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
@@ -1793,7 +1816,7 @@ def save_checkpoint(run, done):
         return None
     root = out / "checkpoints"
     final, tmp = root / f"step_{done:06d}", root / f".tmp-step_{done:06d}"
-    if final.exists():
+    if final.exists() and checkpoint_damage(final) is None:
         return final
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -1803,13 +1826,40 @@ def save_checkpoint(run, done):
         save_file(tensors, str(tmp / f"optimizer_{m}.safetensors"), metadata=meta)
     save_file({f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rngs) for k, v in tensors.items()},
               str(tmp / "rng.safetensors"))
+    files = {f.relative_to(tmp).as_posix(): file_sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     state = {"step": done, "data_position": done * cfg.batch_questions, "world_size": len(rngs),
-             "python_rng": [py for _, py in rngs], "loop_state": run.loop_state, "config": asdict(cfg)}
+             "python_rng": [py for _, py in rngs], "loop_state": run.loop_state, "config": asdict(cfg),
+             "sha256": files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    os.replace(tmp, final)
+    durable_rename(tmp, final)
     for old in checkpoints(out)[:-cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def durable_rename(tmp, final):
+    """Renames the folder tmp to final so that a machine crash leaves one or the other whole: every file and
+    folder is fsync'd before the rename, their parent after it. A damaged `final` is moved aside first."""
+    for path in [*sorted(tmp.rglob("*")), tmp]:
+        fsync(path)
+    damaged = final.with_name(f".damaged-{final.name}")
+    if final.exists():
+        shutil.rmtree(damaged, ignore_errors=True)
+        os.replace(final, damaged)
+    os.replace(tmp, final)
+    fsync(final.parent)
+    shutil.rmtree(damaged, ignore_errors=True)
+
+
+def fsync(path):
+    """Flushes a file, or a folder's entries, to the disk (Windows cannot open a folder: skipped there)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(folder, policies, with_optimizer=True):
@@ -1884,15 +1934,52 @@ def checkpoints(run_dir):
     return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / "state.json").exists())
 
 
-def find_checkpoint(path):
-    """A checkpoint folder itself, or the newest checkpoint of a run folder."""
+def find_checkpoint(path, warn=False):
+    """A checkpoint folder itself, or the newest checkpoint of a run folder that loads (newest_checkpoint);
+    a checkpoint that does not load is a UsageError."""
     path = Path(path)
     if (path / "state.json").exists():
+        if damage := checkpoint_damage(path):
+            raise UsageError(f"checkpoint {path} does not load ({damage})")
         return path
-    found = checkpoints(path)
+    found = newest_checkpoint(path, warn)
     if not found:
         raise UsageError(f"no checkpoint in '{path}' (expected {path}/checkpoints/step_*/state.json)")
-    return found[-1]
+    return found
+
+
+def newest_checkpoint(run_dir, warn=False):
+    """The newest checkpoint of a run that loads; a damaged one (what a machine crash can leave) is passed
+    over, named if `warn`. None for a run without checkpoints; a UsageError if none loads (none deleted)."""
+    found = checkpoints(run_dir)
+    for folder in reversed(found):
+        damage = checkpoint_damage(folder)
+        if damage is None:
+            return folder
+        if warn:
+            print(f"warning: checkpoint {folder} does not load ({damage}): going on from the one before it "
+                  f"(the steps since run again, and this checkpoint is written anew)")
+    if found:
+        raise UsageError(f"none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} loads "
+                         f"(the newest: {checkpoint_damage(found[-1])}); nothing was deleted")
+    return None
+
+
+def checkpoint_damage(folder):
+    """Why a checkpoint would not load, or None: state.json must parse and every file must have the sha256 it
+    records (an older checkpoint, without them: every safetensors file must open)."""
+    try:
+        state = checkpoint_state(folder)
+        if not isinstance(state, dict) or "step" not in state:
+            return "state.json holds no step"
+        for name, digest in state.get("sha256", {}).items():
+            if file_sha256(Path(folder) / name) != digest:
+                return f"{name} is not the file that was saved"
+        for path in [] if "sha256" in state else Path(folder).rglob("*.safetensors"):
+            safe_open(str(path), "pt")
+    except (OSError, ValueError, SafetensorError) as e:  # ValueError: state.json is not JSON
+        return f"{type(e).__name__}: {first_line(e)}"
+    return None
 
 
 def checkpoint_state(folder):
@@ -1920,10 +2007,10 @@ def keep_logged_steps(out, step):
 def resume_config(cfg, given):
     """The saved config of the run --resume names (its newest checkpoint's, else its config.json), with the
     RESUME_OVERRIDES flags among `given` applied; another given flag that differs is a UsageError."""
-    found, config_file = checkpoints(cfg.resume), Path(cfg.resume) / "config.json"
+    found, config_file = newest_checkpoint(cfg.resume), Path(cfg.resume) / "config.json"
     if not found and not config_file.is_file():
         raise UsageError(f"'{cfg.resume}' is not a run folder (no checkpoint, no config.json)")
-    saved = saved_config(found[-1] if found else config_file)
+    saved = saved_config(found or config_file)
     changed = sorted(k for k in given - RESUME_OVERRIDES - {"resume"} if getattr(cfg, k) != getattr(saved, k))
     if "steps" in changed:
         raise UsageError(f"--steps cannot change on --resume: the learning-rate and reward schedules span "
@@ -1976,11 +2063,12 @@ def run_provenance(cfg, command, policies, train_set, test_set):
     world size, each model's source and device, each data file read and the question counts."""
     files = sorted({str(Path(p.source).resolve()) for p in train_set + test_set if p.source})
     names = [f"model{m}" for m in range(1, len(policies) + 1)]
+    dtypes = [str(p.model.get_input_embeddings().weight.dtype) for p in policies]
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command, "resumed": bool(cfg.resume),
             "code": code_version(), "versions": library_versions(), "world_size": dist_info()[1],
             "models": {name: model_source(path) for name, path in zip(names, model_paths(cfg))},
-            "devices": {name: device_info(p.device) | {"dtype": str(p.model.get_input_embeddings().weight.dtype)}
-                        for name, p in zip(names, policies)},
+            "devices": {name: device_info(p.device) | {"dtype": dtype}
+                        for name, p, dtype in zip(names, policies, dtypes)},
             "adapters": adapters_source(cfg.adapters, len(policies)) if cfg.adapters else None,
             "data": {"files": {f: file_sha256(f) for f in files}, "train_questions": len(train_set),
                      "test_questions": len(test_set)}}
@@ -2061,8 +2149,8 @@ MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, w
 
 def model_source(name):
     """A local folder: its path and the sha256 of each of its MODEL_FILES (a full read: for a 14 GB pair, 10 s
-    from the page cache, 23 s from a 0.6 GB/s disk: bench/results/hash_cost.txt); a hub id: the snapshot commit
-    the local cache resolves it to, 'unknown' when not cached. The network is never asked."""
+    from the page cache, 23 s from a 0.6 GB/s disk: bench/results/hash_cost.txt); a hub id: the snapshot
+    commit the local cache resolves it to, 'unknown' when not cached. The network is never asked."""
     if local_folder(name):
         folder = Path(name).expanduser().resolve()
         files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in MODEL_FILES)
@@ -2349,18 +2437,22 @@ class Progress:
         self.rows, self.tokens, self.batch_rows = self.rows + rows, self.tokens + tokens, 0
 
     def show(self, rows=0, tokens=0, position=0, closing=False):
-        """rows, tokens: done so far in the current batch; position: its decode steps so far. Time left: the
-        batch's steps to its budget at its pace so far, then the remaining rows at the time per row so far."""
+        """rows, tokens: done so far in the current batch; position: its decode steps so far. The time left
+        says what it is: '≤ Ns' while only the current batch is left (its steps to the budget at its pace so
+        far; it ends sooner if its rows do), else '~Ns', a forecast: that bound or the time per row of the
+        batches done, then the rows after it at the time per row so far."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
         ran, left = self.last - self.batch_start, "time left: ?"
+        after = self.total - self.rows - self.batch_rows  # the rows of the batches still to come
         per_row = (self.batch_start - self.start) / self.rows if self.rows else None
-        batch_left = ran / position * max(0, self.budget - position) if position else None
-        if per_row is None and batch_left is not None:
-            per_row = (ran + batch_left) / max(1, self.batch_rows)
-        if per_row is not None:
-            batch_left = max(0.0, per_row * self.batch_rows - ran) if batch_left is None else batch_left
-            left = f"{batch_left + (self.total - self.rows - self.batch_rows) * per_row:.0f}s left"
+        bound = ran / position * max(0, self.budget - position) if position else None
+        if bound is not None and not after:
+            left = f"≤ {math.ceil(bound)}s left"
+        elif per_row is not None or bound is not None:
+            per_row = per_row if per_row is not None else (ran + bound) / max(1, self.batch_rows)
+            batch_left = bound if bound is not None else max(0.0, per_row * self.batch_rows - ran)
+            left = f"~{batch_left + after * per_row:.0f}s left"
         line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
                 f"{elapsed:.0f}s, {'done' if closing else left}")
         end = "\n" if closing or not self.tty else ""
@@ -2410,13 +2502,25 @@ def append_jsonl(path, row):
 
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
-    sets `requested`: the loop finishes its step, checkpoints and exits 130; a second raises
-    KeyboardInterrupt. Elsewhere the handler found at the start acts (ignored stays ignored), SIGTERM's
-    default as Ctrl-C's."""
+    is a request: end_of_step takes it (take), the ranks agree, and the loop checkpoints and exits 130. A
+    second before it was taken raises KeyboardInterrupt. Elsewhere the handler found at the start acts
+    (ignored stays ignored), SIGTERM's default as Ctrl-C's."""
 
     def __init__(self):
-        self.requested = self.in_loop = False
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.in_loop, self.signals, self.taken = False, 0, 0  # signals: counted in the loop; taken: by take()
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # before installing
+        for s in self.previous:
+            signal.signal(s, self)
+
+    @property
+    def requested(self):
+        return self.signals > self.taken
+
+    def take(self):
+        """Whether a stop was requested since the last take; a signal after it is a first request again."""
+        seen = self.signals  # read once: a signal arriving meanwhile stays for the next take
+        requested, self.taken = seen > self.taken, seen
+        return requested
 
     def release(self):
         for s, handler in self.previous.items():
@@ -2428,14 +2532,15 @@ class StopRequest:
             return None if previous == signal.SIG_IGN else previous(signum, frame)
         if self.requested or not self.in_loop:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signals += 1
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
               f"to abort)", flush=True)
 
 
 def main(argv=None):
-    stop = StopRequest()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
+    stop = None
     try:
+        stop = StopRequest()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
         cfg = Config(**vars(build_parser().parse_args(argv)))
         given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
         command = shlex.join(sys.orig_argv if argv is None else ["core.py", *argv])  # as typed
@@ -2445,7 +2550,9 @@ def main(argv=None):
     except (UsageError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    except torch.OutOfMemoryError:  # in training it is a TrainingError; here, loading or evaluating
+    except Exception as error:  # out of memory: in training a TrainingError; here, loading or evaluating
+        if not out_of_memory(error):
+            raise
         print("error: CUDA out of memory outside the training steps; lower --gen-batch (and "
               "--eval-max-new-tokens)", file=sys.stderr)
         return 1
@@ -2453,7 +2560,8 @@ def main(argv=None):
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
     finally:
-        stop.release()
+        if stop is not None:
+            stop.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -2485,7 +2593,7 @@ def run_job(cfg, given, stop, command=""):
     policies = [load_policy(m, path, device, cfg)
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
     if cfg.adapters:
-        load_checkpoint(find_checkpoint(cfg.adapters), policies, with_optimizer=False)
+        load_checkpoint(find_checkpoint(cfg.adapters, warn=True), policies, with_optimizer=False)
     test_set = usable_test_set(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -2514,8 +2622,8 @@ def run_job(cfg, given, stop, command=""):
 
 def run_finished(cfg):
     """Whether --resume names a finished run: every step trained and evaluated (--eval-only: eval.json)."""
-    found = checkpoints(cfg.resume)
-    step = checkpoint_state(found[-1])["step"] if found else 0
+    found = newest_checkpoint(cfg.resume)
+    step = checkpoint_state(found)["step"] if found else 0
     evaluation = Path(cfg.resume) / ("eval.json" if cfg.eval_only else "eval_after.json")
     if (cfg.eval_only or step == cfg.steps) and evaluation.is_file():
         done = "its evaluation is in eval.json" if cfg.eval_only else f"step {step} of {cfg.steps}"

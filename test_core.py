@@ -2,6 +2,7 @@
 saved with save_pretrained and loaded back through from_pretrained, as users load real ones."""
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -838,27 +839,32 @@ def test_progress_shows_rows_tokens_and_time_left_while_sampling(tiny_models, ca
     assert lines[-1].startswith("  round A: 6/12 rows") and lines[-1].endswith(", done") and " tok/s | " in lines[-1]
 
 
-def test_progress_estimates_the_time_left_from_the_decode_position(monkeypatch, capsys):
-    """A scripted slow sampler: 1 s per decode step, 2 batches of 4 rows with a budget of 10 tokens, rows ending at
-    steps 2, 3, 4 and 10. Every row of a batch runs until its longest ends, so the time left is the current batch's
-    steps to the budget at its pace, then the next batch at the time per row of the batches done (or of this one).
-    Counting rows instead said '3/8 rows, 1s left' at 5 s, with 15 s to go."""
+def test_the_time_left_says_whether_it_is_a_bound_or_a_forecast_and_a_bound_holds(monkeypatch, capsys):
+    """A scripted slow sampler: 1 s per decode step, 3 batches of 4 rows with a budget of 10 tokens; the first
+    batch's rows end at steps 2, 3, 4 and 10 (it runs to its budget), the second's by step 4 and the third's by
+    step 3 (they end early). While only the current batch is left, its steps to the budget at its pace are a bound,
+    marked '≤', and the time really left never exceeds it; anything that leans on other batches is marked '~'.
+    Before this, the line said '238s left' unmarked on a real run that was done 3 s later."""
     now = [0.0]
     monkeypatch.setattr(core.time, "time", lambda: now[0])
-    progress = core.Progress("round A", total=8)
+    progress = core.Progress("round A", total=12)
     progress.every = 0
-    ends = [2, 3, 4, 10]
-    for _ in range(2):
+    shown = []  # (the time it was shown, its line)
+    for ends in ([2, 3, 4, 10], [1, 2, 4, 4], [3, 3, 3, 3]):
         progress.batch(4, 10)
-        for step in range(10):
+        for step in range(max(ends)):
             progress.show(sum(end <= step for end in ends), 0, step)
+            shown.append((now[0], capsys.readouterr().out.strip()))
             now[0] += 1
         progress.add(4, sum(ends))
-    lines = capsys.readouterr().out.splitlines()
-    left = [int(re.search(r"(\d+)s left", line).group(1)) if "s left" in line else None for line in lines]
-    assert left[0] is None and None not in left[1:]  # no pace before the first decode step
-    assert left[1:] == [20 - t for t in range(1, 20)]  # exact here: every batch ran to its budget
-    assert lines[5].startswith("  round A: 3/8 rows") and lines[5].endswith("5s, 15s left")
+    finished = now[0]
+    assert shown[0][1].endswith("time left: ?")  # no pace before the first decode step
+    marks = [re.search(r"(≤ |~)?(\d+)s left$", line) for _, line in shown[1:]]
+    assert all(m and m.group(1) for m in marks), shown  # every estimate says what it is
+    bounds = [(int(m.group(2)), finished - t) for m, (t, _) in zip(marks, shown[1:]) if m.group(1) == "≤ "]
+    assert len(bounds) == 2 and all(really <= bound for bound, really in bounds)  # the third batch's: it held
+    assert [m.group(1) for m in marks[:13]] == ["~"] * 13  # other batches to come: a forecast
+    assert shown[5][1].startswith("round A: 3/12 rows") and shown[5][1].endswith("5s, ~25s left")
 
 
 def test_samples_of_a_prompt_share_one_prefill(tiny_models):
@@ -1223,6 +1229,73 @@ def test_after_a_redecoded_window_the_next_windows_are_unchecked_again(tiny_mode
         rows = core.sample_fast(model, prompts, 24, set(), 0, 1.5, 0.95, torch.Generator().manual_seed(1))[0]
     assert restores == [1] and all(len(row) == 24 for row in rows)
     assert len(host_reads(prof)) <= 1 + 8 + 1 + 2 + 1  # window 1: its verdict, 8 checked steps, its verdict again; 2 more; segment
+
+
+class SortCount(TorchDispatchMode):
+    """Counts the full sorts (aten.sort) run inside it."""
+    sorts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.sorts += func.overloadpacket == torch.ops.aten.sort
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_redone_window_judges_the_nucleus_of_live_rows_only(tiny_models, monkeypatch):
+    """As the unchecked pass does (and pick_tokens, whose rows are all live): in a redone window, the nucleus of a
+    row that has finished, wider than the candidates or not, makes no full sort."""
+    logits = torch.stack([torch.tensor([9.0, 8.0] + [0.0] * 30), torch.zeros(32)])  # row 1's nucleus: 29 tokens
+    for judged, sorts in [(torch.tensor([True, False]), 0), (torch.tensor([True, True]), 1), (None, 0)]:
+        with SortCount() as counted:
+            core.draw_tokens(logits, 1.0, 0.9, torch.Generator().manual_seed(0), sort_for=judged, candidates=4)
+        assert counted.sorts == sorts
+    model, tokenizer = loaded(tiny_models[1])
+    lively(model, seed=3)
+    real_draw, judged = core.draw_tokens, []
+
+    def draw(*args, **kwargs):
+        judged.append(kwargs.get("sort_for"))
+        return real_draw(*args, **kwargs, candidates=2)  # too few at T = 1.5: every window is redone
+
+    monkeypatch.setattr(core, "draw_tokens", draw)
+    eos = set(range(0, model.config.vocab_size, 3))  # about a third of the tokens end a row: rows end early
+    prompts = prompts_of(tokenizer, ["What is 1 + 2 ?", "Hi"])
+    core.sample_fast(model, prompts, 16, eos, 0, 1.5, 0.95, torch.Generator().manual_seed(1), n=3)
+    checked = [j for j in judged if j is not None]
+    assert checked and all(isinstance(j, torch.Tensor) for j in checked)
+    assert any(j.any() and not j.all() for j in checked)  # a finished row beside live ones: not judged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_capture_refused_by_a_host_read_leaves_the_other_models_capture_and_the_run_going(tiny_models,
+                                                                                               monkeypatch, capsys):
+    """For bench/gpu_checks.sh: model 1's decode step reads the host inside its capture, which CUDA refuses; it
+    warns and decodes without graphs. Model 2 then captures on the same device pool and replays; both give the
+    reference loop's greedy tokens, and a CORE step with an update of each model goes on."""
+    cfg = core.Config(lora_rank=4, temperature=0, max_new_tokens=8, micro_batch=8)
+    policies = [core.load_policy(m, path, torch.device("cuda"), cfg) for m, path in enumerate(tiny_models, 1)]
+    core.GRAPHLESS.clear()
+    core.capture_stream_and_pool.cache_clear()
+    real_forward = core.DecodeStep.forward
+
+    def reads_the_host(self):
+        logits = real_forward(self)
+        if self.model is policies[0].model:
+            logits.sum().item()  # a device-to-host copy: not permitted while the stream captures
+        return logits
+
+    monkeypatch.setattr(core.DecodeStep, "forward", reads_the_host)
+    prompts = prompts_of(policies[0].tokenizer, ["What is 1 + 2 ?", "Hi"])
+    for policy in policies:
+        ref = core.sample(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0)[0]
+        fast = core.sample_fast(policy.model, prompts, 8, policy.eos_ids, policy.pad_id, temperature=0, cuda_graph=True)
+        assert fast[0] == ref
+    assert policies[0].model in core.GRAPHLESS and policies[1].model not in core.GRAPHLESS
+    assert capsys.readouterr().err.count("CUDA graph capture failed") == 1
+    assert core.capture_stream_and_pool.cache_info().currsize == 1  # one stream and pool for the device
+    groups, _ = core.core_step(policies, core.arithmetic_problems(4, 0), cfg, core.reward_schedule(cfg, 0))
+    for m, policy in enumerate(policies, 1):
+        stats = core.update_policy(policy, [t for g in groups for t in g if t.model == m], cfg, 1e-3)
+        assert not stats["skipped"] and math.isfinite(stats["loss"])
 
 
 def test_a_fallback_sampler_shows_in_the_step_line_and_the_metrics_row(tiny_models, monkeypatch):
@@ -2407,6 +2480,100 @@ def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
     assert_same_runs(tmp_path / "straight", tmp_path / "killed")
 
 
+def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """What a power loss needs: every file and folder of the checkpoint fsync'd before it is renamed into place,
+    then its parent (the rename itself); a damaged checkpoint of the same step is replaced."""
+    events, real_replace = [], os.replace
+    monkeypatch.setattr(core, "fsync", lambda path: events.append(("fsync", Path(path))))
+    monkeypatch.setattr(core.os, "replace", lambda a, b: (events.append(("rename", Path(a), Path(b))), real_replace(a, b)))
+    root = tmp_path / "checkpoints"
+    tmp, final = root / ".tmp-step_000002", root / "step_000002"
+    (tmp / "adapter_1").mkdir(parents=True)
+    (tmp / "state.json").write_text("{}")
+    (tmp / "adapter_1" / "adapter_model.safetensors").write_bytes(b"new")
+    (final / "adapter_1").mkdir(parents=True)  # a damaged one of this step
+    (final / "state.json").write_text("{")
+    core.durable_rename(tmp, final)
+    rename = events.index(("rename", tmp, final))
+    assert {e[1] for e in events[:rename] if e[0] == "fsync"} == {tmp, tmp / "adapter_1", tmp / "state.json",
+                                                                    tmp / "adapter_1" / "adapter_model.safetensors"}
+    assert events[rename + 1:] == [("fsync", root)]
+    assert (final / "adapter_1" / "adapter_model.safetensors").read_bytes() == b"new"
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]  # the damaged one is gone, no tmp left
+
+
+@pytest.fixture(scope="module")
+def four_steps(warm_pair, tmp_path_factory):
+    """A 4-step run saved at every step, and the data it trained on."""
+    folder = tmp_path_factory.mktemp("four")
+    data = arithmetic_file(folder)
+    assert core.main(tiny_run_flags(warm_pair, data, folder / "straight", steps=4) + ["--save-every", "1"]) == 0
+    return folder / "straight", data
+
+
+@pytest.mark.parametrize("damage", ["zero-length optimizer", "truncated adapter", "corrupt state.json"])
+def test_a_checkpoint_a_crash_damaged_is_named_passed_over_and_written_anew(warm_pair, four_steps, tmp_path, capsys,
+                                                                            damage):
+    """The newest of three checkpoints is damaged as a machine crash leaves a file whose data never reached the
+    disk: the resume names it in one line, goes on from the one before, and ends as an uninterrupted run; when it
+    redoes that step, it writes a good checkpoint in its place."""
+    straight, data = four_steps
+    out = tmp_path / "run"
+    assert core.main(tiny_run_flags(warm_pair, data, out, steps=4) + ["--save-every", "1", "--stop-after", "3"]) == 0
+    newest = out / "checkpoints" / "step_000003"
+    path = newest / {"zero-length optimizer": "optimizer_1.safetensors", "truncated adapter":
+                     "adapter_2/adapter_model.safetensors", "corrupt state.json": "state.json"}[damage]
+    path.write_bytes(b"" if damage.startswith("zero") else path.read_bytes()[:len(path.read_bytes()) // 2])
+    assert core.checkpoint_damage(newest) and core.checkpoint_damage(out / "checkpoints" / "step_000002") is None
+    capsys.readouterr()
+    if damage == "zero-length optimizer":  # --adapters passes over it too (the adapters are intact here)
+        flags = ["--model1", warm_pair[0], "--model2", warm_pair[1], "--data", str(data), "--eval-only", "--eval-n", "2",
+                 "--eval-max-new-tokens", "4", "--device1", "cpu", "--adapters", str(out), "--out", str(tmp_path / "ev")]
+        assert core.main(flags) == 0
+        assert f"warning: checkpoint {newest} does not load (optimizer_1.safetensors is not" in capsys.readouterr().out
+    assert core.main(["--resume", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"warning: checkpoint {newest} does not load") == 1
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in printed
+    assert core.checkpoint_damage(newest) is None  # step 3 ran again: its checkpoint written anew
+    assert_same_runs(straight, out)
+
+
+def test_a_run_none_of_whose_checkpoints_loads_stops_with_one_line_and_deletes_nothing(warm_pair, tmp_path):
+    data = arithmetic_file(tmp_path)
+    out = tmp_path / "run"
+    assert core.main(tiny_run_flags(warm_pair, data, out, steps=4) + ["--save-every", "1", "--stop-after", "2"]) == 0
+    for folder in core.checkpoints(out):
+        (folder / "rng.safetensors").write_bytes(b"")
+    done = subprocess.run([sys.executable, str(HERE / "core.py"), "--resume", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: none of the 2 checkpoints in {out / 'checkpoints'} loads (the newest: rng.safetensors is not")
+    assert [p.name for p in core.checkpoints(out)] == ["step_000001", "step_000002"]
+
+
+def test_resume_is_exact_with_hint_dropout(warm_pair, four_steps, tmp_path):
+    """At --hint-dropout 0.5 each model's hint-dropout stream decides which offered samples see the hint (with
+    --hint-to all, both models are offered it): a resume that did not restore a model's stream would show other
+    hints (the other resume tests use 0)."""
+    _, data = four_steps
+    runs = {}
+    for name, stop in (("straight", []), ("split", ["--stop-after", "2"])):
+        runs[name] = tmp_path / name
+        flags = tiny_run_flags(warm_pair, data, runs[name], steps=4) + ["--save-every", "1", "--hint-dropout", "0.5",
+                                                                        "--hint-to", "all"]
+        assert core.main(flags + stop) == 0
+    assert core.main(["--resume", str(runs["split"])]) == 0
+    rows = [json.loads(line) for line in open(runs["straight"] / "metrics.jsonl")]
+    assert sum(r["hints_shown"] for r in rows) > 0  # hints were shown, after draws from both models' streams:
+    state = json.loads((core.find_checkpoint(runs["straight"]) / "state.json").read_text())
+    for m, (version, internal, gauss) in enumerate(state["python_rng"][0], 1):
+        fresh = random.Random(core.stream_seed(42, "hint dropout", m, 0)).getstate()
+        assert (version, tuple(internal), gauss) != fresh
+    assert_same_runs(runs["straight"], runs["split"])
+
+
 def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_the_loop():
     """main's StopRequest: outside the loop the handler found at its start acts (a job started in the background
     ignores Ctrl-C, and must keep doing so while it loads and evaluates), SIGTERM's default acts as Ctrl-C; in the
@@ -2428,6 +2595,58 @@ def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_a_signal_while_the_handler_installs_itself_exits_130(monkeypatch, capsys):
+    """StopRequest holds its state before it installs itself: a signal right after the install finds it whole."""
+    real_signal = signal.signal
+
+    def install_then_signal(signum, handler):
+        previous = real_signal(signum, handler)
+        if isinstance(handler, core.StopRequest):
+            handler(signum, None)  # the signal arrives before signal.signal has returned
+        return previous
+
+    monkeypatch.setattr(core.signal, "signal", install_then_signal)
+    try:
+        assert core.main(["--help"]) == 130
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "interrupted" in capsys.readouterr().err
+
+
+STOP_ON_ONE_RANK = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import core
+save_checkpoint, end_of_step = core.save_checkpoint, core.end_of_step
+if os.environ["RANK"] == "0":  # Ctrl-C on rank 0 during step 1
+    core.end_of_step = lambda run, done: (done == 1 and os.kill(os.getpid(), signal.SIGINT), end_of_step(run, done))[1]
+else:  # rank 1's arrives just after the ranks agreed to stop, as it saves
+    core.save_checkpoint = lambda run, done: (os.kill(os.getpid(), signal.SIGINT), save_checkpoint(run, done))[1]
+sys.exit(core.main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_a_stop_on_one_rank_and_a_late_signal_on_the_other_stop_both_together(warm_pair, tmp_path):
+    """2 gloo processes: rank 0 asks to stop in step 1; rank 1's signal arrives just after the ranks agreed, while
+    it saves. That is a first request for the next step, not a second Ctrl-C: both checkpoint and exit 130 together
+    (before, rank 1 raised KeyboardInterrupt alone and rank 0 waited for it in a collective), and the resume command
+    printed names torchrun with 2 processes."""
+    script = tmp_path / "stop_on_one_rank.py"
+    script.write_text(STOP_ON_ONE_RANK.format(here=str(HERE)))
+    flags = [f for f in tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=3)
+             if f not in ("--device1", "cpu")]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run(launch + flags + ["--save-every", "100", "--no-eval-before"], env=env, capture_output=True,
+                          text=True, timeout=180)
+    output = done.stdout + done.stderr
+    assert "KeyboardInterrupt" not in output and "interrupted" not in output, output[-3000:]
+    assert "exitcode  : 130" in output or done.returncode == 130, output[-3000:]  # torchrun reports each rank's
+    assert [p.name for p in core.checkpoints(tmp_path / "ddp")] == ["step_000001"]
+    assert f"continue with: torchrun --nproc_per_node 2 core.py --resume {tmp_path / 'ddp'}" in done.stdout
 
 
 def test_sigterm_finishes_the_step_saves_exits_130_and_resumes_bit_identical(warm_pair, tmp_path):
@@ -2629,6 +2848,61 @@ def test_out_of_memory_saves_then_resumes_with_smaller_batches(warm_pair, tmp_pa
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["micro_batch"], saved["gen_batch"], saved["steps"], saved["lr"]) == (1, 3, 5, 1e-3)
     assert core.find_checkpoint(tmp_path / "run").name == "step_000005"
+
+
+def cuda_out_of_memory():
+    """An out-of-memory AcceleratorError as torch 2.13 raises it from a CUDA call (C10_CUDA_CHECK): the message,
+    and the error code it sets on the exception (cudaErrorMemoryAllocation)."""
+    error = torch.AcceleratorError("CUDA error: out of memory")
+    error.error_code = 2
+    return error
+
+
+def test_out_of_memory_is_told_by_type_and_error_code():
+    assert core.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert core.out_of_memory(cuda_out_of_memory())
+    assert core.out_of_memory(torch.AcceleratorError("CUDA error: out of memory"))  # made without a code
+    illegal = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    illegal.error_code = 700
+    assert not core.out_of_memory(illegal) and not core.out_of_memory(RuntimeError("out of memory"))
+    worded = torch.AcceleratorError("CUDA error: out of memory (reported by another call)")
+    worded.error_code = 700  # the code wins over the words
+    assert not core.out_of_memory(worded)
+
+
+@pytest.mark.parametrize("make_error", [lambda: torch.OutOfMemoryError("CUDA out of memory"), cuda_out_of_memory],
+                         ids=["OutOfMemoryError", "AcceleratorError"])
+@pytest.mark.parametrize("where", ["capture", "first-use check", "update"])
+def test_out_of_memory_of_either_type_anywhere_in_a_step_says_how_to_resume(warm_pair, tmp_path, fake_cuda, monkeypatch,
+                                                                           capsys, make_error, where):
+    """CUDA out of memory as torch.OutOfMemoryError or as an AcceleratorError (a graph's instantiation raises it so),
+    in a rollout's capture, the GPU sampler's first-use check, or the update: one line that says how to resume
+    with smaller batches, exit 1 (before, the AcceleratorError was a raw traceback)."""
+    error, captures = make_error(), []
+    monkeypatch.setattr(core, "fast_decoding", lambda model, cfg: True)  # the GPU sampler, its capture faked
+    monkeypatch.setattr(core, "sample_fast", functools.partial(core.sample_fast, cuda_graph=True))
+
+    def record(step, pool):
+        captures.append(1)
+        if where == "capture" and len(captures) > 1:  # after the first-use check's, a rollout's capture
+            raise error
+        graph = EagerGraph(step)
+        return graph, graph.output
+
+    monkeypatch.setattr(core, "record_graph", record)
+    if where == "first-use check":
+        monkeypatch.setattr(core, "static_cache", lambda *args: (_ for _ in ()).throw(error))
+    real_update, updates = core.update_policy, []
+    if where == "update":
+        monkeypatch.setattr(core, "update_policy", lambda *a: updates.append(1) or (
+            real_update(*a) if len(updates) <= 2 else (_ for _ in ()).throw(error)))
+    flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=3)
+    assert core.main(flags + ["--no-eval-before", "--save-every", "100"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    step = 2 if where == "update" else 1
+    assert err.startswith(f"error: CUDA out of memory at step {step}; continue from the last checkpoint with "
+                          f"smaller batches: python core.py --resume {tmp_path / 'run'} --gen-batch"), err
+    assert [p.name for p in core.checkpoints(tmp_path / "run")] == (["step_000001"] if step == 2 else [])
 
 
 def test_three_non_finite_updates_in_a_row_stop_the_run(warm_pair, tmp_path, monkeypatch, capsys):
