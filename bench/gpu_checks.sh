@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one call (about 6 minutes on one H100/H200, estimated: not yet timed on a GPU):
 #   bash bench/gpu_checks.sh OUT
-# 1. the CUDA tests of test_core.py (the graph sampler against the reference loop, bf16);
+# 0. the header bench/header.py prints: the command, date, core.py's sha256 and git commit, GPU, versions;
+# 1. the CUDA tests of test_core.py (the graph sampler against the reference loop, bf16; a capture refused by
+#    a host read inside it: that model warns and decodes without graphs, the other model then captures on the
+#    same memory pool, both give the reference loop's tokens, and a CORE step with both updates goes on);
 # 2. bench/bench_core.py on random-weight models of the real Qwen2.5-3B and Qwen3-4B shapes (bf16): greedy
 #    identity with generate; tokens/s of the graphs sampler (adapters unmerged, as in a run) against the
 #    reference loop and generate at 8 and 64 rows; the same sampler unmerged against merged weights and no
