@@ -728,9 +728,12 @@ def out_of_memory_error(run, step):
 
 
 def resume_command(out):
-    """The command that continues the run in `out`: under torchrun, with as many processes."""
-    world = dist_info()[1]
-    return f"{f'torchrun --nproc_per_node {world}' if world > 1 else 'python'} core.py --resume {out}"
+    """The command that continues the run in `out`: under torchrun, with as many nodes and processes."""
+    world, per_node = dist_info()[1], int(os.environ.get("LOCAL_WORLD_SIZE", dist_info()[1]))
+    if world == 1:
+        return f"python core.py --resume {shlex.quote(str(out))}"
+    nodes = f"--nnodes {world // per_node} (and your rendezvous flags) " if world > per_node else ""
+    return f"torchrun {nodes}--nproc_per_node {per_node} core.py --resume {shlex.quote(str(out))}"
 
 
 # -----------------------------------------------------------------------------
@@ -985,14 +988,15 @@ def left_pad(prompts, pad_id, device):
 def pick_tokens(logits, temperature, top_p, generator):
     """Next token per row from fp32 logits [b, V]: greedy at T = 0, else temperature + top-p -> tokens [b] and
     their log-prob under softmax(logits / T) before the top-p cut [b] (T = 0: softmax(logits))."""
-    tokens, logp, _ = draw_tokens(logits, temperature, top_p, generator, sort_for=True)  # every row is live
+    every_row = torch.ones(len(logits), dtype=torch.bool, device=logits.device)  # here, every row is live
+    tokens, logp, _ = draw_tokens(logits, temperature, top_p, generator, sort_for=every_row)
     return tokens, logp
 
 
 def draw_tokens(logits, temperature, top_p, generator, sort_for=None, candidates=1024):
     """pick_tokens, its nucleus looked for among the `candidates` likeliest -> also the rows whose nucleus is
-    wider [b]. sort_for: the rows (bool [b], or True: all) whose wider nucleus makes every row draw from a
-    full sort (a host read); None: none (sample_fast then redoes the window, judging its live rows)."""
+    wider [b]. sort_for: the rows (bool [b]) whose wider nucleus makes every row draw from a full sort (a
+    host read); None: no sort (sample_fast then redoes the window, judging its live rows)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(1)
@@ -1161,7 +1165,7 @@ def fatal_cuda_error(error):
     """Whether an error must reach the run rather than turn a fast path off: out of memory, or a CUDA error
     (AcceleratorError) other than a graph capture's refusal (whose message names the capture)."""
     cuda_error = isinstance(error, getattr(torch, "AcceleratorError", ()))
-    return isinstance(error, torch.OutOfMemoryError) or cuda_error and "captur" not in str(error).lower()
+    return out_of_memory(error) or cuda_error and "captur" not in str(error).lower()
 
 
 GRAPHLESS = weakref.WeakSet()  # the models whose CUDA graph capture failed: their steps run eagerly
@@ -1677,6 +1681,10 @@ def evaluate(policies, test_set, cfg, tag):
     rank, world = dist_info()
     settings = eval_settings(cfg)
     fingerprint = question_set(test_set, settings)
+    fingerprints = set(all_gather(fingerprint))  # checked before any sampling
+    if len(fingerprints) > 1:
+        raise TrainingError(f"the {world} processes hold different test questions (is the data the same on "
+                            f"every machine?): question sets {sorted(f[:12] for f in fingerprints)}")
     mine = list(enumerate(test_set))[rank::world]  # this rank's share of the questions
     start = time.time()
     records = [{"index": i, "id": p.id, "question": p.question, "gold": p.gold} for i, p in mine]
@@ -1689,11 +1697,7 @@ def evaluate(policies, test_set, cfg, tag):
             r[f"m{m}"] = [graded_answer(ids, text, p, pol.eos_ids, cfg.eval_max_new_tokens)
                           for ids, text, _ in outs[q * cfg.eval_k:(q + 1) * cfg.eval_k]]
     progress.close()
-    shards = all_gather((fingerprint, records))
-    if any(theirs != fingerprint for theirs, _ in shards):
-        raise TrainingError(f"the {world} processes hold different test questions (is the data the same on "
-                            f"every machine?): question sets {sorted({f[:12] for f, _ in shards})}")
-    records = sorted((r for _, shard in shards for r in shard), key=lambda r: r.pop("index"))
+    records = sorted((r for shard in all_gather(records) for r in shard), key=lambda r: r.pop("index"))
     metrics = eval_metrics(records, cfg.eval_k) | {"seconds": time.time() - start}
     metrics |= {"question_set": fingerprint, "eval_settings": settings}
     print_table(tag, metrics, [p.name for p in policies])
@@ -1832,7 +1836,8 @@ def save_checkpoint(run, done):
              "sha256": files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     durable_rename(tmp, final)
-    for old in checkpoints(out)[:-cfg.keep]:
+    history = [c for c in checkpoints(out) if c.name <= final.name]  # not a damaged one a resume passed over
+    for old in history[:-cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1855,7 +1860,7 @@ def fsync(path):
     """Flushes a file, or a folder's entries, to the disk (Windows cannot open a folder: skipped there)."""
     if os.name == "nt" and path.is_dir():
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows flushes writable ones only
     try:
         os.fsync(fd)
     finally:
@@ -1975,8 +1980,9 @@ def checkpoint_damage(folder):
         for name, digest in state.get("sha256", {}).items():
             if file_sha256(Path(folder) / name) != digest:
                 return f"{name} is not the file that was saved"
-        for path in [] if "sha256" in state else Path(folder).rglob("*.safetensors"):
-            safe_open(str(path), "pt")
+        if "sha256" not in state:  # an older checkpoint
+            for path in Path(folder).rglob("*.safetensors"):
+                safe_open(str(path), "pt")
     except (OSError, ValueError, SafetensorError) as e:  # ValueError: state.json is not JSON
         return f"{type(e).__name__}: {first_line(e)}"
     return None
@@ -2058,9 +2064,10 @@ def question_set(problems, settings):
     return hashlib.sha256(json.dumps([rows, settings], sort_keys=True).encode()).hexdigest()
 
 
-def run_provenance(cfg, command, policies, train_set, test_set):
+def run_provenance(cfg, command, policies, adapters, train_set, test_set):
     """This invocation of the run, as provenance.json records it: the command, the code, the libraries, the
-    world size, each model's source and device, each data file read and the question counts."""
+    world size, each model's source and device, the adapters loaded (a checkpoint folder or None), each data
+    file read and the question counts."""
     files = sorted({str(Path(p.source).resolve()) for p in train_set + test_set if p.source})
     names = [f"model{m}" for m in range(1, len(policies) + 1)]
     dtypes = [str(p.model.get_input_embeddings().weight.dtype) for p in policies]
@@ -2069,7 +2076,7 @@ def run_provenance(cfg, command, policies, train_set, test_set):
             "models": {name: model_source(path) for name, path in zip(names, model_paths(cfg))},
             "devices": {name: device_info(p.device) | {"dtype": dtype}
                         for name, p, dtype in zip(names, policies, dtypes)},
-            "adapters": adapters_source(cfg.adapters, len(policies)) if cfg.adapters else None,
+            "adapters": adapters_source(adapters, len(policies)) if adapters else None,
             "data": {"files": {f: file_sha256(f) for f in files}, "train_questions": len(train_set),
                      "test_questions": len(test_set)}}
 
@@ -2079,8 +2086,10 @@ def record_provenance(out, now):
     invocation before it in code, libraries, models and data (fixing a bug and resuming is legitimate)."""
     path = out / "provenance.json"
     before = json.loads(path.read_text()) if path.is_file() else []
-    for key, old, new in provenance_changes(before[-1], now) if before else []:
-        print(f"warning: resumed with another {key}: {old} before, {new} now (provenance.json keeps both)")
+    if before:
+        for key, old, new in provenance_changes(before[-1], now):
+            print(f"warning: resumed with another {key}: {old} before, {new} now (provenance.json keeps "
+                  f"both)")
     path.with_suffix(".tmp").write_text(json.dumps(before + [now], indent=1))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -2104,7 +2113,10 @@ def code_version():
     """core.py's sha256; the commit of the git checkout holding it, read from .git (None outside one), and
     whether its Python files differ from it (asks git; None without a git binary)."""
     here = Path(__file__).resolve()
-    commit = git_commit(here.parent)
+    try:
+        commit = git_commit(here.parent)
+    except (OSError, ValueError):  # a .git folder without HEAD, or unreadable
+        commit = None
     return {"core_sha256": file_sha256(here), "git_commit": commit,
             "git_dirty": git_dirty(here.parent) if commit else None}
 
@@ -2115,7 +2127,7 @@ def git_commit(folder):
     if git is None:
         return None
     if git.is_file():  # a worktree or submodule: "gitdir: PATH"
-        git = (git.parent / git.read_text().split(":", 1)[1].strip()).resolve()
+        git = (git.parent / git.read_text().removeprefix("gitdir:").strip()).resolve()
     common = (git / (git / "commondir").read_text().strip()) if (git / "commondir").is_file() else git
     head = (git / "HEAD").read_text().strip()
     if not head.startswith("ref: "):
@@ -2139,9 +2151,11 @@ def git_dirty(folder):
 
 
 def library_versions():
-    from importlib.metadata import version
+    import safetensors
+    import tokenizers
+    import transformers
     return {"python": platform.python_version()} | {
-        name: version(name) for name in ("torch", "transformers", "tokenizers", "safetensors")}
+        lib.__name__: lib.__version__ for lib in (torch, transformers, tokenizers, safetensors)}
 
 
 MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, weights, tokenizer, template
@@ -2149,23 +2163,22 @@ MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, w
 
 def model_source(name):
     """A local folder: its path and the sha256 of each of its MODEL_FILES (a full read: for a 14 GB pair, 10 s
-    from the page cache, 23 s from a 0.6 GB/s disk: bench/results/hash_cost.txt); a hub id: the snapshot
+    from the page cache, 17 s from a 0.84 GB/s disk: bench/results/hash_cost.txt); a hub id: the snapshot
     commit the local cache resolves it to, 'unknown' when not cached. The network is never asked."""
     if local_folder(name):
         folder = Path(name).expanduser().resolve()
         files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix in MODEL_FILES)
         return {"folder": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}
-    from transformers.utils.hub import cached_file
+    from transformers.utils.hub import try_to_load_from_cache  # reads the cache's folders, nothing else
     found = None
     with contextlib.suppress(Exception):  # not a valid hub id
-        found = cached_file(name, "config.json", local_files_only=True,
-                            _raise_exceptions_for_missing_entries=False)
-    return {"hub_id": name, "commit": Path(found).parent.name if found else "unknown"}
+        found = try_to_load_from_cache(name, "config.json")  # a path in snapshots/COMMIT/, if cached
+    return {"hub_id": name, "commit": Path(found).parent.name if isinstance(found, str) else "unknown"}
 
 
-def adapters_source(path, models):
+def adapters_source(folder, models):
     """The checkpoint --adapters loaded: its folder and each adapter's sha256."""
-    folder = find_checkpoint(path).resolve()
+    folder = folder.resolve()
     files = {f"adapter_{m}": folder / f"adapter_{m}/adapter_model.safetensors" for m in range(1, models + 1)}
     return {"folder": str(folder), "sha256": {name: file_sha256(f) for name, f in files.items()}}
 
@@ -2437,26 +2450,30 @@ class Progress:
         self.rows, self.tokens, self.batch_rows = self.rows + rows, self.tokens + tokens, 0
 
     def show(self, rows=0, tokens=0, position=0, closing=False):
-        """rows, tokens: done so far in the current batch; position: its decode steps so far. The time left
-        says what it is: '≤ Ns' while only the current batch is left (its steps to the budget at its pace so
-        far; it ends sooner if its rows do), else '~Ns', a forecast: that bound or the time per row of the
-        batches done, then the rows after it at the time per row so far."""
+        """rows, tokens: done so far in the current batch; position: its decode steps so far."""
         self.last, self.shown = time.time(), True
         done, elapsed = self.rows + rows, max(self.last - self.start, 1e-9)
-        ran, left = self.last - self.batch_start, "time left: ?"
-        after = self.total - self.rows - self.batch_rows  # the rows of the batches still to come
-        per_row = (self.batch_start - self.start) / self.rows if self.rows else None
-        bound = ran / position * max(0, self.budget - position) if position else None
-        if bound is not None and not after:
-            left = f"≤ {math.ceil(bound)}s left"
-        elif per_row is not None or bound is not None:
-            per_row = per_row if per_row is not None else (ran + bound) / max(1, self.batch_rows)
-            batch_left = bound if bound is not None else max(0.0, per_row * self.batch_rows - ran)
-            left = f"~{batch_left + after * per_row:.0f}s left"
+        left = self.time_left(position)
         line = (f"  {self.label}: {done}/{self.total} rows | {(self.tokens + tokens) / elapsed:.0f} tok/s | "
                 f"{elapsed:.0f}s, {'done' if closing else left}")
         end = "\n" if closing or not self.tty else ""
         print(f"\r{line}\033[K" if self.tty else line, end=end, flush=True)
+
+    def time_left(self, position):
+        """'≤ Ns left' while only the current batch is left: its steps to the budget at its pace so far
+        (it ends sooner if its rows do). '~Ns left', a forecast, while batches are to come: that bound (or
+        the time per row of the batches done), then the rows after it at the time per row so far."""
+        ran = self.last - self.batch_start
+        after = self.total - self.rows - self.batch_rows  # the rows of the batches still to come
+        per_row = (self.batch_start - self.start) / self.rows if self.rows else None
+        bound = ran / position * max(0, self.budget - position) if position else None
+        if bound is not None and not after:
+            return f"≤ {math.ceil(bound)}s left"
+        if per_row is None and bound is None:
+            return "time left: ?"
+        per_row = per_row if per_row is not None else (ran + bound) / max(1, self.batch_rows)
+        batch_left = bound if bound is not None else max(0.0, per_row * self.batch_rows - ran)
+        return f"~{batch_left + after * per_row:.0f}s left"
 
     def close(self):
         if self.shown or self.always:
@@ -2507,8 +2524,12 @@ class StopRequest:
     (ignored stays ignored), SIGTERM's default as Ctrl-C's."""
 
     def __init__(self):
-        self.in_loop, self.signals, self.taken = False, 0, 0  # signals: counted in the loop; taken: by take()
-        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # before installing
+        # counts, not a flag: take() reads `signals` once, so a signal arriving while it runs is never lost
+        self.in_loop, self.signals, self.taken = False, 0, 0  # signals in the loop, and those take() has seen
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def install(self):
+        """From here on the handler (its state is whole before: a signal may arrive at once)."""
         for s in self.previous:
             signal.signal(s, self)
 
@@ -2538,9 +2559,9 @@ class StopRequest:
 
 
 def main(argv=None):
-    stop = None
+    stop = StopRequest()
     try:
-        stop = StopRequest()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
+        stop.install()  # SIGTERM (timeout, SLURM, Kubernetes) acts as Ctrl-C does
         cfg = Config(**vars(build_parser().parse_args(argv)))
         given = set(vars(build_parser(with_defaults=False).parse_args(argv)))
         command = shlex.join(sys.orig_argv if argv is None else ["core.py", *argv])  # as typed
@@ -2560,8 +2581,7 @@ def main(argv=None):
         print("\ninterrupted: the newest checkpoint (if any) is intact", file=sys.stderr)
         return 130
     finally:
-        if stop is not None:
-            stop.release()
+        stop.release()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -2592,8 +2612,9 @@ def run_job(cfg, given, stop, command=""):
     check_models(cfg)
     policies = [load_policy(m, path, device, cfg)
                 for m, (path, device) in enumerate(zip(model_paths(cfg), devices), 1)]
-    if cfg.adapters:
-        load_checkpoint(find_checkpoint(cfg.adapters, warn=True), policies, with_optimizer=False)
+    adapters = find_checkpoint(cfg.adapters, warn=True) if cfg.adapters else None
+    if adapters:
+        load_checkpoint(adapters, policies, with_optimizer=False)
     test_set = usable_test_set(policies, train_set, test_set, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -2602,7 +2623,7 @@ def run_job(cfg, given, stop, command=""):
         run_evaluation(policies, test_set, cfg, out, "eval", "evaluation")
     if rank == 0:  # before training (a stopped run resumes from it); after an evaluation
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        record_provenance(out, run_provenance(cfg, command, policies, train_set, test_set))
+        record_provenance(out, run_provenance(cfg, command, policies, adapters, train_set, test_set))
     if cfg.eval_only:
         return 0
     code, finished = train(cfg, policies, train_set, test_set, out, stop)
@@ -2831,11 +2852,10 @@ def load_error(path, m, e):
 
 def check_models(cfg):
     """Before any loading, fail fast on a hub id neither cached nor reachable (validate checks folders)."""
-    from transformers.utils.hub import cached_file
+    from transformers.utils.hub import try_to_load_from_cache  # the cache's folders only (no network)
     for m, name in enumerate(model_paths(cfg), 1):
         with contextlib.suppress(Exception):  # not a valid hub id, or not cached: the hub must answer
-            if local_folder(name) or cached_file(
-                    name, "config.json", local_files_only=True, _raise_exceptions_for_missing_entries=False):
+            if local_folder(name) or isinstance(try_to_load_from_cache(name, "config.json"), str):
                 continue
         if not hub_reachable():
             raise UsageError(f"'{name}' is neither a folder nor a model id in the local cache, and the "

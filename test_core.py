@@ -2539,6 +2539,21 @@ def test_a_checkpoint_a_crash_damaged_is_named_passed_over_and_written_anew(warm
     assert_same_runs(straight, out)
 
 
+def test_a_damaged_checkpoint_passed_over_is_never_kept_in_place_of_good_ones(warm_pair, four_steps, tmp_path):
+    """A damaged checkpoint the resume passed over still sorts newest; --keep counts only the checkpoints up to the
+    step just saved, so a short --keep never deletes the good ones and keeps the damaged one instead."""
+    _, data = four_steps
+    out = tmp_path / "run"
+    assert core.main(tiny_run_flags(warm_pair, data, out, steps=4) + ["--save-every", "1", "--stop-after", "3"]) == 0
+    for step in (2, 3):
+        (out / "checkpoints" / f"step_00000{step}" / "rng.safetensors").write_bytes(b"")
+    assert core.main(["--resume", str(out), "--keep", "1", "--save-every", "100", "--stop-after", "1"]) == 0
+    assert [p.name for p in core.checkpoints(out)] == ["step_000002", "step_000003"]  # step 2 saved anew, 1 pruned
+    assert core.checkpoint_damage(out / "checkpoints" / "step_000002") is None
+    assert core.main(["--resume", str(out)]) == 0  # past the damaged step 3 again, from step 2 to the end
+    assert [p.name for p in core.checkpoints(out)] == ["step_000004"]
+
+
 def test_a_run_none_of_whose_checkpoints_loads_stops_with_one_line_and_deletes_nothing(warm_pair, tmp_path):
     data = arithmetic_file(tmp_path)
     out = tmp_path / "run"
@@ -2580,6 +2595,7 @@ def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_
     loop the first signal asks for a stop, a second aborts."""
     before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     stop = core.StopRequest()
+    stop.install()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # ignored before main: still ignored
         with pytest.raises(KeyboardInterrupt):
@@ -2858,6 +2874,17 @@ def cuda_out_of_memory():
     return error
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_an_out_of_memory_from_a_cuda_call_is_told_as_out_of_memory():
+    """For bench/gpu_checks.sh: what a CUDA call's out of memory really raises in this torch (pinned host memory
+    far beyond any machine's: cudaHostAlloc fails), and that out_of_memory() tells it; if not, the assertion
+    message says what was raised (its type, error code and message)."""
+    with pytest.raises(Exception) as raised:
+        torch.empty(1 << 50, dtype=torch.uint8, pin_memory=True)
+    error = raised.value
+    assert core.out_of_memory(error), (type(error).__name__, getattr(error, "error_code", None), str(error)[:300])
+
+
 def test_out_of_memory_is_told_by_type_and_error_code():
     assert core.out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert core.out_of_memory(cuda_out_of_memory())
@@ -2890,12 +2917,19 @@ def test_out_of_memory_of_either_type_anywhere_in_a_step_says_how_to_resume(warm
         return graph, graph.output
 
     monkeypatch.setattr(core, "record_graph", record)
-    if where == "first-use check":
-        monkeypatch.setattr(core, "static_cache", lambda *args: (_ for _ in ()).throw(error))
+    def fail(*args):
+        raise error
+
     real_update, updates = core.update_policy, []
+
+    def update_then_fail(*args):  # step 1's two updates, then out of memory in step 2
+        updates.append(1)
+        return real_update(*args) if len(updates) <= 2 else fail()
+
+    if where == "first-use check":
+        monkeypatch.setattr(core, "static_cache", fail)
     if where == "update":
-        monkeypatch.setattr(core, "update_policy", lambda *a: updates.append(1) or (
-            real_update(*a) if len(updates) <= 2 else (_ for _ in ()).throw(error)))
+        monkeypatch.setattr(core, "update_policy", update_then_fail)
     flags = tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "run", steps=3)
     assert core.main(flags + ["--no-eval-before", "--save-every", "100"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -2985,11 +3019,16 @@ def test_ranks_that_hold_different_test_questions_stop_the_evaluation(tiny_model
     policy = core.load_policy(1, tiny_models[0], torch.device("cpu"), cfg)
     problems = core.arithmetic_problems(4, 0)
     other = core.question_set(problems[:3], core.eval_settings(cfg))  # rank 1 read one question fewer
+    sampled = []
     monkeypatch.setattr(core, "dist_info", lambda: (0, 2))
-    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, (other, [])])
+    monkeypatch.setattr(core, "generate", lambda *args, **kwargs: sampled.append(1))
+    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, other])  # the fingerprints: rank 1's differs
     with pytest.raises(core.TrainingError, match="the 2 processes hold different test questions"):
         core.evaluate([policy], problems, cfg, "test")
-    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, (mine[0], [])])  # the same set: it goes on
+    assert not sampled  # told before any sampling
+    monkeypatch.undo()
+    monkeypatch.setattr(core, "dist_info", lambda: (0, 2))  # the same set on both: it goes on
+    monkeypatch.setattr(core, "all_gather", lambda mine: [mine, mine if isinstance(mine, str) else []])
     metrics, _ = core.evaluate([policy], problems, cfg, "test")
     assert metrics["question_set"] == core.question_set(problems, core.eval_settings(cfg))
 
@@ -3013,7 +3052,7 @@ def test_compare_marks_a_run_on_other_questions_or_code_and_leaves_identical_run
     assert re.search(rf"question set\s+{fingerprint[:12]}\s+{fingerprint[:12]}\s+\w{{12}}\s+\w{{12}}", out)
     marks = [line for line in out.splitlines() if line.startswith("!")]
     assert [line.split()[1] for line in marks] == ["other", "hotter"], out  # b is identical: unmarked
-    assert "question set" in marks[0] and "eval temperature 0.7 vs 1.0" in marks[1]
+    assert "question set" in marks[0] and marks[1].endswith(": eval temperature 0.7 vs 1.0")  # settings only
     assert "code" not in marks[0] and "torch" not in marks[0]
     record = tmp_path / "b" / "provenance.json"  # other code and another torch major version
     rows = json.loads(record.read_text())

@@ -16,7 +16,9 @@ import core  # noqa: E402
 def print_header(title, device="cpu"):
     """`title`, then the command, date, code, device and versions, each on a line of its own starting with '#'."""
     code, versions = core.code_version(), core.library_versions()
-    commit = (code["git_commit"] or "none")[:12] + " (with uncommitted changes)" * bool(code["git_dirty"])
+    commit = (code["git_commit"] or "none")[:12]
+    if code["git_dirty"]:
+        commit += " (with uncommitted changes)"
     info = core.device_info(core.torch.device(device))
     if info["device"].startswith("cuda"):
         where = f"{info['name']} x{info['count']}, CUDA {info['cuda']}, compute capability {info['capability']}"

@@ -46,7 +46,7 @@ def comparison_rows(folders):
     facts = [provenance_facts(f) for f in folders]
     rows = [("", [Path(f).name for f in folders]),
             ("k, questions", [f"{e['k']}, {e['questions']}" if e else "-" for e in firsts]),
-            ("question set", [(fact["question set"] or "-") + " (mixed)" * fact["mixed"] for fact in facts]),
+            ("question set", [question_set_cell(fact) for fact in facts]),
             ("code (core.py sha256)", [fact["code"] or "-" for fact in facts])]
     return rows + [(label, [compared_cell(evals, key) for evals in runs]) for label, key in core.HEADLINE]
 
@@ -66,18 +66,27 @@ def provenance_facts(folder):
     facts |= {"code": last["code"]["core_sha256"][:12] if last else None,
               "torch major": versions.get("torch", "").split(".")[0] or None,
               "transformers major": versions.get("transformers", "").split(".")[0] or None}
-    return facts | {"mixed": len({e.get("question_set") for e in evals}) > 1}
+    return facts | {"mixed": len({e["question_set"] for e in evals if "question_set" in e}) > 1}
+
+
+def question_set_cell(fact):
+    cell = fact["question set"] or "-"
+    return f"{cell} (mixed)" if fact["mixed"] else cell
 
 
 def provenance_marks(folders):
     """A line for each run whose provenance_facts differ from the first run's, or whose own evaluations differ
-    in question set, saying what differs; a fact one of the two runs did not record is not compared."""
+    in question set, saying what differs; a fact one of the two runs did not record is not compared. The
+    question-set fingerprint includes the evaluation settings: where those differ, it tells nothing more."""
     facts = [provenance_facts(f) for f in folders]
     lines = []
     for folder, fact in zip(folders, facts):
         differs = [f"{what} {facts[0][what]} vs {value}" for what, value in fact.items() if what != "mixed"
                    and value is not None and facts[0].get(what) not in (None, value)]
-        differs += ["its evaluations before and after training differ in question set"] * fact["mixed"]
+        if any(what.startswith("eval ") for what in differs):
+            differs = [what for what in differs if not what.startswith("question set")]
+        if fact["mixed"]:
+            differs.append("its evaluations before and after training differ in question set")
         if differs:
             lines.append(f"! {Path(folder).name} is not like for like with {Path(folders[0]).name}: "
                          + "; ".join(differs))
