@@ -326,6 +326,12 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.time()
     print_header("core.py's sampler, LoRA, update and CORE step, timed", str(device))
+    if args.tiny:
+        print("# --tiny: the shapes' names with hidden 64, 2 layers and a 512-token vocabulary: a check that the "
+              "benchmark's code runs, and its time")
+    if device.type == "cpu":
+        print("# on a CPU, sample_fast runs its steps eagerly: its rows measure no CUDA graph, and the floor is a "
+              "GPU's")
     shapes = TINY if args.tiny else SHAPES
     if args.model:
         shapes, args.models = {Path(args.model).name: folder_shape(args.model)}, [Path(args.model).name]
