@@ -18,7 +18,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  "$py" bench/header.py "bench/gpu_checks.sh: the CUDA tests and bench/bench_core.py"
+  "$py" bench/header.py "the CUDA tests and bench/bench_core.py" "bash bench/gpu_checks.sh $out"
   "$py" -m pytest -q test_core.py -k "cuda or fast or bfloat16 or capture or mismatch" 2>&1 | tail -5
   "$py" bench/bench_core.py --out "$out/bench.json" ${BENCH_EXTRA:-}
 } 2>&1 | tee "$out/gpu_checks.log"
