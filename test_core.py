@@ -2613,6 +2613,17 @@ def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_
         signal.signal(signal.SIGTERM, before[1])
 
 
+def test_the_resume_command_names_the_launcher_the_run_needs(monkeypatch):
+    assert core.resume_command(Path("runs/a b")) == "python core.py --resume 'runs/a b'"
+    monkeypatch.setattr(core, "dist_info", lambda: (0, 2))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert core.resume_command(Path("runs/x")) == "torchrun --nproc_per_node 2 core.py --resume runs/x"
+    monkeypatch.setattr(core, "dist_info", lambda: (0, 8))  # 2 nodes of 4 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert core.resume_command(Path("runs/x")) == ("torchrun --nnodes 2 (and your rendezvous flags) --nproc_per_node 4 "
+                                                   "core.py --resume runs/x")
+
+
 def test_a_signal_while_the_handler_installs_itself_exits_130(monkeypatch, capsys):
     """StopRequest holds its state before it installs itself: a signal right after the install finds it whole."""
     real_signal = signal.signal
