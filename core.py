@@ -2070,12 +2070,11 @@ def run_provenance(cfg, command, policies, adapters, train_set, test_set):
     file read and the question counts."""
     files = sorted({str(Path(p.source).resolve()) for p in train_set + test_set if p.source})
     names = [f"model{m}" for m in range(1, len(policies) + 1)]
-    dtypes = [str(p.model.get_input_embeddings().weight.dtype) for p in policies]
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "command": command, "resumed": bool(cfg.resume),
             "code": code_version(), "versions": library_versions(), "world_size": dist_info()[1],
             "models": {name: model_source(path) for name, path in zip(names, model_paths(cfg))},
-            "devices": {name: device_info(p.device) | {"dtype": dtype}
-                        for name, p, dtype in zip(names, policies, dtypes)},
+            "devices": {name: device_info(p.device) | {"dtype": str(p.model.dtype)}
+                        for name, p in zip(names, policies)},
             "adapters": adapters_source(adapters, len(policies)) if adapters else None,
             "data": {"files": {f: file_sha256(f) for f in files}, "train_questions": len(train_set),
                      "test_questions": len(test_set)}}
