@@ -29,7 +29,7 @@ def merged(model):
 
 def export(checkpoint, out):
     from transformers import AutoConfig
-    folder = core.find_checkpoint(checkpoint)
+    folder = core.find_checkpoint(checkpoint, warn=True)  # a damaged newest one is named and passed over
     cfg = core.replace(core.saved_config(folder), dtype="float32")  # merged in float32
     if Path(out).exists() and any(Path(out).iterdir()):
         raise core.UsageError(f"'{out}' exists and is not empty; pick a new folder")
