@@ -659,8 +659,11 @@ def start_or_resume(run):
     folder = newest_checkpoint(out, warn=True) if cfg.resume else None
     if folder:
         state = load_checkpoint(folder, run.policies)
+        barrier()  # every rank has chosen and loaded its checkpoint before rank 0 moves any
         if rank == 0:
             keep_logged_steps(out, state["step"])
+            for damaged in (c for c in checkpoints(out) if c.name > folder.name):  # passed over: damaged
+                set_aside(damaged)
         print(f"resumed from {folder} at step {state['step']}")
         saved = state.get("loop_state", state.get("counters", {}))  # "counters": an older checkpoint's name
         return replace(run, start=state["step"], loop_state=new_loop_state() | saved)  # older: fewer keys
@@ -1812,7 +1815,8 @@ def shortened(name, width):
 def save_checkpoint(run, done):
     """checkpoints/step_NNNNNN/ after `done` steps: adapters (PEFT's layout), optimizer states, every rank's
     RNG states, data position, loop state, config and each file's sha256. Every rank takes part; rank 0 writes
-    (durable_rename). A damaged checkpoint of the same step, left by a crash, is replaced."""
+    (durable_rename). A damaged checkpoint of this step is replaced; the damaged ones set aside at a resume
+    are deleted once the run has saved their step or a later one."""
     cfg, policies, out = run.cfg, run.policies, run.out
     check_in_sync(policies)
     rngs = all_gather((rng_tensors(policies), [policy.hint_draws.getstate() for policy in policies]))
@@ -1835,25 +1839,33 @@ def save_checkpoint(run, done):
              "python_rng": [py for _, py in rngs], "loop_state": run.loop_state, "config": asdict(cfg),
              "sha256": files}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():  # damaged (a crash)
+        set_aside(final)
     durable_rename(tmp, final)
-    history = [c for c in checkpoints(out) if c.name <= final.name]  # not a damaged one a resume passed over
-    for old in history[:-cfg.keep]:
+    for old in checkpoints(out)[:-cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for damaged in root.glob(".damaged-step_*"):
+        if damaged.name.removeprefix(".damaged-") <= final.name:  # superseded by this checkpoint
+            shutil.rmtree(damaged, ignore_errors=True)
     return final
 
 
 def durable_rename(tmp, final):
     """Renames the folder tmp to final so that a machine crash leaves one or the other whole: every file and
-    folder is fsync'd before the rename, their parent after it. A damaged `final` is moved aside first."""
+    folder is fsync'd before the rename, the two folders above it after (the rename; a new checkpoints/)."""
     for path in [*sorted(tmp.rglob("*")), tmp]:
         fsync(path)
-    damaged = final.with_name(f".damaged-{final.name}")
-    if final.exists():
-        shutil.rmtree(damaged, ignore_errors=True)
-        os.replace(final, damaged)
     os.replace(tmp, final)
     fsync(final.parent)
-    shutil.rmtree(damaged, ignore_errors=True)
+    fsync(final.parent.parent)
+
+
+def set_aside(folder):
+    """A damaged checkpoint, renamed .damaged-step_N: out of the checkpoints a resume or --keep counts, kept
+    (its adapters may still be usable by hand) until the run saves that step or a later one."""
+    aside = folder.with_name(f".damaged-{folder.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
 
 
 def fsync(path):
@@ -1963,7 +1975,7 @@ def newest_checkpoint(run_dir, warn=False):
             return folder
         if warn:
             print(f"warning: checkpoint {folder} does not load ({damage}): going on from the one before it "
-                  f"(the steps since run again, and this checkpoint is written anew)")
+                  f"(the steps since run again; a resume sets this one aside as .damaged-{folder.name})")
     if found:
         raise UsageError(f"none of the {len(found)} checkpoints in {Path(run_dir) / 'checkpoints'} loads "
                          f"(the newest: {checkpoint_damage(found[-1])}); nothing was deleted")
@@ -2083,8 +2095,12 @@ def run_provenance(cfg, command, policies, adapters, train_set, test_set):
 def record_provenance(out, now):
     """Appends this invocation to out/provenance.json. A resumed run first warns of each difference from the
     invocation before it in code, libraries, models and data (fixing a bug and resuming is legitimate)."""
-    path = out / "provenance.json"
-    before = json.loads(path.read_text()) if path.is_file() else []
+    path, before = out / "provenance.json", []
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:  # not JSON (a crash while it was written): kept beside, a new history begun
+        os.replace(path, path.with_suffix(".json.unreadable"))
+        print(f"warning: {path} could not be read: kept as {path.name}.unreadable; a new one begins")
     if before:
         for key, old, new in provenance_changes(before[-1], now):
             print(f"warning: resumed with another {key}: {old} before, {new} now (provenance.json keeps "
@@ -2157,7 +2173,7 @@ def library_versions():
         lib.__name__: lib.__version__ for lib in (torch, transformers, tokenizers, safetensors)}
 
 
-MODEL_FILES = (".json", ".safetensors", ".jinja", ".txt", ".model")  # config, weights, tokenizer, template
+MODEL_FILES = (".json", ".safetensors", ".bin", ".jinja", ".txt", ".model")  # config, weights, tokenizer
 
 
 def model_source(name):
@@ -2519,12 +2535,13 @@ def append_jsonl(path, row):
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM, from main() until release(). In the training loop (`in_loop`) the first
     is a request: end_of_step takes it (take), the ranks agree, and the loop checkpoints and exits 130. A
-    second before it was taken raises KeyboardInterrupt. Elsewhere the handler found at the start acts
-    (ignored stays ignored), SIGTERM's default as Ctrl-C's."""
+    second before it was taken, over a second later, raises KeyboardInterrupt. Elsewhere the handler found at
+    the start acts (ignored stays ignored), SIGTERM's default as Ctrl-C's."""
 
     def __init__(self):
         # counts, not a flag: take() reads `signals` once, so a signal arriving while it runs is never lost
         self.in_loop, self.signals, self.taken = False, 0, 0  # signals in the loop, and those take() has seen
+        self.counted_at = -math.inf  # when the last one was counted
         self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def install(self):
@@ -2550,11 +2567,13 @@ class StopRequest:
         previous = self.previous[signum]
         if not self.in_loop and (previous == signal.SIG_IGN or callable(previous)):
             return None if previous == signal.SIG_IGN else previous(signum, frame)
+        if self.in_loop and time.monotonic() - self.counted_at < 1.0:
+            return None  # one request, delivered twice (a scheduler's signal and a launcher's forwarding)
         if self.requested or not self.in_loop:
             raise KeyboardInterrupt
-        self.signals += 1
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
-              f"to abort)", flush=True)
+        self.signals, self.counted_at = self.signals + 1, time.monotonic()
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C "
+              f"again, a second later, to abort)", flush=True)
 
 
 def main(argv=None):

@@ -1430,7 +1430,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}  # 0.5 + 0.3 covers 0.7
     assert core.pick_tokens(logits, 0, 0.7, g)[0].item() == 0
     flat = torch.zeros(1, 5000)  # uniform: the nucleus is wider than the topk candidates, so the full sort is used
-    picks = {core.draw_tokens(flat, 1.0, 0.5, g, True, candidates=16)[0].item() for _ in range(200)}
+    every_row = torch.ones(len(flat), dtype=torch.bool)
+    picks = {core.draw_tokens(flat, 1.0, 0.5, g, every_row, candidates=16)[0].item() for _ in range(200)}
     assert len(picks) > 100 and max(picks) < 5000
 
 
@@ -1443,7 +1444,9 @@ def test_top_p_from_candidates_is_the_exact_nucleus_distribution():
     expected = torch.zeros(50)
     expected[keep] = probs[keep] / probs[keep].sum()
     g = torch.Generator().manual_seed(1)
-    counts = torch.bincount(core.draw_tokens(logits.expand(20000, 50), 1.0, 0.8, g, True, candidates=20)[0], minlength=50)
+    every_row = torch.ones(20000, dtype=torch.bool)
+    counts = torch.bincount(core.draw_tokens(logits.expand(20000, 50), 1.0, 0.8, g, every_row, candidates=20)[0],
+                            minlength=50)
     assert torch.allclose(counts / 20000, expected, atol=0.015)
 
 
@@ -2482,7 +2485,7 @@ def test_kill_during_checkpoint_write_then_resume(warm_pair, tmp_path):
 
 def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
     """What a power loss needs: every file and folder of the checkpoint fsync'd before it is renamed into place,
-    then its parent (the rename itself); a damaged checkpoint of the same step is replaced."""
+    then its parent (the rename itself) and the run folder (a new checkpoints/ folder in it)."""
     events, real_replace = [], os.replace
     monkeypatch.setattr(core, "fsync", lambda path: events.append(("fsync", Path(path))))
     monkeypatch.setattr(core.os, "replace", lambda a, b: (events.append(("rename", Path(a), Path(b))), real_replace(a, b)))
@@ -2491,15 +2494,13 @@ def test_a_checkpoint_reaches_the_disk_before_its_rename_and_the_rename_after(tm
     (tmp / "adapter_1").mkdir(parents=True)
     (tmp / "state.json").write_text("{}")
     (tmp / "adapter_1" / "adapter_model.safetensors").write_bytes(b"new")
-    (final / "adapter_1").mkdir(parents=True)  # a damaged one of this step
-    (final / "state.json").write_text("{")
     core.durable_rename(tmp, final)
     rename = events.index(("rename", tmp, final))
     assert {e[1] for e in events[:rename] if e[0] == "fsync"} == {tmp, tmp / "adapter_1", tmp / "state.json",
                                                                     tmp / "adapter_1" / "adapter_model.safetensors"}
-    assert events[rename + 1:] == [("fsync", root)]
+    assert events[rename + 1:] == [("fsync", root), ("fsync", tmp_path)]
     assert (final / "adapter_1" / "adapter_model.safetensors").read_bytes() == b"new"
-    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]  # the damaged one is gone, no tmp left
+    assert sorted(p.name for p in root.iterdir()) == ["step_000002"]
 
 
 @pytest.fixture(scope="module")
@@ -2536,22 +2537,25 @@ def test_a_checkpoint_a_crash_damaged_is_named_passed_over_and_written_anew(warm
     assert printed.count(f"warning: checkpoint {newest} does not load") == 1
     assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in printed
     assert core.checkpoint_damage(newest) is None  # step 3 ran again: its checkpoint written anew
+    assert not list((out / "checkpoints").glob(".*"))  # the damaged one, set aside, is gone with it
     assert_same_runs(straight, out)
 
 
 def test_a_damaged_checkpoint_passed_over_is_never_kept_in_place_of_good_ones(warm_pair, four_steps, tmp_path):
-    """A damaged checkpoint the resume passed over still sorts newest; --keep counts only the checkpoints up to the
-    step just saved, so a short --keep never deletes the good ones and keeps the damaged one instead."""
+    """A resume sets the damaged checkpoints it passed over aside (.damaged-step_N): a short --keep never deletes
+    good checkpoints and keeps a damaged one instead, even when a changed --save-every never saves its step
+    again; once the run has saved a later step, the damaged one goes."""
     _, data = four_steps
     out = tmp_path / "run"
     assert core.main(tiny_run_flags(warm_pair, data, out, steps=4) + ["--save-every", "1", "--stop-after", "3"]) == 0
     for step in (2, 3):
         (out / "checkpoints" / f"step_00000{step}" / "rng.safetensors").write_bytes(b"")
     assert core.main(["--resume", str(out), "--keep", "1", "--save-every", "100", "--stop-after", "1"]) == 0
-    assert [p.name for p in core.checkpoints(out)] == ["step_000002", "step_000003"]  # step 2 saved anew, 1 pruned
+    assert [p.name for p in core.checkpoints(out)] == ["step_000002"]  # step 2 saved anew, 1 pruned
     assert core.checkpoint_damage(out / "checkpoints" / "step_000002") is None
-    assert core.main(["--resume", str(out)]) == 0  # past the damaged step 3 again, from step 2 to the end
-    assert [p.name for p in core.checkpoints(out)] == ["step_000004"]
+    assert [p.name for p in (out / "checkpoints").glob(".*")] == [".damaged-step_000003"]  # kept aside
+    assert core.main(["--resume", str(out)]) == 0  # from step 2 to the end, saving step 4 only
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000004"]
 
 
 def test_a_run_none_of_whose_checkpoints_loads_stops_with_one_line_and_deletes_nothing(warm_pair, tmp_path):
@@ -2589,10 +2593,13 @@ def test_resume_is_exact_with_hint_dropout(warm_pair, four_steps, tmp_path):
     assert_same_runs(runs["straight"], runs["split"])
 
 
-def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_the_loop():
+def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_the_loop(monkeypatch):
     """main's StopRequest: outside the loop the handler found at its start acts (a job started in the background
     ignores Ctrl-C, and must keep doing so while it loads and evaluates), SIGTERM's default acts as Ctrl-C; in the
-    loop the first signal asks for a stop, a second aborts."""
+    loop the first signal asks for a stop, the same delivered again within a second is one request (a terminal's
+    Ctrl-C and torchrun's forwarding of it), and a second one later aborts."""
+    now = [100.0]
+    monkeypatch.setattr(core.time, "monotonic", lambda: now[0])
     before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, signal.SIG_DFL)
     stop = core.StopRequest()
     stop.install()
@@ -2603,7 +2610,10 @@ def test_one_signal_handler_for_the_job_keeps_an_ignored_ctrl_c_ignored_outside_
         assert not stop.requested
         stop.in_loop = True
         os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
+        now[0] += 0.2
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, forwarded
+        assert stop.requested and stop.signals == 1
+        now[0] += 1.5
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
@@ -2654,6 +2664,32 @@ else:  # rank 1's arrives just after the ranks agreed to stop, as it saves
     core.save_checkpoint = lambda run, done: (os.kill(os.getpid(), signal.SIGINT), save_checkpoint(run, done))[1]
 sys.exit(core.main(sys.argv[1:]))
 """
+
+
+def test_torchrun_a_terminal_ctrl_c_stops_every_rank_after_the_step_with_a_checkpoint(warm_pair, tmp_path):
+    """A Ctrl-C at the terminal under torchrun: SIGINT to the launcher's process group (torchrun starts each
+    worker in a session of its own, and forwards the signal to each). Every rank finishes the step,
+    checkpoints and exits 130, given a --shutdown-timeout longer than a step (after it, the launcher kills
+    the workers), and the line printed says how to resume with torchrun."""
+    flags = [f for f in tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=8)
+             if f not in ("--device1", "cpu")]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "--shutdown-timeout", "120", str(HERE / "core.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(launch + flags + ["--save-every", "100", "--no-eval-before"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 1/"):
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the launcher's group, workers included
+            break
+    output = "".join(seen) + proc.stdout.read()
+    proc.wait(timeout=180)
+    assert "KeyboardInterrupt" not in output and "interrupted" not in output, output[-3000:]
+    assert f"continue with: torchrun --nproc_per_node 2 core.py --resume {tmp_path / 'ddp'}" in output, output[-3000:]
+    [checkpoint] = core.checkpoints(tmp_path / "ddp")
+    assert checkpoint.name in ("step_000001", "step_000002") and core.checkpoint_damage(checkpoint) is None
 
 
 def test_torchrun_a_stop_on_one_rank_and_a_late_signal_on_the_other_stop_both_together(warm_pair, tmp_path):
@@ -3065,13 +3101,28 @@ def test_compare_marks_a_run_on_other_questions_or_code_and_leaves_identical_run
     assert [line.split()[1] for line in marks] == ["other", "hotter"], out  # b is identical: unmarked
     assert "question set" in marks[0] and marks[1].endswith(": eval temperature 0.7 vs 1.0")  # settings only
     assert "code" not in marks[0] and "torch" not in marks[0]
-    record = tmp_path / "b" / "provenance.json"  # other code and another torch major version
+    record = tmp_path / "b" / "provenance.json"  # resumed on other code and another torch major version
     rows = json.loads(record.read_text())
+    rows.append(json.loads(json.dumps(rows[-1])))
     rows[-1]["code"]["core_sha256"], rows[-1]["versions"]["torch"] = "f" * 64, "3.0.0"
     record.write_text(json.dumps(rows))
     assert compare.main(runs[:2]) == 0
     assert "! b is not like for like with a: code" in capsys.readouterr().out
-    assert "torch major 2 vs 3" in "".join(provenance_line for provenance_line in compare.provenance_marks(runs[:2]))
+    [mark] = compare.provenance_marks(runs[:2])
+    assert "torch major 2 vs 3" in mark and mark.endswith("its invocations (provenance.json) ran different code")
+    older = tmp_path / "older"  # a run from before provenance: nothing to compare, and not the reference
+    older.mkdir()
+    (older / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    record = json.loads((tmp_path / "a" / "eval.json").read_text())
+    (older / "eval.json").write_text(json.dumps({k: v for k, v in record.items() if k not in ("question_set",
+                                                                                             "eval_settings")}))
+    marks = compare.provenance_marks([str(older), runs[0], runs[2]])
+    assert [line.split()[1] for line in marks] == ["other"] and "like with a:" in marks[0]
+    resumed = tmp_path / "resumed"  # evaluated before training by older code, after by today's: not "mixed"
+    resumed.mkdir()
+    (resumed / "eval_before.json").write_text((older / "eval.json").read_text())
+    (resumed / "eval_after.json").write_text(json.dumps(record))
+    assert compare.provenance_marks([runs[0], str(resumed)]) == []
 
 
 def test_a_run_records_its_provenance_and_a_resume_on_changed_data_warns_and_records_both(warm_pair, tmp_path,
@@ -3125,10 +3176,22 @@ def test_provenance_asks_no_network_and_reads_a_hub_models_commit_from_the_cache
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert core.model_source("someone/tiny") == {"hub_id": "someone/tiny", "commit": "c0ffee" * 6 + "abcd"}
     assert core.model_source("someone/not-cached") == {"hub_id": "someone/not-cached", "commit": "unknown"}
+    hub_reachable = core.hub_reachable
+    monkeypatch.setattr(core, "hub_reachable", lambda: pytest.fail("a cached model needs no hub"))
+    core.check_models(core.Config(model1="someone/tiny", model2=tiny_models[1]))  # found in the cache alone
+    monkeypatch.setattr(core, "hub_reachable", hub_reachable)
     out = tmp_path / "run"
     assert core.main(eval_only_flags(tiny_models, arithmetic_file(tmp_path), out)) == 0
     assert json.loads((out / "provenance.json").read_text())[0]["models"]["model2"]["folder"] == tiny_models[1]
     assert attempts == []
+
+
+def test_an_unreadable_provenance_record_is_kept_aside_and_a_new_one_begins(tmp_path, capsys):
+    (tmp_path / "provenance.json").write_text('[{"started": "2026-12-07", "code": {"core_sh')  # cut short
+    core.record_provenance(tmp_path, {"started": "now"})
+    assert json.loads((tmp_path / "provenance.json").read_text()) == [{"started": "now"}]
+    assert (tmp_path / "provenance.json.unreadable").read_text().startswith('[{"started": "2026-12-07"')
+    assert "could not be read: kept as provenance.json.unreadable" in capsys.readouterr().out
 
 
 def test_the_git_commit_is_read_without_git_and_outside_a_checkout_is_none(tmp_path):

@@ -53,20 +53,35 @@ def comparison_rows(folders):
 
 def provenance_facts(folder):
     """What a run's numbers depend on besides its flags, None where not recorded (an older run): its last
-    evaluation's question set (the fingerprint's first 12 characters) and settings; core.py's sha256 and the
-    torch and transformers major versions of its last invocation (provenance.json). "mixed": whether its
-    evaluations evaluated different question sets (a run resumed on other data)."""
+    evaluation's question set (the fingerprint's first 12 characters) and settings; the world size, core.py's
+    sha256 and the torch and transformers major versions of its last invocation (provenance.json). "mixed":
+    the question sets of its evaluations, or the code of its invocations, that differ (a run resumed on other
+    data or code)."""
     evals = list(run_evaluations(folder).values())
     last_eval = evals[-1] if evals else {}
-    path = Path(folder) / "provenance.json"
-    last = json.loads(path.read_text())[-1] if path.is_file() else {}
+    invocations = invocations_of(folder)
+    last = invocations[-1] if invocations else {}
     versions = last.get("versions", {})
     facts = {"question set": last_eval.get("question_set", "")[:12] or None}
     facts |= {f"eval {key}": value for key, value in last_eval.get("eval_settings", {}).items()}
-    facts |= {"code": last["code"]["core_sha256"][:12] if last else None,
+    facts |= {"world size": last.get("world_size"), "code": last["code"]["core_sha256"][:12] if last else None,
               "torch major": versions.get("torch", "").split(".")[0] or None,
               "transformers major": versions.get("transformers", "").split(".")[0] or None}
-    return facts | {"mixed": len({e["question_set"] for e in evals if "question_set" in e}) > 1}
+    mixed = []
+    if len({e["question_set"] for e in evals if "question_set" in e}) > 1:
+        mixed.append("its evaluations before and after training differ in question set")
+    if len({i["code"]["core_sha256"] for i in invocations}) > 1:
+        mixed.append("its invocations (provenance.json) ran different code")
+    return facts | {"mixed": mixed}
+
+
+def invocations_of(folder):
+    """The entries of a run's provenance.json ([] if it has none, or one that does not read)."""
+    path = Path(folder) / "provenance.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        return []
 
 
 def question_set_cell(fact):
@@ -75,21 +90,22 @@ def question_set_cell(fact):
 
 
 def provenance_marks(folders):
-    """A line for each run whose provenance_facts differ from the first run's, or whose own evaluations differ
-    in question set, saying what differs; a fact one of the two runs did not record is not compared. The
-    question-set fingerprint includes the evaluation settings: where those differ, it tells nothing more."""
+    """A line for each run whose provenance_facts differ from those of the first run that recorded them (a
+    run from before provenance records none), or that is mixed, saying what differs. The question-set
+    fingerprint includes the evaluation settings: where those differ, it tells nothing more."""
     facts = [provenance_facts(f) for f in folders]
+    recorded = [i for i, fact in enumerate(facts) if fact["question set"] or fact["code"]]
+    base = recorded[0] if recorded else 0
     lines = []
-    for folder, fact in zip(folders, facts):
-        differs = [f"{what} {facts[0][what]} vs {value}" for what, value in fact.items() if what != "mixed"
-                   and value is not None and facts[0].get(what) not in (None, value)]
+    for i, (folder, fact) in enumerate(zip(folders, facts)):
+        first = facts[base]
+        differs = [f"{what} {first[what]} vs {value}" for what, value in fact.items() if what != "mixed"
+                   and i != base and value is not None and first.get(what) not in (None, value)]
         if any(what.startswith("eval ") for what in differs):
             differs = [what for what in differs if not what.startswith("question set")]
-        if fact["mixed"]:
-            differs.append("its evaluations before and after training differ in question set")
-        if differs:
-            lines.append(f"! {Path(folder).name} is not like for like with {Path(folders[0]).name}: "
-                         + "; ".join(differs))
+        if differs or fact["mixed"]:
+            lines.append(f"! {Path(folder).name} is not like for like with {Path(folders[base]).name}: "
+                         + "; ".join(differs + fact["mixed"]))
     return lines
 
 
