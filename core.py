@@ -732,7 +732,8 @@ def out_of_memory_error(run, step):
 
 def resume_command(out):
     """The command that continues the run in `out`: under torchrun, with as many nodes and processes."""
-    world, per_node = dist_info()[1], int(os.environ.get("LOCAL_WORLD_SIZE", dist_info()[1]))
+    world = dist_info()[1]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world == 1:
         return f"python core.py --resume {shlex.quote(str(out))}"
     nodes = f"--nnodes {world // per_node} (and your rendezvous flags) " if world > per_node else ""
@@ -2105,8 +2106,7 @@ def record_provenance(out, now):
         for key, old, new in provenance_changes(before[-1], now):
             print(f"warning: resumed with another {key}: {old} before, {new} now (provenance.json keeps "
                   f"both)")
-    path.with_suffix(".tmp").write_text(json.dumps(before + [now], indent=1))
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomically(path, json.dumps(before + [now], indent=1))
 
 
 def provenance_changes(before, now):
@@ -2519,8 +2519,13 @@ def read_jsonl(path, lenient=False):
 
 
 def write_jsonl(path, rows):
+    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_atomically(path, text):
+    """path's new text, written beside it and renamed into place: a kill leaves the old text or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

@@ -2052,13 +2052,24 @@ def test_one_model_alone_trains_and_evaluates_without_team_numbers(warm_pair, tm
     assert "trained one model alone" in capsys.readouterr().err
 
 
+def torchrun(script, *launcher_flags):
+    """The command that starts `script` under torchrun with 2 CPU processes (gloo), and its environment."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              *launcher_flags, str(script)]
+    return launch, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def ddp_run_flags(models, data, out, steps):
+    """tiny_run_flags for torchrun: each rank on its own device (the CPU here)."""
+    return [f for f in tiny_run_flags(models, data, out, steps) if f not in ("--device1", "cpu")]
+
+
 def test_torchrun_two_processes_data_parallel(warm_pair, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): each rank takes half of every step's questions, gradients are
     summed, rank 0 logs and saves every rank's RNG states, and the adapters stay in sync (checked at every checkpoint)."""
     data = arithmetic_file(tmp_path)
-    flags = [f for f in tiny_run_flags(warm_pair, data, tmp_path / "ddp", steps=2) if f not in ("--device1", "cpu")]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "core.py")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = ddp_run_flags(warm_pair, data, tmp_path / "ddp", steps=2)
+    launch, env = torchrun(HERE / "core.py")
     done = subprocess.run(launch + flags + ["--save-every", "1"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
@@ -2671,11 +2682,8 @@ def test_torchrun_a_terminal_ctrl_c_stops_every_rank_after_the_step_with_a_check
     worker in a session of its own, and forwards the signal to each). Every rank finishes the step,
     checkpoints and exits 130, given a --shutdown-timeout longer than a step (after it, the launcher kills
     the workers), and the line printed says how to resume with torchrun."""
-    flags = [f for f in tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=8)
-             if f not in ("--device1", "cpu")]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "--shutdown-timeout", "120", str(HERE / "core.py")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = ddp_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=8)
+    launch, env = torchrun(HERE / "core.py", "--shutdown-timeout", "120")
     proc = subprocess.Popen(launch + flags + ["--save-every", "100", "--no-eval-before"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen = []
@@ -2699,10 +2707,8 @@ def test_torchrun_a_stop_on_one_rank_and_a_late_signal_on_the_other_stop_both_to
     printed names torchrun with 2 processes."""
     script = tmp_path / "stop_on_one_rank.py"
     script.write_text(STOP_ON_ONE_RANK.format(here=str(HERE)))
-    flags = [f for f in tiny_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=3)
-             if f not in ("--device1", "cpu")]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = ddp_run_flags(warm_pair, arithmetic_file(tmp_path), tmp_path / "ddp", steps=3)
+    launch, env = torchrun(script)
     done = subprocess.run(launch + flags + ["--save-every", "100", "--no-eval-before"], env=env, capture_output=True,
                           text=True, timeout=180)
     output = done.stdout + done.stderr
